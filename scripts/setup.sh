@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Create .venv and install the project with its test and page extras.
+#   scripts/setup.sh            Python side (pip takes torch from this machine's wheel cache when
+#                               it has one; elsewhere from PyPI)
+#   scripts/setup.sh --browser  Debian's Chromium for the browser test, when missing and root
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [[ "${1:-}" == "--browser" ]]; then
+    if ! command -v chromium >/dev/null 2>&1; then
+        if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+            echo "installing Chromium (Debian) for the browser test"
+            apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+        else
+            echo "note: no chromium on PATH and not root: the browser test will be skipped"
+        fi
+    fi
+    exit 0
+fi
+
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
+"$PYTHON" -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required"'
+[[ -x .venv/bin/python ]] || "$PYTHON" -m venv .venv
+pip_install() {  # quiet, but the whole log when pip fails
+    .venv/bin/python -m pip install --progress-bar off "$@" >.venv/pip.log 2>&1 || { cat .venv/pip.log; exit 1; }
+}
+pip_install --upgrade pip
+pip_install -e ".[dev,page]"
+.venv/bin/python -c "import torch, timm, flask, streamlit" # fail here, not later, if the install did
+touch .venv/.installed

@@ -1,0 +1,92 @@
+"""Train the Car/Bike head on frozen DINO features and write the model artifact.
+
+    python train.py --data-dir data/Car-Bike-Dataset --output-dir models/
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from vehicle_classifier import config
+
+HELP = {
+    "backbone": "DINO backbone: dino-vits16, dino-vits8, dino-vitb16 or dino-vitb8",
+    "val_fraction": "fraction of each class held out for validation (early stopping)",
+    "test_fraction": "fraction of each class held out for the final test metrics",
+    "seed": "seed of the split and of head training; the same seed gives the same model",
+    "hidden_dim": "hidden units of the MLP head (0: a linear probe)",
+    "dropout": "dropout before the head's last layer",
+    "lr": "AdamW learning rate",
+    "weight_decay": "AdamW weight decay",
+    "batch_size": "head training batch size",
+    "max_epochs": "upper bound on head training epochs",
+    "patience": "stop after this many epochs without a better validation loss",
+    "extract_batch_size": "images per backbone batch during feature extraction",
+    "precision": "backbone precision: auto (bf16 where the hardware has it), bf16 or fp32",
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data-dir", type=Path, default=config.DATA_DIR, help="image folder, one sub-folder per class")
+    parser.add_argument("--output-dir", type=Path, default=config.OUTPUT_DIR,
+                        help="where the artifact, metrics.json, split.json and plots go")
+    parser.add_argument("--weights", type=Path, default=None,
+                        help="backbone weights file: official DINO .pth (e.g. dino_deitsmall16_pretrain.pth) or "
+                             "timm .safetensors/.pth; default: the Hugging Face cache, then a hub download")
+    parser.add_argument("--cache-dir", type=Path, default=config.FEATURE_CACHE_DIR, help="feature cache directory")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda[:N]")
+    defaults = config.TrainConfig()
+    for f in fields(config.TrainConfig):
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(defaults, f.name)),
+                            default=getattr(defaults, f.name), help=HELP[f.name])
+    return parser.parse_args(argv)
+
+
+class _TqdmHandler(logging.Handler):
+    """Warnings printed above the progress bar instead of through it."""
+
+    def emit(self, record):
+        from tqdm.auto import tqdm
+
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    handler = _TqdmHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+
+    from vehicle_classifier.artifact import ArtifactError
+    from vehicle_classifier.backbone import WeightsError
+    from vehicle_classifier.data import DataError
+    from vehicle_classifier.training import run_training
+
+    cfg = config.TrainConfig(**{f.name: getattr(args, f.name) for f in fields(config.TrainConfig)})
+    try:
+        metrics = run_training(args.data_dir, args.output_dir, cfg, args.weights, args.cache_dir, args.device)
+    except (WeightsError, DataError, ArtifactError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the previous artifact, if any, is untouched", file=sys.stderr)
+        return 130
+    s = metrics["summary"]
+    print(f"{s['images_found']} images ({s['images_skipped']} skipped, {s['duplicates_dropped']} duplicates), "
+          f"best epoch {s['best_epoch']}, {s['precision']} on {s['device']}, {s['seconds']} s")
+    for split in ("train", "val", "test"):
+        m = metrics[split]
+        auc = f"{m['roc_auc']:.3f}" if m["roc_auc"] is not None else "n/a"
+        acc = f"{m['accuracy']:.3f}" if m["accuracy"] is not None else "n/a"
+        print(f"{split:>5}: accuracy {acc}  ROC-AUC {auc}  ({m['count']} images)")
+    print(f"model written to {args.output_dir / config.ARTIFACT_FILE}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,7 @@
+"""Car vs Bike classifier: a frozen DINO ViT turns a photo into its [CLS] feature, a small MLP
+head trained on those features makes the call.
+
+Data flows one way: images -> features -> head -> artifact -> predictor -> API -> page.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,95 @@
+"""The self-contained model artifact: one safetensors file holding the backbone and head weights,
+with the JSON metadata (classes, backbone, preprocessing, training config, metrics, version) in
+its header. Serving needs nothing else and no network; the file is replaced atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from . import __version__
+from .backbone import create_backbone, load_strict
+from .fileio import atomic_path
+from .head import MLPHead
+
+FORMAT_VERSION = 1
+_METADATA_KEY = "vehicle_classifier"
+
+
+class ArtifactError(Exception):
+    """The artifact is missing, damaged or of another format; the message says which."""
+
+
+@dataclass
+class Model:
+    backbone: nn.Module
+    head: MLPHead
+    metadata: dict
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.metadata["class_names"]
+
+    @property
+    def preprocessing(self) -> dict:
+        return self.metadata["preprocessing"]
+
+
+def save_artifact(path: Path, backbone: nn.Module, head: MLPHead, metadata: dict) -> dict:
+    """Write the artifact; returns the metadata as stored (with version and creation time)."""
+    tensors = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
+    tensors.update({f"head.{k}": v for k, v in head.state_dict().items()})
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        digest.update(key.encode() + tensors[key].view(torch.uint8).numpy().tobytes())
+    metadata = {
+        **metadata,
+        "format_version": FORMAT_VERSION,
+        "package_version": __version__,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model_version": digest.hexdigest()[:12],
+        "head": head.config,
+    }
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={_METADATA_KEY: json.dumps(metadata)})
+    return metadata
+
+
+def read_metadata(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"no model artifact at {path}; train one with: python train.py --output-dir {path.parent}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = json.loads((f.metadata() or {})[_METADATA_KEY])
+    except Exception as exc:
+        raise ArtifactError(f"{path} is not a readable model artifact ({type(exc).__name__}: {exc})") from None
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"{path} has artifact format {metadata.get('format_version')}, expected {FORMAT_VERSION}")
+    return metadata
+
+
+def load_artifact(path: Path) -> Model:
+    """Rebuild backbone and head from the artifact alone, loading every weight strictly."""
+    metadata = read_metadata(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        spec = metadata["backbone"]
+        backbone = create_backbone(spec["architecture"], spec.get("model_kwargs"))
+        load_strict(backbone, {k[9:]: v for k, v in tensors.items() if k.startswith("backbone.")}, str(path))
+        head = MLPHead(**metadata["head"]).eval()
+        head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")}, strict=True)
+    except Exception as exc:
+        raise ArtifactError(f"{path} is damaged or incomplete ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+    return Model(backbone=backbone, head=head, metadata=metadata)

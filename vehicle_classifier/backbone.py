@@ -1,0 +1,215 @@
+"""The frozen DINO ViT backbones: a registry, strict weight loading, and [CLS] attention maps.
+
+Weights come from, in order: a local file (`--weights`, the official DINO release format or a
+timm .safetensors/.pth), the local Hugging Face cache, then a hub download. Loading is strict:
+a backbone silently left with random weights is the worst failure this project can have.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import timm
+import torch
+from torch import nn
+
+HUB_WEIGHTS_FILE = "model.safetensors"
+
+
+class WeightsError(Exception):
+    """Backbone weights could not be found or do not fit the architecture."""
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """One backbone: the timm architecture, where its pretrained weights live, and which file
+    the official DINO release calls them."""
+
+    name: str
+    architecture: str  # timm model name without the pretrained tag
+    pretrained_tag: str = "dino"
+    official_file: str = ""
+    model_kwargs: dict = field(default_factory=dict)
+
+    @property
+    def hub_id(self) -> str:
+        return f"timm/{self.architecture}.{self.pretrained_tag}"
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    spec.name: spec
+    for spec in (
+        BackboneSpec("dino-vits16", "vit_small_patch16_224", official_file="dino_deitsmall16_pretrain.pth"),
+        BackboneSpec("dino-vits8", "vit_small_patch8_224", official_file="dino_deitsmall8_pretrain.pth"),
+        BackboneSpec("dino-vitb16", "vit_base_patch16_224", official_file="dino_vitbase16_pretrain.pth"),
+        BackboneSpec("dino-vitb8", "vit_base_patch8_224", official_file="dino_vitbase8_pretrain.pth"),
+    )
+}
+
+
+def get_spec(name: str) -> BackboneSpec:
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise WeightsError(f"unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}") from None
+
+
+def create_backbone(architecture: str, model_kwargs: dict | None = None) -> nn.Module:
+    """The architecture with random weights, frozen, in eval mode, returning the [CLS] feature."""
+    model = timm.create_model(architecture, pretrained=False, num_classes=0, **(model_kwargs or {}))
+    return model.eval().requires_grad_(False)
+
+
+def preprocessing_for(model: nn.Module) -> dict:
+    """Eval-time preprocessing of the backbone's pretrained config, as plain JSON-able values."""
+    cfg = model.pretrained_cfg
+    size = int(cfg["input_size"][-1])
+    return {
+        "input_size": size,
+        "resize_size": int(size / cfg.get("crop_pct", 0.875)),
+        "interpolation": cfg.get("interpolation", "bicubic"),
+        "mean": [float(v) for v in cfg["mean"]],
+        "std": [float(v) for v in cfg["std"]],
+    }
+
+
+def state_dict_digest(state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 of the tensors themselves: the same weights give the same digest whatever file
+    format they came in."""
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        tensor = state_dict[key].detach().contiguous().cpu()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+# --- reading checkpoints --------------------------------------------------------------------
+def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint file, never unpickling arbitrary objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged or foreign file: say which, in one line
+        raise WeightsError(f"cannot read weights file {path}: {str(exc).splitlines()[0]}") from None
+    return _unwrap(state, path)
+
+
+def _unwrap(state, path: Path) -> dict[str, torch.Tensor]:
+    # Official DINO full checkpoints nest the networks ('teacher' is the one evaluated);
+    # other trainers use 'model' or 'state_dict'.
+    for key in ("teacher", "model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{path} does not hold a state dict of tensors")
+    cleaned = {}
+    for key, value in state.items():
+        for prefix in ("module.", "backbone."):
+            key = key.removeprefix(prefix)
+        cleaned[key] = value
+    return cleaned
+
+
+def load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load every parameter or refuse with a message saying what does not fit."""
+    expected = model.state_dict()
+    # A DINO projection head ('head.*', in full training checkpoints) is not part of the backbone.
+    if not any(k.startswith("head.") for k in expected):
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [
+        f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
+        for k in sorted(set(state) & set(expected))
+        if state[k].shape != expected[k].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+    if mismatched:
+        problems.append(f"{len(mismatched)} of another shape (e.g. {'; '.join(mismatched[:2])})")
+    if problems:
+        raise WeightsError(f"weights from {source} do not fit this backbone: " + "; ".join(problems))
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
+
+
+# --- finding pretrained weights -------------------------------------------------------------
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP probe: offline, huggingface_hub retries for the better part of a minute."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def find_pretrained_weights(spec: BackboneSpec) -> Path:
+    """The pretrained weights file from the local Hugging Face cache or, failing that, the hub."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(spec.hub_id, HUB_WEIGHTS_FILE)
+    if isinstance(cached, str):
+        return Path(cached)
+    hint = (
+        f"no pretrained weights for {spec.name}: not in the Hugging Face cache and the hub "
+        f"({spec.hub_id}) is unreachable. Pass --weights FILE with the official DINO checkpoint "
+        f"({spec.official_file}) or timm's {HUB_WEIGHTS_FILE} from {spec.hub_id}."
+    )
+    if not _hub_reachable():
+        raise WeightsError(hint)
+    try:
+        return Path(hf_hub_download(spec.hub_id, HUB_WEIGHTS_FILE))
+    except Exception as exc:
+        raise WeightsError(f"{hint} (download failed: {str(exc).splitlines()[0]})") from None
+
+
+def load_backbone(spec: BackboneSpec, weights: Path | None = None) -> tuple[nn.Module, str]:
+    """The backbone with its pretrained weights loaded strictly, and the weights' digest."""
+    path = Path(weights) if weights else find_pretrained_weights(spec)
+    model = create_backbone(spec.architecture, spec.model_kwargs)
+    load_strict(model, read_checkpoint(path), str(path))
+    return model, state_dict_digest(model.state_dict())
+
+
+# --- attention ------------------------------------------------------------------------------
+def cls_attention(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features and the last block's [CLS]-to-patch attention, averaged over heads, as a
+    (batch, grid_h, grid_w) map. timm's fused attention does not return its weights, so the
+    last block's input is captured and its attention recomputed from the same projections."""
+    attn = model.blocks[-1].attn
+    captured = {}
+    handle = attn.register_forward_pre_hook(lambda _m, args: captured.setdefault("x", args[0]))
+    try:
+        features = model(images)
+    finally:
+        handle.remove()
+    x = captured["x"]
+    batch, tokens, dim = x.shape
+    qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, dim // attn.num_heads).permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+    weights = ((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, heads, 1, T)
+    prefix = getattr(model, "num_prefix_tokens", 1)
+    grid = model.patch_embed.grid_size
+    patch_attention = weights[:, :, 0, prefix:].mean(dim=1).reshape(batch, *grid)
+    return features, patch_attention.float()

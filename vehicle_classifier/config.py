@@ -1,0 +1,76 @@
+"""Defaults in one place: paths, training hyperparameters, image limits and service settings.
+
+Entry scripts take their flag defaults from here; the service reads its settings from the
+environment through `ServiceConfig.from_env`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# --- paths ----------------------------------------------------------------------------------
+DATA_DIR = Path("data/Car-Bike-Dataset")
+OUTPUT_DIR = Path("models")
+FEATURE_CACHE_DIR = Path(".cache/features")
+
+# Files inside an output directory.
+ARTIFACT_FILE = "model.safetensors"
+METRICS_FILE = "metrics.json"
+SPLIT_FILE = "split.json"
+HISTORY_PLOT = "learning_curves.png"
+CONFUSION_PLOT = "confusion_matrix.png"
+
+# --- data -----------------------------------------------------------------------------------
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# Pixel limit checked from the header, before decoding: a 48 MP phone photo passes, a
+# decompression bomb does not.
+MAX_IMAGE_PIXELS = 64_000_000
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a training run; saved into the artifact's metadata."""
+
+    backbone: str = "dino-vits16"
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    seed: int = 0
+    # Head hyperparameters (chosen by the sweep in notebook.ipynb).
+    hidden_dim: int = 256
+    dropout: float = 0.2
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    batch_size: int = 64
+    max_epochs: int = 200
+    patience: int = 15
+    # Feature extraction.
+    extract_batch_size: int = 16
+    precision: str = "auto"  # auto | bf16 | fp32
+
+
+# --- service --------------------------------------------------------------------------------
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else default
+
+
+@dataclass
+class ServiceConfig:
+    model_dir: Path = OUTPUT_DIR
+    max_upload_bytes: int = 20 * 1024 * 1024
+    max_batch_files: int = 16
+    max_image_pixels: int = MAX_IMAGE_PIXELS
+    precision: str = "auto"
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls) -> "ServiceConfig":
+        return cls(
+            model_dir=Path(os.environ.get("MODEL_DIR", str(OUTPUT_DIR))),
+            max_upload_bytes=_env_int("MAX_UPLOAD_MB", 20) * 1024 * 1024,
+            max_batch_files=_env_int("MAX_BATCH_FILES", 16),
+            max_image_pixels=_env_int("MAX_IMAGE_PIXELS", MAX_IMAGE_PIXELS),
+            precision=os.environ.get("PRECISION", "auto"),
+        )

@@ -1,0 +1,53 @@
+"""Image-folder datasets: class names from sub-folders, and a deterministic stratified split."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+class DataError(Exception):
+    """The dataset cannot be used; the message says why in one line."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: int
+
+
+def scan_image_folder(root: Path) -> tuple[list[str], list[Sample]]:
+    """Every file under each class folder (sorted); files that are not images are found out,
+    and skipped with a warning, when they are decoded."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data directory not found: {root} (expected one sub-folder per class)")
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(class_dirs) < 2:
+        raise DataError(f"{root} needs at least two class sub-folders, found {len(class_dirs)}")
+    samples = [
+        Sample(path, label)
+        for label, class_dir in enumerate(class_dirs)
+        for path in sorted(class_dir.rglob("*"))
+        if path.is_file() and not path.name.startswith(".")
+    ]
+    return [d.name for d in class_dirs], samples
+
+
+def stratified_split(labels: list[int], val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[int]]:
+    """Indices of train/val/test, class proportions kept in each; the same seed, the same split."""
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise DataError("validation and test fractions must be in [0, 1) and sum to less than 1")
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    split = {"train": [], "val": [], "test": []}
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        n_test = int(round(len(members) * test_fraction))
+        n_val = int(round(len(members) * val_fraction))
+        split["test"] += members[:n_test].tolist()
+        split["val"] += members[n_test : n_test + n_val].tolist()
+        split["train"] += members[n_test + n_val :].tolist()
+    return {name: sorted(indices) for name, indices in split.items()}

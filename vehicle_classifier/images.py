@@ -1,0 +1,106 @@
+"""Decoding any photo a user may have into RGB, and the backbone's eval preprocessing.
+
+Shared by training and serving so both see exactly the same pixels.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .config import MAX_IMAGE_PIXELS
+
+Image.MAX_IMAGE_PIXELS = None  # we check the pixel count ourselves, before decoding
+_RESAMPLING = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+
+
+class ImageError(ValueError):
+    """The input is not a usable image; the message is safe to show to the user."""
+
+
+def open_image(source: bytes | str | Path, draft_size: int = 0, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decode `source` (bytes or a path) into an RGB image, EXIF orientation applied.
+
+    JPEGs are decoded at a reduced scale that still keeps the shorter side >= `draft_size`
+    (PIL draft mode), which makes large photos several times cheaper; the draft comes before
+    the EXIF transposition, which would otherwise decode the full-size image.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL's chatter about EXIF and palettes
+            image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+            width, height = image.size
+            if width < 1 or height < 1:
+                raise ImageError("image has no pixels")
+            if width * height > max_pixels:
+                raise ImageError(f"image is {width}x{height} pixels, over the limit of {max_pixels:,} pixels")
+            if draft_size and image.format == "JPEG":
+                image.draft("RGB", (draft_size, draft_size))
+            image.seek(0)  # first frame of a GIF or a multi-page TIFF
+            image.load()
+            try:
+                image = ImageOps.exif_transpose(image)
+            except Exception:  # a damaged EXIF block: keep the pixels as stored
+                pass
+            return to_rgb(image)
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError("not an image, or an image format that is not supported") from None
+    except Image.DecompressionBombError:
+        raise ImageError("image is too large (decompression bomb protection)") from None
+    except (OSError, SyntaxError, ValueError, EOFError, TypeError, MemoryError, IndexError, KeyError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ImageError(f"damaged or truncated image: {reason}") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB for every mode: transparency goes onto white, 16-bit and float scale to 8 bits."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        array = np.asarray(image, dtype=np.float32)
+        peak = float(array.max()) if array.size else 0.0
+        if image.mode == "F" and peak <= 1.0:
+            array = array * 255.0  # float images in [0, 1]
+        elif peak > 255:
+            array = array / 257.0  # 16-bit range onto 8 bits
+        image = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    try:
+        return image.convert("RGB")
+    except ValueError:
+        raise ImageError(f"unsupported colour mode {image.mode}") from None
+
+
+def center_crop(image: Image.Image, preprocessing: dict) -> Image.Image:
+    """What the backbone sees: the shorter side resized to `resize_size`, then the centre
+    `input_size` square. Done as one resize of the crop box in original coordinates, which is
+    the same geometry but never builds a huge intermediate for very wide or tall images."""
+    resize, crop = preprocessing["resize_size"], preprocessing["input_size"]
+    width, height = image.size
+    side = min(width, height) * crop / resize
+    left, top = (width - side) / 2, (height - side) / 2
+    return image.resize(
+        (crop, crop), _RESAMPLING[preprocessing["interpolation"]], box=(left, top, left + side, top + side)
+    )
+
+
+def preprocess(image: Image.Image, preprocessing: dict) -> torch.Tensor:
+    """Centre crop, then normalise with the backbone's mean and std into a CHW tensor."""
+    array = np.asarray(center_crop(image, preprocessing), dtype=np.float32) / 255.0
+    array = (array - np.asarray(preprocessing["mean"], dtype=np.float32)) / np.asarray(preprocessing["std"], dtype=np.float32)
+    return torch.from_numpy(array.transpose(2, 0, 1).copy())
+
+
+def load_tensor(source: bytes | str | Path, preprocessing: dict, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
+    """Decode and preprocess in one call: the path every image takes to the backbone."""
+    return preprocess(open_image(source, preprocessing["resize_size"], max_pixels), preprocessing)

@@ -1,0 +1,102 @@
+"""The predictor: an artifact loaded once, images in, labels and probabilities out (CPU by
+default), with the backbone's [CLS] attention rendered over the image on request."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import config
+from .artifact import Model, load_artifact
+from .backbone import cls_attention
+from .features import autocast, resolve_precision
+from .images import center_crop, open_image, preprocess
+
+
+@dataclass
+class Prediction:
+    label: str
+    confidence: float
+    probabilities: dict[str, float]
+    attention: np.ndarray | None = None  # (grid_h, grid_w), sums to 1
+
+    def to_json(self) -> dict:
+        return {"label": self.label, "confidence": self.confidence, "probabilities": self.probabilities}
+
+
+class Predictor:
+    def __init__(self, model: Model, precision: str = "auto", device: str = "cpu",
+                 max_image_pixels: int = config.MAX_IMAGE_PIXELS):
+        self.model = model
+        self.device = torch.device(device)
+        self.precision = resolve_precision(precision, self.device)
+        self.max_image_pixels = max_image_pixels
+        self.backbone = model.backbone.to(self.device).eval()
+        self.head = model.head.to(self.device).eval()
+        self.warm_up()
+
+    @classmethod
+    def from_dir(cls, model_dir: Path = config.OUTPUT_DIR, **kwargs) -> "Predictor":
+        return cls(load_artifact(Path(model_dir) / config.ARTIFACT_FILE), **kwargs)
+
+    @property
+    def metadata(self) -> dict:
+        return self.model.metadata
+
+    def warm_up(self) -> None:
+        """One forward pass at start-up, so the first request does not pay for allocator and
+        kernel selection."""
+        size = self.model.preprocessing["input_size"]
+        self.predict_tensors(torch.zeros(1, 3, size, size))
+
+    def load_image(self, source: bytes | str | Path) -> Image.Image:
+        """Decode an upload (raises images.ImageError with a message fit for the user)."""
+        return open_image(source, self.model.preprocessing["resize_size"], self.max_image_pixels)
+
+    def to_tensor(self, image: Image.Image) -> torch.Tensor:
+        return preprocess(image, self.model.preprocessing)
+
+    @torch.inference_mode()
+    def predict_tensors(self, batch: torch.Tensor, attention: bool = False) -> list[Prediction]:
+        batch = batch.to(self.device)
+        with autocast(self.device, self.precision):
+            if attention:
+                features, maps = cls_attention(self.backbone, batch)
+            else:
+                features, maps = self.backbone(batch), None
+        probabilities = self.head(features.float()).softmax(dim=1).cpu()
+        names = self.model.class_names
+        predictions = []
+        for i, probs in enumerate(probabilities.tolist()):
+            best = int(np.argmax(probs))
+            predictions.append(Prediction(
+                label=names[best],
+                confidence=probs[best],
+                probabilities=dict(zip(names, probs)),
+                attention=None if maps is None else maps[i].cpu().numpy(),
+            ))
+        return predictions
+
+    def predict(self, images: list[Image.Image], attention: bool = False) -> list[Prediction]:
+        return self.predict_tensors(torch.stack([self.to_tensor(im) for im in images]), attention)
+
+
+def attention_overlay_png(image: Image.Image, attention: np.ndarray, preprocessing: dict) -> bytes:
+    """The attention map as a heat overlay on the centre crop the backbone saw, as PNG bytes."""
+    from matplotlib import colormaps
+
+    shown = center_crop(image, preprocessing)
+    crop = shown.size[0]
+    heat = attention - attention.min()
+    heat = heat / heat.max() if heat.max() > 0 else heat
+    heat_image = Image.fromarray((heat * 255).astype(np.uint8)).resize((crop, crop), Image.Resampling.BILINEAR)
+    colored = (colormaps["inferno"](np.asarray(heat_image) / 255.0)[..., :3] * 255).astype(np.uint8)
+    blended = Image.blend(shown.convert("RGB"), Image.fromarray(colored), alpha=0.55)
+    buffer = io.BytesIO()
+    blended.save(buffer, format="PNG")
+    return buffer.getvalue()

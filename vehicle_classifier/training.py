@@ -1,0 +1,182 @@
+"""Training: the head's loop (AdamW, early stopping on validation loss, best epoch kept) and the
+whole run from an image folder to an artifact, metrics and plots."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import config
+from .artifact import save_artifact
+from .backbone import BackboneSpec, get_spec, load_backbone, preprocessing_for
+from .data import DataError, scan_image_folder, stratified_split
+from .features import FeatureCache, cache_key, extract_features, file_digest, resolve_precision
+from .fileio import write_json
+from .head import MLPHead
+from .metrics import classification_metrics, plot_confusion_matrix, plot_learning_curves
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@torch.no_grad()
+def predict_proba(head: MLPHead, features: torch.Tensor) -> torch.Tensor:
+    head.eval()
+    return head(features).softmax(dim=1)
+
+
+def train_head(
+    train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
+    num_classes: int, cfg: config.TrainConfig, progress: bool = True,
+) -> tuple[MLPHead, list[dict], int]:
+    """Train on features; returns the head of the best validation-loss epoch, the per-epoch
+    history and that epoch's number. The same seed gives the same head."""
+    seed_everything(cfg.seed)
+    head = MLPHead(train_x.shape[1], num_classes, cfg.hidden_dim, cfg.dropout)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    # With no validation split, early stopping watches the training loss.
+    watch_x, watch_y = (val_x, val_y) if len(val_y) else (train_x, train_y)
+    history, best_loss, best_epoch, best_state = [], float("inf"), 0, None
+    epochs = tqdm(range(1, cfg.max_epochs + 1), desc="training head", unit="epoch", disable=not progress)
+    for epoch in epochs:
+        head.train()
+        for batch in torch.randperm(len(train_y), generator=generator).split(cfg.batch_size):
+            loss = F.cross_entropy(head(train_x[batch]), train_y[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        record = {"epoch": epoch}
+        for split, x, y in (("train", train_x, train_y), ("val", watch_x, watch_y)):
+            with torch.no_grad():
+                head.eval()
+                logits = head(x)
+                record[f"{split}_loss"] = float(F.cross_entropy(logits, y))
+                record[f"{split}_accuracy"] = float((logits.argmax(1) == y).float().mean())
+        history.append(record)
+        if record["val_loss"] < best_loss - 1e-6:
+            best_loss, best_epoch, best_state = record["val_loss"], epoch, copy.deepcopy(head.state_dict())
+        epochs.set_postfix(val_loss=f"{record['val_loss']:.4f}", val_acc=f"{record['val_accuracy']:.3f}")
+        if epoch - best_epoch >= cfg.patience:
+            break
+    head.load_state_dict(best_state)
+    return head.eval(), history, best_epoch
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def run_training(
+    data_dir: Path,
+    output_dir: Path,
+    cfg: config.TrainConfig,
+    weights: Path | None = None,
+    cache_dir: Path = config.FEATURE_CACHE_DIR,
+    device: str = "auto",
+    spec: BackboneSpec | None = None,
+) -> dict:
+    """Image folder -> cached features -> trained head -> artifact, metrics.json, split.json and
+    plots in `output_dir`. Returns the metrics. Raises DataError or WeightsError with a message
+    fit for one line."""
+    started = time.perf_counter()
+    data_dir, output_dir = Path(data_dir), Path(output_dir)
+    spec = spec or get_spec(cfg.backbone)
+    class_names, samples = scan_image_folder(data_dir)
+
+    backbone, weights_digest = load_backbone(spec, weights)
+    preprocessing = preprocessing_for(backbone)
+    torch_device = pick_device(device)
+    precision = resolve_precision(cfg.precision, torch_device)
+    key = cache_key(spec.architecture, spec.model_kwargs, weights_digest, preprocessing, precision)
+    cache = FeatureCache(cache_dir, key)
+
+    digests = [file_digest(s.path) for s in samples]
+    features, failures = extract_features(
+        backbone, [s.path for s in samples], digests, preprocessing, cache, torch_device, precision,
+        batch_size=cfg.extract_batch_size,
+    )
+    for path, reason in failures.items():
+        log.warning("skipped %s: %s", path, reason)
+
+    # Keep readable files; identical files (same content) count once, so that a duplicate can
+    # never sit on both sides of the train/test split.
+    kept, seen, duplicates = [], set(), 0
+    for sample, digest in zip(samples, digests):
+        if digest not in features:
+            continue
+        if digest in seen:
+            duplicates += 1
+            continue
+        seen.add(digest)
+        kept.append((sample, digest))
+    labels = [s.label for s, _ in kept]
+    counts = {name: labels.count(i) for i, name in enumerate(class_names)}
+    if any(n < 2 for n in counts.values()):
+        raise DataError(f"every class needs at least two readable images; found {counts}")
+
+    split = stratified_split(labels, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    x = torch.stack([features[d] for _, d in kept])
+    y = torch.tensor(labels)
+    part = {name: (x[idx], y[idx]) for name, idx in split.items()}
+    head, history, best_epoch = train_head(*part["train"], *part["val"], len(class_names), cfg)
+
+    metrics = {
+        name: classification_metrics(yy.numpy(), predict_proba(head, xx).numpy(), class_names)
+        for name, (xx, yy) in part.items()
+    }
+    summary = {
+        "images_found": len(samples),
+        "images_skipped": len(failures),
+        "duplicates_dropped": duplicates,
+        "class_counts": counts,
+        "best_epoch": best_epoch,
+        "epochs_run": len(history),
+        "precision": precision,
+        "device": str(torch_device),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    write_json(output_dir / config.SPLIT_FILE, {
+        "data_dir": str(data_dir), "seed": cfg.seed, "class_names": class_names,
+        **{name: [str(kept[i][0].path.relative_to(data_dir)) for i in idx] for name, idx in split.items()},
+    })
+    write_json(output_dir / config.METRICS_FILE, {**metrics, "summary": summary, "history": history})
+    plot_learning_curves(history, best_epoch, output_dir / config.HISTORY_PLOT)
+    if len(split["test"]):
+        plot_confusion_matrix(metrics["test"]["confusion_matrix"], class_names,
+                              output_dir / config.CONFUSION_PLOT, "test split")
+    save_artifact(
+        output_dir / config.ARTIFACT_FILE,
+        backbone,
+        head,
+        {
+            "class_names": class_names,
+            "backbone": {
+                "name": spec.name,
+                "architecture": spec.architecture,
+                "model_kwargs": spec.model_kwargs,
+                "weights_digest": weights_digest,
+                "weights_source": str(weights) if weights else spec.hub_id,
+            },
+            "preprocessing": preprocessing,
+            "training": {**asdict(cfg), "data_dir": str(data_dir), **summary},
+            "metrics": {name: {"accuracy": m["accuracy"], "roc_auc": m["roc_auc"]} for name, m in metrics.items()},
+        },
+    )
+    return {**metrics, "summary": summary}
