@@ -31,23 +31,22 @@ class BackboneSpec:
     the official DINO release calls them."""
 
     name: str
-    architecture: str  # timm model name without the pretrained tag
-    pretrained_tag: str = "dino"
+    architecture: str  # timm name with its pretrained tag: that tag decides the preprocessing
     official_file: str = ""
     model_kwargs: dict = field(default_factory=dict)
 
     @property
     def hub_id(self) -> str:
-        return f"timm/{self.architecture}.{self.pretrained_tag}"
+        return f"timm/{self.architecture}"
 
 
 BACKBONES: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in (
-        BackboneSpec("dino-vits16", "vit_small_patch16_224", official_file="dino_deitsmall16_pretrain.pth"),
-        BackboneSpec("dino-vits8", "vit_small_patch8_224", official_file="dino_deitsmall8_pretrain.pth"),
-        BackboneSpec("dino-vitb16", "vit_base_patch16_224", official_file="dino_vitbase16_pretrain.pth"),
-        BackboneSpec("dino-vitb8", "vit_base_patch8_224", official_file="dino_vitbase8_pretrain.pth"),
+        BackboneSpec("dino-vits16", "vit_small_patch16_224.dino", official_file="dino_deitsmall16_pretrain.pth"),
+        BackboneSpec("dino-vits8", "vit_small_patch8_224.dino", official_file="dino_deitsmall8_pretrain.pth"),
+        BackboneSpec("dino-vitb16", "vit_base_patch16_224.dino", official_file="dino_vitbase16_pretrain.pth"),
+        BackboneSpec("dino-vitb8", "vit_base_patch8_224.dino", official_file="dino_vitbase8_pretrain.pth"),
     )
 }
 
@@ -68,7 +67,7 @@ def create_backbone(architecture: str, model_kwargs: dict | None = None) -> nn.M
 def preprocessing_for(model: nn.Module) -> dict:
     """Eval-time preprocessing of the backbone's pretrained config, as plain JSON-able values."""
     cfg = model.pretrained_cfg
-    size = int(cfg["input_size"][-1])
+    size = int(model.patch_embed.img_size[-1])
     return {
         "input_size": size,
         "resize_size": int(size / cfg.get("crop_pct", 0.875)),

@@ -70,7 +70,7 @@ def train_head(
         history.append(record)
         if record["val_loss"] < best_loss - 1e-6:
             best_loss, best_epoch, best_state = record["val_loss"], epoch, copy.deepcopy(head.state_dict())
-        epochs.set_postfix(val_loss=f"{record['val_loss']:.4f}", val_acc=f"{record['val_accuracy']:.3f}")
+        epochs.set_postfix(val_loss=f"{record['val_loss']:.4f}", val_acc=f"{record['val_accuracy']:.3f}", refresh=False)
         if epoch - best_epoch >= cfg.patience:
             break
     head.load_state_dict(best_state)

@@ -1,0 +1,92 @@
+"""Shared fixtures: a tiny random ViT (same code path as the DINO backbones, a fraction of the
+cost), synthetic image folders with visually separable classes, and a trained tiny model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vehicle_classifier import backbone as backbone_mod
+from vehicle_classifier import config
+from vehicle_classifier.backbone import BackboneSpec, create_backbone
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_DIR = REPO.parent / "shared" / "data" / "car-bike-sample"
+
+# Same timm architecture and preprocessing config as DINO ViT-S/16, shrunk.
+TINY_SPEC = BackboneSpec(
+    "test-tiny", "vit_small_patch16_224.dino",
+    official_file="tiny_pretrain.pth",
+    model_kwargs={"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 2},
+)
+
+
+def sample_photos(label: str | None = None) -> list[Path]:
+    """Real photos from ../shared (skips the test when they are absent)."""
+    if not SAMPLE_DIR.is_dir():
+        pytest.skip(f"real sample photos not found at {SAMPLE_DIR}")
+    folders = [SAMPLE_DIR / label] if label else sorted(p for p in SAMPLE_DIR.iterdir() if p.is_dir())
+    return sorted(p for folder in folders for p in folder.iterdir() if p.is_file())
+
+
+def synthetic_image(label: str, rng: np.random.Generator, size: tuple[int, int] = (96, 72)) -> Image.Image:
+    """'Car': warm horizontal stripes; 'Bike': cool vertical stripes; both noisy, random sizes."""
+    width, height = size
+    base = np.array([200, 60, 40] if label == "Car" else [40, 80, 200], dtype=np.float32)
+    yy, xx = np.mgrid[0:height, 0:width]
+    stripes = np.sin((yy if label == "Car" else xx) / 3.0)[..., None] * 50
+    pixels = base + stripes + rng.normal(0, 25, size=(height, width, 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def make_dataset(root: Path, per_class: int = 30, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    formats = [("jpg", "JPEG"), ("png", "PNG"), ("webp", "WEBP")]
+    for label in ("Bike", "Car"):
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            size = (int(rng.integers(48, 160)), int(rng.integers(48, 160)))
+            ext, fmt = formats[i % len(formats)]
+            synthetic_image(label, rng, size).save(root / label / f"{label}_{i}.{ext}", format=fmt)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _tiny_backbone_registered(monkeypatch):
+    monkeypatch.setitem(backbone_mod.BACKBONES, TINY_SPEC.name, TINY_SPEC)
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory) -> Path:
+    """Random tiny-ViT weights saved as a plain state dict, the official DINO release format."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / TINY_SPEC.official_file
+    torch.save(create_backbone(TINY_SPEC.architecture, TINY_SPEC.model_kwargs).state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataset(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("data") / "Car-Bike-Dataset")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, synthetic_dataset, tiny_weights) -> Path:
+    """A trained tiny model: the artifact, metrics.json, split.json and plots."""
+    from vehicle_classifier.training import run_training
+
+    out = tmp_path_factory.mktemp("model")
+    cfg = config.TrainConfig(backbone=TINY_SPEC.name, max_epochs=60, patience=10)
+    run_training(synthetic_dataset, out, cfg, tiny_weights, tmp_path_factory.mktemp("cache"), spec=TINY_SPEC)
+    return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _quiet_threads():
+    # Tests run beside each other's servers on 2 cores; fewer threads, less contention.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
