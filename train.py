@@ -14,7 +14,7 @@ from pathlib import Path
 from vehicle_classifier import config
 
 HELP = {
-    "backbone": "DINO backbone: dino-vits16, dino-vits8, dino-vitb16 or dino-vitb8",
+    "backbone": "DINO backbone (ViT-S/16, ViT-S/8, ViT-B/16, ViT-B/8)",
     "val_fraction": "fraction of each class held out for validation (early stopping)",
     "test_fraction": "fraction of each class held out for the final test metrics",
     "seed": "seed of the split and of head training; the same seed gives the same model",
@@ -29,6 +29,8 @@ HELP = {
     "precision": "backbone precision: auto (bf16 where the hardware has it), bf16 or fp32",
 }
 
+CHOICES = {"backbone": sorted(config.BACKBONES), "precision": ["auto", "bf16", "fp32"]}
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -40,10 +42,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "timm .safetensors/.pth; default: the Hugging Face cache, then a hub download")
     parser.add_argument("--cache-dir", type=Path, default=config.FEATURE_CACHE_DIR, help="feature cache directory")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda[:N]")
+    parser.add_argument("--force", action="store_true",
+                        help="retrain even when --output-dir already holds a model trained from these very inputs")
     defaults = config.TrainConfig()
     for f in fields(config.TrainConfig):
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(defaults, f.name)),
-                            default=getattr(defaults, f.name), help=HELP[f.name])
+                            default=getattr(defaults, f.name), help=HELP[f.name], choices=CHOICES.get(f.name))
     return parser.parse_args(argv)
 
 
@@ -62,15 +66,22 @@ def main(argv=None) -> int:
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler])
 
-    from vehicle_classifier.artifact import ArtifactError
-    from vehicle_classifier.backbone import WeightsError
-    from vehicle_classifier.data import DataError
-    from vehicle_classifier.training import run_training
+    from vehicle_classifier import UserError
+    from vehicle_classifier.fingerprint import training_fingerprint, up_to_date
 
     cfg = config.TrainConfig(**{f.name: getattr(args, f.name) for f in fields(config.TrainConfig)})
     try:
-        metrics = run_training(args.data_dir, args.output_dir, cfg, args.weights, args.cache_dir, args.device)
-    except (WeightsError, DataError, ArtifactError, ValueError, OSError) as exc:
+        # Checked before torch is even imported: an unchanged rerun costs well under a second.
+        fingerprint = training_fingerprint(args.data_dir, cfg, args.weights, args.device)
+        if not args.force and up_to_date(args.output_dir, fingerprint):
+            print(f"up to date: {args.output_dir / config.ARTIFACT_FILE} was trained from these same images, "
+                  f"weights and settings (metrics in {args.output_dir / config.METRICS_FILE}; --force retrains)")
+            return 0
+        from vehicle_classifier.training import run_training
+
+        metrics = run_training(args.data_dir, args.output_dir, cfg, args.weights, args.cache_dir, args.device,
+                               fingerprint=fingerprint)
+    except (UserError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -5,3 +5,8 @@ Data flows one way: images -> features -> head -> artifact -> predictor -> API -
 """
 
 __version__ = "0.1.0"
+
+
+class UserError(Exception):
+    """An error whose message is fit to show a user as is, in one line: bad data, missing
+    weights, a damaged artifact or upload. Entry points print it instead of a traceback."""

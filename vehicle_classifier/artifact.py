@@ -16,16 +16,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from . import __version__
+from . import UserError, __version__, config
 from .backbone import create_backbone, load_strict
-from .fileio import atomic_path
+from .fileio import atomic_path, read_safetensors_metadata
 from .head import MLPHead
 
 FORMAT_VERSION = 1
-_METADATA_KEY = "vehicle_classifier"
 
 
-class ArtifactError(Exception):
+class ArtifactError(UserError):
     """The artifact is missing, damaged or of another format; the message says which."""
 
 
@@ -61,7 +60,7 @@ def save_artifact(path: Path, backbone: nn.Module, head: MLPHead, metadata: dict
         "head": head.config,
     }
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={_METADATA_KEY: json.dumps(metadata)})
+        save_file(tensors, str(tmp), metadata={config.ARTIFACT_METADATA_KEY: json.dumps(metadata)})
     return metadata
 
 
@@ -70,8 +69,7 @@ def read_metadata(path: Path) -> dict:
     if not path.is_file():
         raise ArtifactError(f"no model artifact at {path}; train one with: python train.py --output-dir {path.parent}")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = json.loads((f.metadata() or {})[_METADATA_KEY])
+        metadata = json.loads(read_safetensors_metadata(path)[config.ARTIFACT_METADATA_KEY])
     except Exception as exc:
         raise ArtifactError(f"{path} is not a readable model artifact ({type(exc).__name__}: {exc})") from None
     if metadata.get("format_version") != FORMAT_VERSION:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
-from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -18,37 +17,13 @@ import timm
 import torch
 from torch import nn
 
-HUB_WEIGHTS_FILE = "model.safetensors"
+from . import UserError
+from .config import BACKBONES, HUB_WEIGHTS_FILE, BackboneSpec
 
 
-class WeightsError(Exception):
+
+class WeightsError(UserError):
     """Backbone weights could not be found or do not fit the architecture."""
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    """One backbone: the timm architecture, where its pretrained weights live, and which file
-    the official DINO release calls them."""
-
-    name: str
-    architecture: str  # timm name with its pretrained tag: that tag decides the preprocessing
-    official_file: str = ""
-    model_kwargs: dict = field(default_factory=dict)
-
-    @property
-    def hub_id(self) -> str:
-        return f"timm/{self.architecture}"
-
-
-BACKBONES: dict[str, BackboneSpec] = {
-    spec.name: spec
-    for spec in (
-        BackboneSpec("dino-vits16", "vit_small_patch16_224.dino", official_file="dino_deitsmall16_pretrain.pth"),
-        BackboneSpec("dino-vits8", "vit_small_patch8_224.dino", official_file="dino_deitsmall8_pretrain.pth"),
-        BackboneSpec("dino-vitb16", "vit_base_patch16_224.dino", official_file="dino_vitbase16_pretrain.pth"),
-        BackboneSpec("dino-vitb8", "vit_base_patch8_224.dino", official_file="dino_vitbase8_pretrain.pth"),
-    )
-}
 
 
 def get_spec(name: str) -> BackboneSpec:

@@ -21,6 +21,37 @@ METRICS_FILE = "metrics.json"
 SPLIT_FILE = "split.json"
 HISTORY_PLOT = "learning_curves.png"
 CONFUSION_PLOT = "confusion_matrix.png"
+ARTIFACT_METADATA_KEY = "vehicle_classifier"  # the artifact header entry holding its JSON metadata
+
+# --- backbones ------------------------------------------------------------------------------
+HUB_WEIGHTS_FILE = "model.safetensors"  # timm's weights file in each hub repository
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """One backbone: the timm architecture, where its pretrained weights live, and which file
+    the official DINO release calls them."""
+
+    name: str
+    architecture: str  # timm name with its pretrained tag: that tag decides the preprocessing
+    official_file: str = ""
+    model_kwargs: dict = field(default_factory=dict)
+
+    @property
+    def hub_id(self) -> str:
+        return f"timm/{self.architecture}"
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    spec.name: spec
+    for spec in (
+        BackboneSpec("dino-vits16", "vit_small_patch16_224.dino", official_file="dino_deitsmall16_pretrain.pth"),
+        BackboneSpec("dino-vits8", "vit_small_patch8_224.dino", official_file="dino_deitsmall8_pretrain.pth"),
+        BackboneSpec("dino-vitb16", "vit_base_patch16_224.dino", official_file="dino_vitbase16_pretrain.pth"),
+        BackboneSpec("dino-vitb8", "vit_base_patch8_224.dino", official_file="dino_vitbase8_pretrain.pth"),
+    )
+}
+
 
 # --- data -----------------------------------------------------------------------------------
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")

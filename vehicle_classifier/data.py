@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from . import UserError
 
-class DataError(Exception):
+
+class DataError(UserError):
     """The dataset cannot be used; the message says why in one line."""
 
 
@@ -16,6 +19,15 @@ class DataError(Exception):
 class Sample:
     path: Path
     label: int
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's content: what identifies an image for the feature cache."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def scan_image_folder(root: Path) -> tuple[list[str], list[Sample]]:

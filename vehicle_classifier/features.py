@@ -58,10 +58,6 @@ def cache_key(architecture: str, model_kwargs: dict, weights_digest: str, prepro
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def file_digest(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 # --- cache ----------------------------------------------------------------------------------
 class FeatureCache:
     """Features by file-content digest, in one safetensors file per backbone key."""

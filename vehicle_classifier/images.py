@@ -13,13 +13,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from . import UserError
 from .config import MAX_IMAGE_PIXELS
 
 Image.MAX_IMAGE_PIXELS = None  # we check the pixel count ourselves, before decoding
 _RESAMPLING = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 
-class ImageError(ValueError):
+class ImageError(UserError, ValueError):
     """The input is not a usable image; the message is safe to show to the user."""
 
 

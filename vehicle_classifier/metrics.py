@@ -10,22 +10,26 @@ from .fileio import atomic_path
 
 
 def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, class_names: list[str]) -> dict:
-    """Accuracy, per-class precision/recall/F1/support, ROC-AUC and the confusion matrix."""
-    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_auc_score
+    """Accuracy, per-class precision/recall/F1/support, ROC-AUC and the confusion matrix.
 
-    labels = np.asarray(labels)
-    predictions = probabilities.argmax(axis=1)
-    classes = list(range(len(class_names)))
-    precision, recall, f1, support = precision_recall_fscore_support(
-        labels, predictions, labels=classes, zero_division=0
-    )
-    try:
-        if len(class_names) == 2:
-            roc_auc = float(roc_auc_score(labels, probabilities[:, 1]))
-        else:
-            roc_auc = float(roc_auc_score(labels, probabilities, multi_class="ovr", labels=classes))
-    except ValueError:  # a split holding a single class has no ROC curve
-        roc_auc = None
+    Plain numpy rather than sklearn.metrics: importing sklearn costs ~2 s, most of a cached
+    rerun of train.py; tests/test_metrics.py checks these numbers against sklearn's.
+    """
+    labels = np.asarray(labels, dtype=int)
+    n_classes = len(class_names)
+    predictions = probabilities.argmax(axis=1) if len(labels) else labels
+    matrix = np.zeros((n_classes, n_classes), dtype=int)
+    np.add.at(matrix, (labels, predictions), 1)
+    true_pos = np.diag(matrix).astype(float)
+    predicted, support = matrix.sum(axis=0), matrix.sum(axis=1)
+    precision = np.divide(true_pos, predicted, out=np.zeros(n_classes), where=predicted > 0)
+    recall = np.divide(true_pos, support, out=np.zeros(n_classes), where=support > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(n_classes), where=precision + recall > 0)
+    if n_classes == 2:
+        roc_auc = _binary_roc_auc(labels == 1, probabilities[:, 1])
+    else:  # one-vs-rest, macro average
+        aucs = [_binary_roc_auc(labels == c, probabilities[:, c]) for c in range(n_classes)]
+        roc_auc = None if None in aucs else float(np.mean(aucs))
     return {
         "count": int(len(labels)),
         "accuracy": float((predictions == labels).mean()) if len(labels) else None,
@@ -34,8 +38,24 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, class_
             name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
             for name, p, r, f, s in zip(class_names, precision, recall, f1, support)
         },
-        "confusion_matrix": confusion_matrix(labels, predictions, labels=classes).tolist(),
+        "confusion_matrix": matrix.tolist(),
     }
+
+
+def _binary_roc_auc(positive: np.ndarray, scores: np.ndarray) -> float | None:
+    """Area under the ROC curve as the Mann-Whitney U statistic (ties count half); None when
+    one side is empty, where the curve is undefined."""
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    # Average ranks over ties.
+    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    average = first + (counts + 1) / 2.0
+    ranks[order] = np.repeat(average, counts)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
 def _figure():

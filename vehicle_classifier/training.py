@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 from . import config
 from .artifact import save_artifact
 from .backbone import BackboneSpec, get_spec, load_backbone, preprocessing_for
-from .data import DataError, scan_image_folder, stratified_split
-from .features import FeatureCache, cache_key, extract_features, file_digest, resolve_precision
+from .data import DataError, file_digest, scan_image_folder, stratified_split
+from .features import FeatureCache, cache_key, extract_features, resolve_precision
 from .fileio import write_json
 from .head import MLPHead
 from .metrics import classification_metrics, plot_confusion_matrix, plot_learning_curves
@@ -91,6 +91,7 @@ def run_training(
     cache_dir: Path = config.FEATURE_CACHE_DIR,
     device: str = "auto",
     spec: BackboneSpec | None = None,
+    fingerprint: str | None = None,
 ) -> dict:
     """Image folder -> cached features -> trained head -> artifact, metrics.json, split.json and
     plots in `output_dir`. Returns the metrics. Raises DataError or WeightsError with a message
@@ -175,7 +176,7 @@ def run_training(
                 "weights_source": str(weights) if weights else spec.hub_id,
             },
             "preprocessing": preprocessing,
-            "training": {**asdict(cfg), "data_dir": str(data_dir), **summary},
+            "training": {**asdict(cfg), "data_dir": str(data_dir), **summary, "fingerprint": fingerprint},
             "metrics": {name: {"accuracy": m["accuracy"], "roc_auc": m["roc_auc"]} for name, m in metrics.items()},
         },
     )
