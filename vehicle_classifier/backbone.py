@@ -8,7 +8,6 @@ a backbone silently left with random weights is the worst failure this project c
 from __future__ import annotations
 
 import hashlib
-import os
 import socket
 from pathlib import Path
 from urllib.parse import urlparse
