@@ -32,7 +32,7 @@ HELP = {
 CHOICES = {"backbone": sorted(config.BACKBONES), "precision": ["auto", "bf16", "fp32"]}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data-dir", type=Path, default=config.DATA_DIR, help="image folder, one sub-folder per class")
     parser.add_argument("--output-dir", type=Path, default=config.OUTPUT_DIR,
@@ -48,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for f in fields(config.TrainConfig):
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(defaults, f.name)),
                             default=getattr(defaults, f.name), help=HELP[f.name], choices=CHOICES.get(f.name))
-    return parser.parse_args(argv)
+    return parser
 
 
 class _TqdmHandler(logging.Handler):
@@ -61,7 +61,7 @@ class _TqdmHandler(logging.Handler):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     handler = _TqdmHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler])

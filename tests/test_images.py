@@ -1,0 +1,102 @@
+"""Decoding photos as users have them, and the shared preprocessing."""
+
+import io
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vehicle_classifier.images import ImageError, center_crop, load_tensor, open_image, preprocess
+
+PREP = {"input_size": 224, "resize_size": 248, "interpolation": "bicubic",
+        "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+
+
+def encode(image, fmt, **kw):
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def gradient(width, height):
+    x = np.linspace(0, 255, width, dtype=np.float32)[None, :, None]
+    y = np.linspace(0, 255, height, dtype=np.float32)[:, None, None]
+    return Image.fromarray(np.concatenate([np.broadcast_to(x, (height, width, 1)),
+                                           np.broadcast_to(y, (height, width, 1)),
+                                           np.full((height, width, 1), 128, np.float32)], 2).astype(np.uint8))
+
+
+def test_large_jpeg_is_decoded_at_reduced_size_but_never_below_the_resize():
+    blob = encode(gradient(4000, 3000), "JPEG", quality=90)
+    image = open_image(blob, draft_size=248)
+    assert image.size == (500, 375)  # 1/8 scale: still >= 248 on the shorter side
+    full = open_image(blob)
+    assert full.size == (4000, 3000)
+    # Same picture either way, after the shared preprocessing.
+    assert torch.nn.functional.cosine_similarity(
+        preprocess(image, PREP).flatten(), preprocess(full, PREP).flatten(), dim=0) > 0.999
+
+
+def test_exif_orientation_is_applied_after_the_draft():
+    image = gradient(400, 200)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display
+    decoded = open_image(encode(image, "JPEG", exif=exif.tobytes()), draft_size=64)
+    assert decoded.size[0] < decoded.size[1]  # portrait, as shown on a phone
+
+
+@pytest.mark.parametrize("make", [
+    lambda: encode(gradient(80, 60).convert("CMYK"), "JPEG"),
+    lambda: encode(gradient(80, 60).convert("L"), "PNG"),
+    lambda: encode(gradient(80, 60).convert("P"), "PNG"),
+    lambda: encode(gradient(80, 60).convert("RGBA"), "PNG"),
+    lambda: encode(Image.fromarray(np.full((30, 30), 40000, np.uint16)), "PNG"),
+    lambda: encode(gradient(80, 60), "WEBP"),
+    lambda: encode(gradient(80, 60), "GIF"),
+    lambda: encode(gradient(80, 60), "TIFF"),
+    lambda: encode(gradient(80, 60), "BMP"),
+    lambda: encode(gradient(1, 1), "PNG"),
+    lambda: encode(gradient(3000, 2), "PNG"),
+])
+def test_unusual_images_decode_to_rgb_tensors(make):
+    tensor = load_tensor(make(), PREP)
+    assert tensor.shape == (3, 224, 224) and torch.isfinite(tensor).all()
+
+
+def test_transparent_pixels_become_white_and_16bit_keeps_its_brightness():
+    rgba = Image.new("RGBA", (10, 10), (0, 0, 0, 0))
+    assert open_image(encode(rgba, "PNG")).getpixel((5, 5)) == (255, 255, 255)
+    gray16 = Image.fromarray(np.full((10, 10), 32896, np.uint16))  # mid-grey in 16 bits
+    assert open_image(encode(gray16, "PNG")).getpixel((5, 5)) == (128, 128, 128)
+
+
+def test_pixel_limit_is_checked_before_decoding():
+    # A tiny PNG that claims 100000 x 100000 pixels: refused from its header.
+    blob = encode(Image.new("L", (1, 1)), "PNG")
+    ihdr = b"IHDR" + (100000).to_bytes(4, "big") * 2 + blob[24:29]
+    bomb = blob[:12] + ihdr + zlib.crc32(ihdr).to_bytes(4, "big") + blob[33:]
+    with pytest.raises(ImageError, match="over the limit"):
+        open_image(bomb)
+    with pytest.raises(ImageError, match="over the limit"):
+        open_image(encode(gradient(100, 100), "PNG"), max_pixels=5000)
+
+
+@pytest.mark.parametrize("blob, words", [
+    (b"", "not an image"),
+    (b"hello", "not an image"),
+    (encode(gradient(64, 64), "JPEG")[:200], "damaged or truncated"),
+    (encode(gradient(64, 64), "PNG")[:100], "damaged or truncated"),
+])
+def test_bad_bytes_raise_image_error(blob, words):
+    with pytest.raises(ImageError, match=words):
+        open_image(blob)
+
+
+def test_very_wide_images_are_cropped_before_resizing():
+    wide = gradient(20000, 10)
+    crop = center_crop(wide, PREP)
+    assert crop.size == (224, 224)
+    # The centre of the gradient: red channel around mid-scale.
+    assert 100 < np.asarray(crop)[:, :, 0].mean() < 155

@@ -1,0 +1,108 @@
+"""train.py as a user runs it: the real ViT-S/16 architecture (random weights in the official DINO
+format) on real photos, reruns, --help, and one-line errors."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train
+from conftest import REPO, sample_photos
+from vehicle_classifier import config
+from vehicle_classifier.backbone import create_backbone
+
+
+def run_train(*args, env=None, timeout=600):
+    return subprocess.run([sys.executable, "train.py", *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def vits16_weights(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("dino") / "dino_deitsmall16_pretrain.pth"
+    torch.save(create_backbone(config.BACKBONES["dino-vits16"].architecture).state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def photo_folder(tmp_path_factory):
+    """A small image folder of real photos (symlinks; nothing is copied)."""
+    root = tmp_path_factory.mktemp("photos") / "Car-Bike"
+    for label in ("Bike", "Car"):
+        (root / label).mkdir(parents=True)
+        for photo in sample_photos(label)[:14]:
+            (root / label / photo.name).symlink_to(photo)
+    return root
+
+
+def test_help_documents_every_flag():
+    parser_help = run_train("--help").stdout
+    actions = [a for a in train.build_parser()._actions if a.option_strings]
+    assert len(actions) >= 19
+    for action in actions:
+        assert action.help, action.option_strings
+        assert any(opt in parser_help for opt in action.option_strings)
+
+
+def test_train_writes_artifact_metrics_and_plots_then_reruns_from_cache(tmp_path, photo_folder, vits16_weights):
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    args = ["--data-dir", photo_folder, "--weights", vits16_weights, "--output-dir", out, "--cache-dir", cache]
+    first = run_train(*args)
+    assert first.returncode == 0, first.stderr
+    assert "extracting features" in first.stderr
+    assert "model written to" in first.stdout
+    for name in (config.ARTIFACT_FILE, config.METRICS_FILE, config.SPLIT_FILE, config.HISTORY_PLOT,
+                 config.CONFUSION_PLOT):
+        assert (out / name).stat().st_size > 0, name
+    metrics = json.loads((out / config.METRICS_FILE).read_text())
+    assert metrics["summary"]["images_found"] == 28 and metrics["summary"]["images_skipped"] == 0
+    assert {"accuracy", "roc_auc", "per_class", "confusion_matrix"} <= set(metrics["test"])
+    stamp = (out / config.ARTIFACT_FILE).stat().st_mtime_ns
+
+    # Same inputs: nothing to do, and the artifact is left alone.
+    again = run_train(*args)
+    assert again.returncode == 0 and "up to date" in again.stdout
+    assert (out / config.ARTIFACT_FILE).stat().st_mtime_ns == stamp
+
+    # --force retrains the head from cached features: the backbone does not run.
+    forced = run_train(*args, "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert "extracting features" not in forced.stderr
+    assert (out / config.ARTIFACT_FILE).stat().st_mtime_ns != stamp
+
+    # A changed setting is not "up to date".
+    changed = run_train(*args, "--hidden-dim", "64")
+    assert changed.returncode == 0 and "up to date" not in changed.stdout
+    assert "extracting features" not in changed.stderr
+
+
+def test_offline_without_weights_fails_fast_in_a_few_lines(tmp_path, photo_folder):
+    started = time.monotonic()
+    result = run_train("--data-dir", photo_folder, "--output-dir", tmp_path / "out",
+                       env={"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0"})
+    elapsed = time.monotonic() - started
+    assert result.returncode != 0
+    assert "--weights" in result.stderr and "dino_deitsmall16_pretrain.pth" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) <= 3
+    assert elapsed < 40  # not huggingface_hub's minute of retries
+    assert not (tmp_path / "out" / config.ARTIFACT_FILE).exists()
+
+
+@pytest.mark.parametrize("make_args, words", [
+    (lambda tmp, w: ["--data-dir", tmp / "missing", "--weights", w], "data directory not found"),
+    (lambda tmp, w: ["--data-dir", REPO / "tests", "--weights", tmp / "nope.pth"], "class sub-folders|weights file not found"),
+])
+def test_bad_arguments_give_one_line(tmp_path, vits16_weights, make_args, words):
+    result = run_train(*make_args(tmp_path, vits16_weights), "--output-dir", tmp_path / "out")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:")
+    assert re.search(words, lines[0])

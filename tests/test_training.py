@@ -1,0 +1,252 @@
+"""The training pipeline on synthetic images and a tiny random ViT: it learns, it caches, it
+skips bad files, its artifact round-trips, and its writes are atomic."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY_SPEC, make_dataset, sample_photos
+from vehicle_classifier import config, training
+from vehicle_classifier.artifact import ArtifactError, load_artifact, save_artifact
+from vehicle_classifier.backbone import create_backbone, load_backbone, preprocessing_for
+from vehicle_classifier.data import DataError, stratified_split
+from vehicle_classifier.features import autocast, resolve_precision
+from vehicle_classifier.fileio import atomic_path
+from vehicle_classifier.images import load_tensor
+from vehicle_classifier.inference import Predictor
+
+
+def tiny_cfg(**kw):
+    return config.TrainConfig(backbone=TINY_SPEC.name, max_epochs=60, patience=10, **kw)
+
+
+def run(data, out, weights, cache, **kw):
+    return training.run_training(data, out, tiny_cfg(**kw), weights, cache, spec=TINY_SPEC)
+
+
+@pytest.fixture
+def backbone_calls(monkeypatch):
+    """Counts images that go through the backbone, by wrapping the real loader."""
+    calls = {"images": 0}
+
+    def counting_loader(spec, weights=None):
+        model, digest = load_backbone(spec, weights)
+        model.register_forward_hook(lambda m, args, out: calls.__setitem__("images", calls["images"] + len(args[0])))
+        return model, digest
+
+    monkeypatch.setattr(training, "load_backbone", counting_loader)
+    return calls
+
+
+def test_training_learns_separable_classes(tiny_model_dir):
+    metrics = json.loads((tiny_model_dir / config.METRICS_FILE).read_text())
+    assert metrics["test"]["accuracy"] >= 0.9
+    assert metrics["test"]["roc_auc"] >= 0.9
+    assert metrics["test"]["count"] > 0 and metrics["val"]["count"] > 0
+    for split in ("train", "val", "test"):
+        assert set(metrics[split]["per_class"]) == {"Bike", "Car"}
+        assert np.sum(metrics[split]["confusion_matrix"]) == metrics[split]["count"]
+    best = metrics["summary"]["best_epoch"]
+    history = metrics["history"]
+    assert min(h["val_loss"] for h in history) == history[best - 1]["val_loss"]  # best epoch kept
+    for name in (config.ARTIFACT_FILE, config.SPLIT_FILE, config.HISTORY_PLOT, config.CONFUSION_PLOT):
+        assert (tiny_model_dir / name).stat().st_size > 0
+    for plot in (config.HISTORY_PLOT, config.CONFUSION_PLOT):
+        with Image.open(tiny_model_dir / plot) as im:
+            assert im.format == "PNG" and im.size[0] > 200
+
+
+def test_artifact_metadata_is_self_describing(tiny_model_dir, tiny_weights):
+    meta = load_artifact(tiny_model_dir / config.ARTIFACT_FILE).metadata
+    assert meta["class_names"] == ["Bike", "Car"]
+    assert meta["backbone"]["architecture"] == TINY_SPEC.architecture
+    assert meta["backbone"]["model_kwargs"] == TINY_SPEC.model_kwargs
+    assert len(meta["backbone"]["weights_digest"]) == 64
+    assert meta["preprocessing"]["input_size"] == 32
+    assert meta["training"]["lr"] == config.TrainConfig().lr
+    assert meta["metrics"]["test"]["accuracy"] >= 0.9
+    assert meta["model_version"] and meta["created_at"] and meta["package_version"]
+
+
+def test_split_is_stratified_deterministic_and_saved(tiny_model_dir, synthetic_dataset):
+    split = json.loads((tiny_model_dir / config.SPLIT_FILE).read_text())
+    files = split["train"] + split["val"] + split["test"]
+    assert len(files) == len(set(files)) == 60  # disjoint, complete
+    assert all((synthetic_dataset / f).is_file() for f in files)
+    for part in ("val", "test"):
+        labels = [f.split("/")[0] for f in split[part]]
+        assert labels.count("Car") == labels.count("Bike")  # stratified
+    labels = [0] * 50 + [1] * 30
+    assert stratified_split(labels, 0.2, 0.2, seed=3) == stratified_split(labels, 0.2, 0.2, seed=3)
+    assert stratified_split(labels, 0.2, 0.2, seed=3) != stratified_split(labels, 0.2, 0.2, seed=4)
+    test = stratified_split(labels, 0.2, 0.2, seed=3)["test"]
+    assert sum(labels[i] for i in test) == 6 and len(test) == 16
+
+
+def test_rerun_hits_the_cache_and_recomputes_only_changed_files(tmp_path, tiny_weights, backbone_calls):
+    data = make_dataset(tmp_path / "data", per_class=12)
+    cache = tmp_path / "cache"
+    run(data, tmp_path / "out1", tiny_weights, cache)
+    assert backbone_calls["images"] == 24
+
+    backbone_calls["images"] = 0
+    first = run(data, tmp_path / "out2", tiny_weights, cache)
+    assert backbone_calls["images"] == 0  # nothing new: the backbone never ran
+
+    # One file changed, one added, one renamed (same content: still cached).
+    with Image.open(data / "Car" / "Car_0.jpg") as im:
+        im.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(data / "Car" / "Car_0.jpg")
+    shutil.copy(data / "Bike" / "Bike_1.png", data / "Bike" / "extra.png")
+    Image.new("RGB", (40, 40), (10, 20, 230)).save(data / "Bike" / "new.png")
+    (data / "Car" / "Car_2.webp").rename(data / "Car" / "renamed.webp")
+    backbone_calls["images"] = 0
+    second = run(data, tmp_path / "out3", tiny_weights, cache)
+    assert backbone_calls["images"] == 2  # the changed file and the new one
+    assert second["summary"]["duplicates_dropped"] == 1  # extra.png is Bike_1.png again
+    assert first["summary"]["images_found"] + 2 == second["summary"]["images_found"]
+
+
+def test_cache_is_keyed_by_weights(tmp_path, tiny_weights, backbone_calls):
+    data = make_dataset(tmp_path / "data", per_class=6)
+    cache = tmp_path / "cache"
+    run(data, tmp_path / "a", tiny_weights, cache)
+    other = tmp_path / "other.pth"
+    torch.manual_seed(99)
+    torch.save(create_backbone(TINY_SPEC.architecture, TINY_SPEC.model_kwargs).state_dict(), other)
+    backbone_calls["images"] = 0
+    run(data, tmp_path / "b", other, cache)
+    assert backbone_calls["images"] == 12  # other weights, other features
+
+
+def test_corrupt_and_non_image_files_are_skipped_with_a_warning(tmp_path, tiny_weights, caplog):
+    data = make_dataset(tmp_path / "data", per_class=10)
+    good = (data / "Car" / "Car_0.jpg").read_bytes()
+    (data / "Car" / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    (data / "Car" / "notes.txt").write_text("not an image")
+    (data / "Bike" / "empty.png").write_bytes(b"")
+    (data / "Bike" / "fake.webp").write_bytes(b"RIFF\x00\x00\x00\x00WEBPgarbage")
+    with caplog.at_level("WARNING"):
+        metrics = run(data, tmp_path / "out", tiny_weights, tmp_path / "cache")
+    assert metrics["summary"]["images_skipped"] == 4
+    assert metrics["summary"]["images_found"] == 24
+    skipped = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(skipped) == 4
+    assert any("truncated.jpg" in m and ("truncated" in m or "damaged" in m) for m in skipped)
+    assert any("notes.txt" in m and "not an image" in m for m in skipped)
+
+
+def test_unusual_but_valid_photos_are_used(tmp_path, tiny_weights):
+    data = make_dataset(tmp_path / "data", per_class=8)
+    rng = np.random.default_rng(0)
+    car = Image.fromarray(rng.integers(0, 255, (60, 90, 3), dtype=np.uint8))
+    car.convert("CMYK").save(data / "Car" / "cmyk.jpg")
+    car.convert("L").save(data / "Car" / "gray.png")
+    car.convert("P").save(data / "Car" / "palette.png")
+    car.save(data / "Car" / "really_a_png.jpg", format="PNG")  # extension lies
+    Image.fromarray((rng.integers(0, 65535, (50, 50))).astype(np.uint16)).save(data / "Bike" / "16bit.png")
+    rgba = car.convert("RGBA")
+    rgba.putalpha(128)
+    rgba.save(data / "Bike" / "rgba.png")
+    metrics = run(data, tmp_path / "out", tiny_weights, tmp_path / "cache")
+    assert metrics["summary"]["images_skipped"] == 0
+    assert metrics["summary"]["images_found"] == 22
+
+
+def test_artifact_round_trips_to_identical_predictions(tiny_model_dir, synthetic_dataset):
+    model = load_artifact(tiny_model_dir / config.ARTIFACT_FILE)
+    again = load_artifact(tiny_model_dir / config.ARTIFACT_FILE)
+    images = sorted(synthetic_dataset.rglob("*.*"))[:12]
+    batch = torch.stack([load_tensor(p, model.preprocessing) for p in images])
+    with torch.inference_mode():
+        out1 = model.head(model.backbone(batch))
+        out2 = again.head(again.backbone(batch))
+    assert torch.equal(out1, out2)
+
+    # Saved and reloaded: the same tensors, so the very same outputs.
+    resaved = tiny_model_dir.parent / "resaved.safetensors"
+    save_artifact(resaved, model.backbone, model.head, {k: v for k, v in model.metadata.items()})
+    third = load_artifact(resaved)
+    with torch.inference_mode():
+        assert torch.equal(out1, third.head(third.backbone(batch)))
+
+    # The predictor (bf16 where available) agrees with the training-time labels.
+    predictor = Predictor(model)
+    labels = [p.label for p in predictor.predict([predictor.load_image(p) for p in images])]
+    assert labels == [p.parent.name for p in images]
+
+
+def test_damaged_artifact_is_refused_with_a_clear_message(tiny_model_dir, tmp_path):
+    blob = (tiny_model_dir / config.ARTIFACT_FILE).read_bytes()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(ArtifactError, match="damaged|not a readable"):
+        load_artifact(truncated)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"hello world, not safetensors")
+    with pytest.raises(ArtifactError, match="not a readable"):
+        load_artifact(garbage)
+    with pytest.raises(ArtifactError, match="no model artifact"):
+        load_artifact(tmp_path / "missing.safetensors")
+
+
+def test_interrupted_write_leaves_the_previous_file(tmp_path):
+    target = tmp_path / "model.safetensors"
+    target.write_bytes(b"previous model")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half a new mo")
+            raise KeyboardInterrupt
+    assert target.read_bytes() == b"previous model"
+    assert list(tmp_path.iterdir()) == [target]  # no temporary left behind
+
+
+def test_dataset_errors_are_one_line(tmp_path, tiny_weights):
+    with pytest.raises(DataError, match="not found"):
+        run(tmp_path / "missing", tmp_path / "out", tiny_weights, tmp_path / "c")
+    (tmp_path / "one" / "Car").mkdir(parents=True)
+    with pytest.raises(DataError, match="at least two class"):
+        run(tmp_path / "one", tmp_path / "out", tiny_weights, tmp_path / "c")
+    data = make_dataset(tmp_path / "d", per_class=1)
+    with pytest.raises(DataError, match="at least two readable"):
+        run(data, tmp_path / "out", tiny_weights, tmp_path / "c")
+    assert not (tmp_path / "out" / config.ARTIFACT_FILE).exists()
+
+
+def test_training_is_reproducible(tmp_path, tiny_weights):
+    data = make_dataset(tmp_path / "data", per_class=10)
+    run(data, tmp_path / "a", tiny_weights, tmp_path / "cache")
+    run(data, tmp_path / "b", tiny_weights, tmp_path / "cache")
+    a = load_artifact(tmp_path / "a" / config.ARTIFACT_FILE)
+    b = load_artifact(tmp_path / "b" / config.ARTIFACT_FILE)
+    assert a.metadata["model_version"] == b.metadata["model_version"]
+    assert all(torch.equal(x, y) for x, y in zip(a.head.state_dict().values(), b.head.state_dict().values()))
+
+
+def test_precision_falls_back_to_fp32_without_bf16(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr("vehicle_classifier.features.cpu_supports_bf16", lambda: False)
+    assert resolve_precision("auto", cpu) == "fp32"
+    monkeypatch.setattr("vehicle_classifier.features.cpu_supports_bf16", lambda: True)
+    assert resolve_precision("auto", cpu) == "bf16"
+    assert resolve_precision("fp32", cpu) == "fp32"
+    with pytest.raises(ValueError):
+        resolve_precision("int4", cpu)
+
+
+def test_bf16_features_stay_close_to_fp32_on_real_photos():
+    """The fast extraction path is faithful: ViT-S/16 (random weights) on real photos."""
+    photos = sample_photos("Car")[:4] + sample_photos("Bike")[:4]
+    torch.manual_seed(0)
+    model = create_backbone(config.BACKBONES["dino-vits16"].architecture)
+    prep = preprocessing_for(model)
+    batch = torch.stack([load_tensor(p, prep) for p in photos])
+    with torch.inference_mode():
+        fp32 = model(batch)
+        with autocast(torch.device("cpu"), "bf16"):
+            bf16 = model(batch).float()
+    cosine = torch.nn.functional.cosine_similarity(fp32, bf16)
+    assert cosine.min() > 0.999, cosine
