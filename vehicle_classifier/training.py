@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from . import config
 from .artifact import save_artifact
 from .backbone import BackboneSpec, get_spec, load_backbone, preprocessing_for
-from .data import DataError, file_digest, scan_image_folder, stratified_split
+from .data import DataError, Sample, file_digest, scan_image_folder, stratified_split
 from .features import FeatureCache, cache_key, extract_features, resolve_precision
 from .fileio import write_json
 from .head import MLPHead
@@ -83,6 +83,22 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device(requested)
 
 
+def unique_readable(samples: list[Sample], digests: list[str], features: dict) -> tuple[list[tuple[Sample, str]], int]:
+    """The readable samples (those with features) with their digests, identical files (same
+    content) counted once so that a duplicate can never sit on both sides of the train/test
+    split; and how many duplicates were dropped. The split is made over exactly this list."""
+    kept, seen, duplicates = [], set(), 0
+    for sample, digest in zip(samples, digests):
+        if digest not in features:
+            continue
+        if digest in seen:
+            duplicates += 1
+            continue
+        seen.add(digest)
+        kept.append((sample, digest))
+    return kept, duplicates
+
+
 def run_training(
     data_dir: Path,
     output_dir: Path,
@@ -116,17 +132,7 @@ def run_training(
     for path, reason in failures.items():
         log.warning("skipped %s: %s", path, reason)
 
-    # Keep readable files; identical files (same content) count once, so that a duplicate can
-    # never sit on both sides of the train/test split.
-    kept, seen, duplicates = [], set(), 0
-    for sample, digest in zip(samples, digests):
-        if digest not in features:
-            continue
-        if digest in seen:
-            duplicates += 1
-            continue
-        seen.add(digest)
-        kept.append((sample, digest))
+    kept, duplicates = unique_readable(samples, digests, features)
     labels = [s.label for s, _ in kept]
     counts = {name: labels.count(i) for i, name in enumerate(class_names)}
     if any(n < 2 for n in counts.values()):
