@@ -1,0 +1,88 @@
+"""Ask the prediction service about photos and print, per photo, the label and its confidence.
+
+    python test.py [IMAGE_OR_FOLDER ...] [--url URL]
+
+With no image it sends the first photo it finds under data/Car-Bike-Dataset/. Exit status 0 when
+every photo got an answer, 1 (with one readable line on stderr per problem) otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from vehicle_classifier import config
+from vehicle_classifier.client import PREDICT_TIMEOUT, PredictionClient, ServiceError, service_url
+
+
+def seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+    return value
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("images", nargs="*", type=Path,
+                        help=f"photos or folders of photos (default: the first photo under {config.DATA_DIR})")
+    parser.add_argument("--url", default=service_url(),
+                        help="prediction service URL (default: $PREDICT_URL, else %(default)s)")
+    parser.add_argument("--timeout", type=seconds, default=None,
+                        help=f"seconds to wait for each answer (default: $PREDICT_TIMEOUT, else {PREDICT_TIMEOUT:g})")
+    return parser.parse_args(argv)
+
+
+def find_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in config.IMAGE_EXTENSIONS)
+
+
+def expand(paths: list[Path]) -> list[Path]:
+    """Folders become the photos inside them; files stay as given (a bad one gets its own error)."""
+    return [image for path in paths for image in (find_images(path) if path.is_dir() else [path])]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.images:
+        images = expand(args.images)
+        if not images:
+            print(f"error: no photos in {', '.join(map(str, args.images))}", file=sys.stderr)
+            return 1
+    else:
+        images = find_images(config.DATA_DIR)[:1] if config.DATA_DIR.is_dir() else []
+        if not images:
+            print(f"error: no image given and none found under {config.DATA_DIR}/; pass a photo "
+                  f"(python test.py PHOTO.jpg) or put the dataset there ({config.DATA_DIR}/Car/, .../Bike/)",
+                  file=sys.stderr)
+            return 1
+
+    try:
+        client = PredictionClient(args.url, timeout=args.timeout)
+    except ServiceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    failed = False
+    for path in images:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            print(f"{path}: error: cannot read it ({exc.strerror or exc})", file=sys.stderr)
+            failed = True
+            continue
+        try:
+            answer = client.predict(data, filename=path.name)
+        except ServiceError as exc:
+            if exc.status is None:  # no service to talk to: the other photos would fail the same way
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
+            print(f"{path}: error: {exc}", file=sys.stderr)
+            failed = True
+            continue
+        print(f"{path}: {answer['label']} ({answer['confidence']:.1%})", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
