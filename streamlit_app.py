@@ -128,7 +128,7 @@ def main() -> None:
                     answer = predict(url, model_version, data, upload.name, attention)
             except ServiceError as exc:
                 st.error(f"{upload.name}: {exc}")  # no preview: the file may not be an image at all
-                if exc.status is None:  # no service: the other photos would wait and fail the same way
+                if exc.unavailable:  # the other photos would wait and fail the same way
                     service_status.clear()
                     st.warning("Start the service, or check PREDICT_URL, then press “Check again” in the sidebar.")
                     return

@@ -9,6 +9,7 @@ every photo got an answer, 1 (with one readable line on stderr per problem) othe
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -74,7 +75,7 @@ def main(argv=None) -> int:
         try:
             answer = client.predict(data, filename=path.name)
         except ServiceError as exc:
-            if exc.status is None:  # no service to talk to: the other photos would fail the same way
+            if exc.unavailable:  # the other photos would fail the same way
                 print(f"error: {exc}", file=sys.stderr)
                 return 1
             print(f"{path}: error: {exc}", file=sys.stderr)
@@ -85,4 +86,10 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except BrokenPipeError:  # `python test.py FOLDER | head`: the reader is gone; stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)

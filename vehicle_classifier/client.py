@@ -27,6 +27,12 @@ class ServiceError(UserError):
         super().__init__(message)
         self.status = status
 
+    @property
+    def unavailable(self) -> bool:
+        """No service to talk to (as opposed to an answer about one photo): other requests would
+        fail the same way, so callers stop instead of repeating the error."""
+        return self.status is None or self.status in (502, 503, 504)
+
 
 def service_url() -> str:
     """The service URL the page and the command-line client use by default."""
@@ -106,6 +112,12 @@ class PredictionClient:
         if response.status_code in ok_statuses and isinstance(body, dict):
             return body
         if not isinstance(body, dict):
+            status = response.status_code
+            # Answers from the HTTP layer (a proxy, the server's own size limit) rather than the app.
+            if status == 413:
+                raise ServiceError("rejected by the service: the upload is too large (HTTP 413)", status)
+            if status in (502, 503, 504):
+                raise ServiceError(f"{where} is unavailable (HTTP {status} {response.reason})", status)
             kind = response.headers.get("Content-Type", "no content type").split(";")[0]
             raise ServiceError(f"{self.url} answered HTTP {response.status_code} with {kind}, not the "
                                f"prediction service's JSON; is the URL right?", response.status_code)
