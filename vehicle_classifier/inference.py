@@ -4,6 +4,7 @@ default), with the backbone's [CLS] attention rendered over the image on request
 from __future__ import annotations
 
 import io
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,9 @@ class Predictor:
         self.max_image_pixels = max_image_pixels
         self.backbone = model.backbone.to(self.device).eval()
         self.head = model.head.to(self.device).eval()
+        # One forward at a time: gunicorn's threads share this predictor, and two concurrent
+        # forwards would each spread over all torch threads and oversubscribe the cores.
+        self._forward_lock = threading.Lock()
         self.warm_up()
 
     @classmethod
@@ -49,10 +53,11 @@ class Predictor:
         return self.model.metadata
 
     def warm_up(self) -> None:
-        """One forward pass at start-up, so the first request does not pay for allocator and
-        kernel selection."""
+        """Forward passes at start-up (plain and with attention), so the first request does not
+        pay for allocator and kernel selection. Run again after changing torch's thread count."""
         size = self.model.preprocessing["input_size"]
-        self.predict_tensors(torch.zeros(1, 3, size, size))
+        for attention in (False, True, False):
+            self.predict_tensors(torch.zeros(1, 3, size, size), attention=attention)
 
     def load_image(self, source: bytes | str | Path) -> Image.Image:
         """Decode an upload (raises images.ImageError with a message fit for the user)."""
@@ -64,7 +69,7 @@ class Predictor:
     @torch.inference_mode()
     def predict_tensors(self, batch: torch.Tensor, attention: bool = False) -> list[Prediction]:
         batch = batch.to(self.device)
-        with autocast(self.device, self.precision):
+        with self._forward_lock, autocast(self.device, self.precision):
             if attention:
                 features, maps = cls_attention(self.backbone, batch)
             else:

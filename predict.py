@@ -1,0 +1,21 @@
+"""The prediction service, served by gunicorn (settings in gunicorn.conf.py):
+
+    gunicorn --bind=0.0.0.0:9696 predict:app
+
+MODEL_DIR (default models/) holds the artifact; see vehicle_classifier/api.py for the API.
+A missing or damaged artifact, or a bad setting, stops the process with one line on stderr.
+"""
+
+import sys
+
+from vehicle_classifier import UserError
+from vehicle_classifier.api import create_app
+
+try:
+    app = create_app()
+except (UserError, ValueError) as exc:  # ArtifactError, a bad MAX_UPLOAD_MB or PRECISION, ...
+    print(f"error: {exc}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+if __name__ == "__main__":  # development server; use gunicorn for anything else
+    app.run(host="0.0.0.0", port=9696)
