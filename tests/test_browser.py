@@ -1,0 +1,67 @@
+"""End to end in a real browser: gunicorn serving the tiny model, `streamlit run` in front of it,
+headless Debian Chromium uploading real photos and reading the answers off the page."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import sample_photos
+from live_service import gunicorn_service, streamlit_page
+from vehicle_classifier.client import PredictionClient
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]
+ANSWER = re.compile(r"^(Bike|Car) · \d{1,3}\.\d%$")
+
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no Chromium at {CHROMIUM}; install Debian's "
+                                "chromium package (make test does, as root)")
+
+
+def test_upload_photos_in_a_browser_and_see_the_answers(tiny_model_dir, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    photos = [sample_photos("Car")[0], sample_photos("Bike")[0]]
+    with gunicorn_service(tiny_model_dir, tmp_path / "gunicorn.log") as service, \
+            streamlit_page(service, tmp_path / "streamlit.log") as page_url:
+        expected = [PredictionClient(service).predict(p.read_bytes(), p.name) for p in photos]
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+            page = browser.new_page(viewport={"width": 1280, "height": 1400})
+            try:
+                page.set_default_timeout(60_000)
+                page.goto(page_url)
+                expect(page.get_by_text("Ready", exact=True)).to_be_visible(timeout=90_000)  # the sidebar
+                page.locator("input[type=file]").set_input_files([str(p) for p in photos])
+
+                headings = page.locator("h3").filter(has_text=ANSWER)
+                expect(headings).to_have_count(len(photos), timeout=120_000)
+                shown = [headings.nth(i).inner_text().strip() for i in range(len(photos))]
+                assert shown == [f"{a['label']} · {a['confidence']:.1%}" for a in expected]
+
+                # Where the model looked: the first photo's overlay, fetched from the service on demand.
+                page.get_by_text("Show where the model looked").first.click()
+                expect(page.get_by_text(f"{photos[0].name}: attention overlay")).to_be_visible(timeout=60_000)
+                expect(page.get_by_text(f"{photos[1].name}: attention overlay")).to_have_count(0)
+
+                screenshot = tmp_path / "browser.png"
+                page.screenshot(path=str(screenshot), full_page=True)
+            except Exception:
+                page.screenshot(path=str(tmp_path / "browser-failure.png"), full_page=True)
+                for log in ("gunicorn.log", "streamlit.log"):  # shown by pytest with the failure
+                    print(f"--- {log}\n" + (tmp_path / log).read_text(errors="replace")[-4000:])
+                print(f"failure screenshot: {tmp_path / 'browser-failure.png'}")
+                raise
+            finally:
+                browser.close()
+    assert screenshot.stat().st_size > 10_000
+    # Kept beside the other test output: the pytest tmp dir, and $TEST_OUTPUT_DIR when CI sets one.
+    if os.environ.get("TEST_OUTPUT_DIR"):
+        Path(os.environ["TEST_OUTPUT_DIR"]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(screenshot, Path(os.environ["TEST_OUTPUT_DIR"]) / "browser.png")
+    print(f"screenshot: {screenshot}")
