@@ -42,9 +42,10 @@ ENV MODEL_DIR=/app/models
 # The model comes from a volume mounted at $MODEL_DIR ...
 FROM base AS model-mounted
 
-# ... or from the build context (the .dockerignore lets exactly this file through).
+# ... or from the build context (the .dockerignore lets exactly this file through), readable
+# by the service's user whatever its mode on the host.
 FROM base AS model-baked
-COPY models/model.safetensors /app/models/
+COPY --chmod=444 models/model.safetensors /app/models/
 
 # The stage is chosen by the build argument, not an image from a registry: no tag to pin.
 # hadolint ignore=DL3006

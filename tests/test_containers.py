@@ -358,9 +358,21 @@ def test_copy_sources_exist_and_reach_the_build_context(image):
                 # copied to where the service looks for it.
                 assert source == f"{config.OUTPUT_DIR}/{config.ARTIFACT_FILE}"
                 assert in_image(image, destination).rstrip("/") == image.env["MODEL_DIR"]
+                # Readable by the service's user (not root), whatever the file's mode on the host.
+                (copy,) = [v for k, v in image.instructions if k == "COPY" and source in v]
+                assert int(re.search(r"--chmod=(\d+)", copy).group(1), 8) & 0o004
             else:
                 assert (REPO / source).exists(), f"COPY {source}: no such file in the repository"
             assert not dockerignore_excludes(source), f"COPY {source}, but .dockerignore leaves it out"
+
+
+def test_trained_model_is_readable_by_the_containers_user(tiny_model_dir):
+    """The service runs as an unprivileged user of its own and reads ./models through a
+    read-only mount: train.py must not leave the artifact private to whoever trained it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in (config.ARTIFACT_FILE, config.METRICS_FILE):
+        assert (tiny_model_dir / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
 
 
 def test_dockerignore_keeps_data_environments_caches_and_models_out():

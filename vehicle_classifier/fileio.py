@@ -19,6 +19,12 @@ def atomic_path(path: Path):
     os.close(fd)
     try:
         yield Path(tmp)
+        # mkstemp's file is private (0600), and some writers (safetensors) recreate it so:
+        # give it the mode a plain open() would, so that the service in its container (another
+        # user, the model directory mounted read-only) can read the model.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
