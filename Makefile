@@ -2,12 +2,13 @@
 # whenever pyproject.toml changes).
 #   make run    train a model if there is none in models/, then serve it on :9696
 #   make test   the test suite (installs Chromium from Debian for the browser test, as root)
+#   make page   the web page on :8501 (talks to the service that make run serves)
 
 VENV   := .venv
 PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test setup serve bench
+.PHONY: run test setup page bench
 
 $(STAMP): pyproject.toml scripts/setup.sh
 	scripts/setup.sh
@@ -20,6 +21,9 @@ run: setup
 test: setup
 	scripts/setup.sh --browser
 	$(PYTHON) -m pytest
+
+page: setup
+	$(VENV)/bin/streamlit run streamlit_app.py
 
 bench: setup
 	$(PYTHON) benchmarks/bench_training.py
