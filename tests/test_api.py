@@ -183,6 +183,8 @@ def test_predict_multipart_single(client, app):
     assert_prediction(answer)
     assert answer["model_version"] == app.extensions["vehicle_classifier"]["predictor"].metadata["model_version"]
     assert "attention_png" not in answer
+    timing = dict(item.split(";dur=") for item in response.headers["Server-Timing"].split(", "))
+    assert list(timing) == ["read", "decode", "model", "answer"] and all(float(v) >= 0 for v in timing.values())
 
 
 def test_three_request_shapes_give_the_same_answer(client):

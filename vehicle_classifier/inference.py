@@ -56,8 +56,12 @@ class Predictor:
         """Forward passes at start-up (plain and with attention), so the first request does not
         pay for allocator and kernel selection. Run again after changing torch's thread count."""
         size = self.model.preprocessing["input_size"]
-        for attention in (False, True, False):
-            self.predict_tensors(torch.zeros(1, 3, size, size), attention=attention)
+        blank = torch.zeros(1, 3, size, size)
+        self.predict_tensors(blank)
+        maps = self.predict_tensors(blank, attention=True)[0].attention
+        self.predict_tensors(blank)
+        # The overlay's first call imports matplotlib's colormaps: pay for that here too.
+        attention_overlay_png(Image.new("RGB", (size, size)), maps, self.model.preprocessing)
 
     def load_image(self, source: bytes | str | Path) -> Image.Image:
         """Decode an upload (raises images.ImageError with a message fit for the user)."""

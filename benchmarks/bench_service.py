@@ -1,0 +1,252 @@
+"""Prediction-service benchmark: the served fast path against plain fp32 eager PyTorch.
+
+    .venv/bin/python benchmarks/bench_service.py [--compile] [--requests 60]
+
+One run, on a fresh clone (needs only ../shared/data/car-bike-sample):
+  1. builds a ViT-S/16 model artifact: random weights in the official DINO format, head trained
+     by vehicle_classifier.training.run_training on a small subset of the sample photos;
+  2. the batch-1 backbone forward of each CPU option on the preprocessed sample photos: fp32
+     eager (the baseline), bf16 autocast (what the service runs), int8 dynamic quantization,
+     and with --compile torch.compile (inductor, frozen weights, under bf16 autocast), each with
+     its fidelity against fp32 over every sample photo: top-1 agreement and max |delta p|;
+  3. `gunicorn predict:app` (gunicorn.conf.py defaults) on a free port: /predict p50/p95 over
+     HTTP with a 1920x1080 JPEG photo, and throughput with 1 and 8 concurrent clients.
+Prints figures and ratios; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import requests
+import torch
+from PIL import Image
+from torch import nn
+from tqdm.auto import tqdm
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from vehicle_classifier import config  # noqa: E402
+from vehicle_classifier.backbone import create_backbone, get_spec  # noqa: E402
+from vehicle_classifier.inference import Predictor  # noqa: E402
+from vehicle_classifier.training import run_training  # noqa: E402
+
+SAMPLE_DIR = REPO.parent / "shared" / "data" / "car-bike-sample"
+
+
+def sample_photos() -> list[Path]:
+    photos = sorted(p for d in sorted(SAMPLE_DIR.glob("*/")) for p in d.iterdir() if p.is_file())
+    if not photos:
+        sys.exit(f"no sample photos at {SAMPLE_DIR}")
+    return photos
+
+
+def build_artifact(work: Path, per_class: int) -> Path:
+    """Random official-format ViT-S/16 weights and a head trained on `per_class` photos per class."""
+    spec = get_spec("dino-vits16")
+    torch.manual_seed(0)
+    weights = work / spec.official_file
+    torch.save(create_backbone(spec.architecture).state_dict(), weights)
+    data = work / "data"
+    for folder in sorted(SAMPLE_DIR.glob("*/")):
+        (data / folder.name).mkdir(parents=True)
+        for photo in sorted(p for p in folder.iterdir() if p.is_file())[:per_class]:
+            (data / folder.name / photo.name).symlink_to(photo)
+    model_dir = work / "model"
+    cfg = config.TrainConfig(backbone=spec.name)
+    run_training(data, model_dir, cfg, weights, work / "cache", device="cpu")
+    return model_dir
+
+
+def timed(fn, inputs, repeats: int) -> float:
+    """Median ms of `fn` over `repeats` inputs, after two warm-up calls."""
+    fn(inputs[0])
+    fn(inputs[1 % len(inputs)])
+    times = []
+    for i in range(repeats):
+        x = inputs[i % len(inputs)]
+        start = time.perf_counter()
+        fn(x)
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def probabilities(forward, head: nn.Module, tensors: list[torch.Tensor], desc: str) -> torch.Tensor:
+    out = [head(forward(x).float()).softmax(dim=1) for x in tqdm(tensors, desc=desc, unit="img", leave=False,
+                                                                   mininterval=2)]
+    return torch.cat(out)
+
+
+def fidelity(probs: torch.Tensor, reference: torch.Tensor) -> str:
+    agree = int((probs.argmax(1) == reference.argmax(1)).sum())
+    delta = float((probs - reference).abs().max())
+    return f"top-1 agreement {agree}/{len(reference)}, max |dp| {delta:.4f}"
+
+
+def bf16(fn):
+    def run(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return fn(x)
+    return run
+
+
+def measure_options(model_dir: Path, photos: list[Path], repeats: int, with_compile: bool) -> tuple[float, dict]:
+    predictor = Predictor.from_dir(model_dir)  # the service's own predictor (precision auto)
+    backbone, head = predictor.backbone, predictor.head
+    tensors = []
+    for photo in tqdm(photos, desc="decoding sample photos", unit="img", leave=False, mininterval=2):
+        tensors.append(predictor.to_tensor(predictor.load_image(photo)).unsqueeze(0))
+
+    print(f"\nbatch-1 backbone forward on {len(tensors)} sample photos ({torch.get_num_threads()} torch threads):")
+    with torch.inference_mode():
+        fp32_ms = timed(backbone, tensors, repeats)
+    reference = probabilities(backbone, head, tensors, "fp32 reference")
+    print(f"  fp32 eager (baseline)          {fp32_ms:7.1f} ms")
+    results = {"fp32": fp32_ms}
+
+    def report(name, forward, extra=""):
+        with torch.inference_mode():
+            ms = timed(forward, tensors, repeats)
+        probs = probabilities(forward, head, tensors, name)
+        results[name] = ms
+        print(f"  {name:<30} {ms:7.1f} ms  {fp32_ms / ms:4.2f}x faster  {fidelity(probs, reference)}{extra}")
+
+    served = lambda x: predictor.backbone(x) if predictor.precision == "fp32" else bf16(predictor.backbone)(x)  # noqa: E731
+    report(f"service path ({predictor.precision} autocast)", served)
+    int8 = torch.ao.quantization.quantize_dynamic(copy.deepcopy(backbone), {nn.Linear}, dtype=torch.qint8)
+    report("int8 dynamic quantization", int8)
+    if with_compile:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True
+        compiled = torch.compile(copy.deepcopy(backbone))
+        start = time.perf_counter()
+        with torch.inference_mode():
+            bf16(compiled)(tensors[0])
+        report("torch.compile + bf16", bf16(compiled), f"  (compile {time.perf_counter() - start:.0f} s)")
+    return fp32_ms, results
+
+
+def photo_1920x1080(photos: list[Path]) -> tuple[bytes, str]:
+    for photo in photos:
+        with Image.open(photo) as im:
+            if im.format == "JPEG" and im.size[0] >= 1920 and im.size[1] >= 1080:
+                return photo.read_bytes(), f"{photo.name} ({im.size[0]}x{im.size[1]})"
+    source = max(photos, key=lambda p: Image.open(p).size[0] * Image.open(p).size[1])
+    with Image.open(source) as im:
+        big = im.convert("RGB").resize((1920, 1080), Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    big.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue(), (f"no sample photo is 1920x1080: {source.name} ({Image.open(source).size[0]}x"
+                               f"{Image.open(source).size[1]}) upscaled and re-encoded as a 1920x1080 JPEG")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(model_dir: Path, log: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "predict:app"],
+                            cwd=REPO, env={**os.environ, "MODEL_DIR": str(model_dir)},
+                            stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    started = time.perf_counter()
+    while time.perf_counter() - started < 300:
+        if proc.poll() is not None:
+            sys.exit(f"gunicorn exited:\n{log.read_text()[-2000:]}")
+        try:
+            if requests.get(f"{url}/ready", timeout=2).ok:
+                print(f"\ngunicorn ready in {time.perf_counter() - started:.1f} s at {url}")
+                return proc, url
+        except requests.RequestException:
+            time.sleep(0.3)
+    sys.exit("gunicorn not ready within 300 s")
+
+
+def post(session: requests.Session, url: str, photo: bytes, steps: dict | None = None) -> float:
+    start = time.perf_counter()
+    response = session.post(f"{url}/predict", files={"file": ("photo.jpg", photo, "image/jpeg")}, timeout=60)
+    elapsed = (time.perf_counter() - start) * 1000
+    response.raise_for_status()
+    if steps is not None:  # the service's own account of the request (Server-Timing, ms)
+        for item in response.headers["Server-Timing"].split(", "):
+            name, ms = item.split(";dur=")
+            steps.setdefault(name, []).append(float(ms))
+    return elapsed
+
+
+def throughput(url: str, photo: bytes, clients: int, per_client: int) -> float:
+    def client(_):
+        with requests.Session() as session:
+            for _ in range(per_client):
+                post(session, url, photo)
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(client, range(clients)))
+    return clients * per_client / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=60, help="sequential /predict requests for p50/p95")
+    parser.add_argument("--repeats", type=int, default=30, help="timed forwards per option")
+    parser.add_argument("--train-per-class", type=int, default=40, help="photos per class to train the head on")
+    parser.add_argument("--compile", action="store_true", help="also measure torch.compile (slow to compile)")
+    args = parser.parse_args()
+
+    photos = sample_photos()
+    with tempfile.TemporaryDirectory(prefix="bench-service-") as tmp:
+        work = Path(tmp)
+        print(f"building a ViT-S/16 artifact (random official-format weights, head on "
+              f"{2 * args.train_per_class} sample photos)")
+        model_dir = build_artifact(work, args.train_per_class)
+        fp32_ms, _ = measure_options(model_dir, photos, args.repeats, args.compile)
+
+        photo, described = photo_1920x1080(photos)
+        print(f"\nrequest photo: {described}, {len(photo) / 1024:.0f} KB")
+        proc, url = serve(model_dir, work / "gunicorn.log")
+        try:
+            with requests.Session() as session:
+                for _ in range(5):
+                    post(session, url, photo)
+                steps: dict[str, list[float]] = {}
+                latencies = sorted(post(session, url, photo, steps) for _ in range(args.requests))
+            p50 = statistics.median(latencies)
+            p95 = latencies[min(len(latencies) - 1, round(0.95 * len(latencies)) - 1)]
+            one = throughput(url, photo, 1, 30)
+            eight = throughput(url, photo, 8, 8)
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+
+    print(f"\n/predict over HTTP ({args.requests} sequential requests, 1920x1080 JPEG, gunicorn defaults):")
+    print(f"  p50 {p50:.1f} ms   p95 {p95:.1f} ms")
+    print("  inside the service, median ms: " + ", ".join(f"{k} {statistics.median(v):.1f}" for k, v in steps.items())
+          + "; the rest is HTTP and the client")
+    print(f"  throughput: 1 client {one:.1f} req/s, 8 concurrent clients {eight:.1f} req/s")
+    print("\nratios:")
+    print(f"  /predict p50 over HTTP / fp32 eager batch-1 forward = {p50:.1f} / {fp32_ms:.1f} = {p50 / fp32_ms:.2f}"
+          f"  (goal <= 0.40: {'met' if p50 <= 0.4 * fp32_ms else 'NOT met'})")
+    print(f"  throughput 8 clients / 1 client = {eight / one:.2f}")
+
+
+if __name__ == "__main__":
+    main()
