@@ -1,0 +1,156 @@
+"""notebook.ipynb executes headless, top to bottom, in quick mode on the real sample photos with
+random ViT-S/16 weights; scripts/make_figures.py writes the README figures from a real run."""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import io
+import json
+import re
+import sys
+
+import nbformat
+import pytest
+import torch
+from conftest import REPO, SAMPLE_DIR, TINY_SPEC, sample_photos
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import AsyncKernelManager
+from nbclient import NotebookClient
+from PIL import Image
+
+from vehicle_classifier import config
+from vehicle_classifier.backbone import create_backbone
+
+NOTEBOOK = REPO / "notebook.ipynb"
+KERNEL = "vehicle-classifier-test"
+
+
+def venv_kernel(tmp_path, env: dict) -> AsyncKernelManager:
+    """A kernel running this very interpreter (the .venv's), whatever kernelspecs the machine
+    has; the notebook's parameters travel in its environment."""
+    kernel_dir = tmp_path / "kernels" / KERNEL
+    kernel_dir.mkdir(parents=True)
+    (kernel_dir / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "vehicle-classifier test", "language": "python", "env": env,
+    }))
+    specs = KernelSpecManager(kernel_dirs=[str(tmp_path / "kernels")], ensure_native_kernel=False)
+    return AsyncKernelManager(kernel_name=KERNEL, kernel_spec_manager=specs)
+
+
+def outputs(nb, tag: str) -> list[dict]:
+    cells = [c for c in nb.cells if tag in c.metadata.get("tags", [])]
+    assert len(cells) == 1, f"expected one cell tagged {tag!r}"
+    return cells[0].outputs
+
+
+def text_of(nb, tag: str) -> str:
+    return "".join(o.get("text", "") for o in outputs(nb, tag) if o.output_type == "stream")
+
+
+def pngs_of(nb, tag: str) -> list[Image.Image]:
+    found = []
+    for o in outputs(nb, tag):
+        data = o.get("data", {})
+        if "image/png" in data:
+            image = Image.open(io.BytesIO(base64.b64decode(data["image/png"])))
+            image.load()
+            found.append(image)
+    return found
+
+
+def test_notebook_is_committed_without_outputs():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code and all(c.outputs == [] and c.execution_count is None for c in code)
+    assert any("parameters" in c.metadata.get("tags", []) for c in code)
+
+
+def test_notebook_executes_in_quick_mode(tmp_path):
+    if not SAMPLE_DIR.is_dir():
+        pytest.skip(f"real sample photos not found at {SAMPLE_DIR}")
+    per_class = {label: len(sample_photos(label)) for label in ("Bike", "Car")}
+    assert min(per_class.values()) >= 40
+    # Random weights of the real default backbone, in the official DINO release format.
+    spec = config.BACKBONES[config.TrainConfig.backbone]
+    torch.manual_seed(0)
+    weights = tmp_path / spec.official_file
+    torch.save(create_backbone(spec.architecture, spec.model_kwargs).state_dict(), weights)
+
+    km = venv_kernel(tmp_path, {
+        "NB_QUICK": "1", "NB_DATA_DIR": str(SAMPLE_DIR), "NB_WEIGHTS": str(weights),
+        "NB_CACHE_DIR": str(tmp_path / "cache"),
+    })
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    # Raises CellExecutionError, with the failing cell and its traceback, on any error.
+    NotebookClient(nb, km=km, timeout=900, resources={"metadata": {"path": str(REPO)}}).execute()
+
+    assert not [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
+    assert "files per class: Bike: 40, Car: 40" in text_of(nb, "class-balance")
+    assert "0 unreadable files" in text_of(nb, "unreadable-duplicates")
+
+    # The split is train.py's: 15 % + 15 % of 40 per class held out.
+    features = text_of(nb, "features")
+    assert "80 photos with features" in features and "384-d" in features
+    assert "split: train 56, val 12, test 12" in features
+    assert re.search(r"\d+ near-duplicate pairs, \d+ of them across splits", text_of(nb, "leakage"))
+
+    # The quick sweep: train.py's defaults and three other grid points, ranked.
+    html = next(o.data["text/html"] for o in outputs(nb, "sweep-results") if "text/html" in o.get("data", {}))
+    rows = html.split("<tbody>")[1].split("</tbody>")[0]
+    assert rows.count("<tr>") == 4
+    for column in ("lr", "hidden_dim", "dropout", "weight_decay", "val_loss", "val_accuracy"):
+        assert f">{column}</th>" in html
+    assert rows.count(">True</td>") == 1  # exactly one row is the defaults
+    verdict = [o for o in outputs(nb, "choice") if "text/markdown" in o.get("data", {})]
+    assert verdict and "Verdict" in verdict[0].data["text/markdown"]
+    assert re.search(r"test: accuracy [01]\.\d{3}, ROC-AUC [01]\.\d{3} on 12 photos", text_of(nb, "test"))
+
+    for tag in ("class-balance", "sizes", "sample-grid", "projection", "validation-curves", "attention"):
+        images = pngs_of(nb, tag)
+        assert images and all(min(im.size) > 100 for im in images), tag
+
+
+# --- scripts/make_figures.py ----------------------------------------------------------------
+def load_make_figures():
+    spec = importlib.util.spec_from_file_location("make_figures", REPO / "scripts" / "make_figures.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_make_figures_trains_then_reuses_and_writes_three_pngs(tmp_path, synthetic_dataset, tiny_weights, capsys):
+    make_figures = load_make_figures()
+    model_dir, out = tmp_path / "model", tmp_path / "imgs"
+    argv = ["--data-dir", str(synthetic_dataset), "--weights", str(tiny_weights), "--backbone", TINY_SPEC.name,
+            "--model-dir", str(model_dir), "--out-dir", str(out), "--cache-dir", str(tmp_path / "cache"),
+            "--per-class", "4", "--banner-per-class", "2"]
+    assert make_figures.main(argv) == 0
+    assert "training a model" in capsys.readouterr().out
+    sizes = {}
+    for name in make_figures.FIGURES:
+        with Image.open(out / name) as image:
+            assert image.format == "PNG"
+            image.load()  # decodes: a complete file, not just a header
+            sizes[name] = image.size
+    assert sizes["sample_grid.png"][0] > sizes["sample_grid.png"][1]  # 4 columns, 2 class rows
+    assert sizes["attention_banner.png"][0] > sizes["attention_banner.png"][1]  # 4 photos side by side
+    assert not list(out.glob(".*.tmp*"))  # atomic writes leave no temporaries
+
+    artifact = model_dir / config.ARTIFACT_FILE
+    trained_at = artifact.stat().st_mtime_ns
+    assert make_figures.main(argv) == 0
+    assert "reusing the model" in capsys.readouterr().out
+    assert artifact.stat().st_mtime_ns == trained_at
+
+
+def test_make_figures_bad_data_dir_is_one_line(tmp_path, tiny_weights, capsys):
+    make_figures = load_make_figures()
+    code = make_figures.main(["--data-dir", str(tmp_path / "missing"), "--weights", str(tiny_weights),
+                              "--backbone", TINY_SPEC.name, "--model-dir", str(tmp_path / "m"),
+                              "--out-dir", str(tmp_path / "imgs")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: data directory not found") and err.count("\n") == 1
+    assert not (tmp_path / "imgs").exists()
