@@ -1,8 +1,11 @@
 """gunicorn settings, read automatically by `gunicorn predict:app` from the working directory.
 
 Sized for a 2-core CPU box: one worker process owns both cores for torch (batch-1 latency is
-best when one forward uses every core), and a few threads let it decode the next upload and
-answer /health and /metrics while a forward runs (forwards are serialised in the Predictor).
+best when one forward uses every core), and handles each request in its main thread: torch's
+OpenMP pool is fastest there (measured here: the same forward from another thread, as gunicorn's
+gthread workers run it, takes ~1.5x as long). For throughput under many concurrent clients
+rather than single-request latency, use GUNICORN_WORKERS=2 (one torch thread each).
+GUNICORN_THREADS > 1 switches to threaded workers (forwards are still serialised).
 The app is preloaded in the master, so a missing artifact stops gunicorn at once with one line,
 and a replacement worker (after a crash or SIGKILL) forks with the model already in memory
 and is serving again in about a second.
@@ -25,8 +28,8 @@ cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (o
 
 bind = os.environ.get("GUNICORN_BIND", "0.0.0.0:9696")  # --bind on the command line wins
 workers = _env_int("GUNICORN_WORKERS", 1)
-threads = _env_int("GUNICORN_THREADS", 4)
-worker_class = "gthread"
+threads = _env_int("GUNICORN_THREADS", 1)
+worker_class = "gthread" if threads > 1 else "sync"
 timeout = _env_int("GUNICORN_TIMEOUT", 60)
 graceful_timeout = 15
 keepalive = 5

@@ -42,6 +42,7 @@ class Predictor:
         # One forward at a time: gunicorn's threads share this predictor, and two concurrent
         # forwards would each spread over all torch threads and oversubscribe the cores.
         self._forward_lock = threading.Lock()
+        self.num_threads = torch.get_num_threads()  # per forward; warm_up takes the current count
         self.warm_up()
 
     @classmethod
@@ -55,6 +56,7 @@ class Predictor:
     def warm_up(self) -> None:
         """Forward passes at start-up (plain and with attention), so the first request does not
         pay for allocator and kernel selection. Run again after changing torch's thread count."""
+        self.num_threads = torch.get_num_threads()
         size = self.model.preprocessing["input_size"]
         blank = torch.zeros(1, 3, size, size)
         self.predict_tensors(blank)
@@ -74,6 +76,10 @@ class Predictor:
     def predict_tensors(self, batch: torch.Tensor, attention: bool = False) -> list[Prediction]:
         batch = batch.to(self.device)
         with self._forward_lock, autocast(self.device, self.precision):
+            # OpenMP keeps the thread count per calling thread: a server's request threads
+            # start from OMP_NUM_THREADS / the default, not from what warm_up saw.
+            if torch.get_num_threads() != self.num_threads:
+                torch.set_num_threads(self.num_threads)
             if attention:
                 features, maps = cls_attention(self.backbone, batch)
             else:
