@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import logging
 import os
+import socket
+import threading
 import time
 
 from flask import Flask, Response, g, jsonify, request
@@ -69,6 +72,44 @@ class Metrics:
 
 
 # --- reading the upload ---------------------------------------------------------------------
+def _receive_body(max_bytes: int, timeout: float) -> None:
+    """Under gunicorn, read the whole body now, within `timeout` seconds: when the deadline
+    passes, the socket's read side is shut, which ends a blocked read at once, whether the client
+    trickles a byte at a time or sends nothing more. The rest of the request reads from memory.
+    (Flask's test client has no socket and nothing slow to guard against.)"""
+    sock = request.environ.get("gunicorn.socket")
+    length = request.content_length
+    if sock is None or (length is None and not request.headers.get("Transfer-Encoding")):
+        return
+    if length is not None and length > max_bytes:
+        raise RequestEntityTooLarge()
+    expired = threading.Event()
+
+    def cut_off():
+        expired.set()
+        try:
+            sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+
+    timer = threading.Timer(timeout, cut_off)
+    timer.daemon = True
+    timer.start()
+    try:
+        body = request.environ["wsgi.input"].read(length if length is not None else max_bytes + 1)
+    except (OSError, ValueError):  # the connection broke, or a malformed chunked body
+        body = b""
+    finally:
+        timer.cancel()
+    if expired.is_set():
+        raise BadRequest(f"the upload did not arrive within {timeout:g} s", status=408)
+    if len(body) > max_bytes:
+        raise RequestEntityTooLarge()
+    if length is not None and len(body) < length:
+        raise BadRequest(f"the upload ended after {len(body)} of its {length} bytes")
+    request.environ["wsgi.input"] = io.BytesIO(body)
+
+
 def _uploads(max_files: int) -> list[tuple[str, bytes]]:
     """(filename, bytes) of every image in the request, in the three accepted shapes."""
     mimetype = request.mimetype
@@ -200,6 +241,7 @@ def create_app(config: ServiceConfig | None = None, predictor=None) -> Flask:
 
     @app.post("/predict")
     def predict():
+        _receive_body(config.max_upload_bytes, config.upload_timeout)
         attention = _flag("attention")
         uploads = _uploads(config.max_batch_files)
         timings = [("read", time.perf_counter())]

@@ -102,7 +102,9 @@ class ServiceConfig:
     max_batch_files: int = 16
     max_image_pixels: int = MAX_IMAGE_PIXELS
     precision: str = "auto"
-    extra: dict = field(default_factory=dict)
+    # Seconds an upload may take to arrive, whole: a trickling or stalled client is cut off
+    # (408) instead of holding a request thread.
+    upload_timeout: float = 10.0
 
     @classmethod
     def from_env(cls) -> "ServiceConfig":
@@ -112,4 +114,5 @@ class ServiceConfig:
             max_batch_files=_env_int("MAX_BATCH_FILES", 16),
             max_image_pixels=_env_int("MAX_IMAGE_PIXELS", MAX_IMAGE_PIXELS),
             precision=os.environ.get("PRECISION", "auto"),
+            upload_timeout=_env_int("UPLOAD_TIMEOUT", 10),
         )

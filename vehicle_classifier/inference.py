@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import threading
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +45,10 @@ class Predictor:
         # forwards would each spread over all torch threads and oversubscribe the cores.
         self._forward_lock = threading.Lock()
         self.num_threads = torch.get_num_threads()  # per forward; warm_up takes the current count
+        # Where forwards run: here by default. Under gunicorn's gthread worker,
+        # gunicorn.conf.py hands them to the worker's main thread (see run_in_main_thread),
+        # where torch's OpenMP pool runs them ~1.5x faster than from any other thread.
+        self.run_forward: Callable[[Callable], object] = lambda forward: forward()
         self.warm_up()
 
     @classmethod
@@ -72,8 +78,11 @@ class Predictor:
     def to_tensor(self, image: Image.Image) -> torch.Tensor:
         return preprocess(image, self.model.preprocessing)
 
-    @torch.inference_mode()
     def predict_tensors(self, batch: torch.Tensor, attention: bool = False) -> list[Prediction]:
+        return self.run_forward(lambda: self._predict_tensors(batch, attention))
+
+    @torch.inference_mode()
+    def _predict_tensors(self, batch: torch.Tensor, attention: bool) -> list[Prediction]:
         batch = batch.to(self.device)
         with self._forward_lock, autocast(self.device, self.precision):
             # OpenMP keeps the thread count per calling thread: a server's request threads
@@ -115,3 +124,23 @@ def attention_overlay_png(image: Image.Image, attention: np.ndarray, preprocessi
     buffer = io.BytesIO()
     blended.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def run_in_main_thread(defer: Callable) -> Callable[[Callable], object]:
+    """A `Predictor.run_forward` that runs each forward through `defer(callback)` (gunicorn
+    gthread's `worker.method_queue.defer`, which runs callbacks in the worker's main thread)
+    and waits for it in the calling request thread. Forwards are serialised there for free."""
+
+    def run(forward: Callable):
+        done: Future = Future()
+
+        def call():
+            try:
+                done.set_result(forward())
+            except BaseException as exc:  # hand it to the request thread, which answers for it
+                done.set_exception(exc)
+
+        defer(call)
+        return done.result()
+
+    return run
