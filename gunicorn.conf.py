@@ -29,7 +29,7 @@ workers = _env_int("GUNICORN_WORKERS", 1)
 # gthread: request threads read uploads and decode photos, so a slow or stalled upload holds one
 # thread, not the worker; forwards still run in the worker's main thread (post_worker_init).
 worker_class = "gthread"
-threads = _env_int("GUNICORN_THREADS", 6)
+threads = _env_int("GUNICORN_THREADS", 4)
 # A worker takes on no more connections than it has threads: requests beyond that wait in the
 # kernel's listen queue, where a worker that dies (SIGKILL, OOM) cannot lose them; only the
 # ones it was already handling fail. Hence no keep-alive either (an idle kept-alive

@@ -203,7 +203,7 @@ def main() -> None:
     parser.add_argument("--kill-after", type=float, default=15, help="seconds into the load phase; <0: no kill")
     parser.add_argument("--model-dir", type=Path, help="serve this model (default: build a ViT-S/16 one)")
     parser.add_argument("--naive-images", type=int, default=40, help="images for the fp32 yardstick; 0 skips it")
-    parser.add_argument("--slow-clients", type=int, default=8)
+    parser.add_argument("--slow-clients", type=int, default=3, help="slow uploads (default: threads - 1)")
     parser.add_argument("--slow-seconds", type=float, default=12)
     parser.add_argument("--storm-clients", type=int, default=64)
     parser.add_argument("--storm-seconds", type=float, default=6)
