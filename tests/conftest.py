@@ -3,7 +3,6 @@ cost), synthetic image folders with visually separable classes, and a trained ti
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -86,7 +85,20 @@ def tiny_model_dir(tmp_path_factory, synthetic_dataset, tiny_weights) -> Path:
     return out
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _quiet_threads():
-    # Tests run beside each other's servers on 2 cores; fewer threads, less contention.
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+@pytest.fixture(scope="module")
+def service(tiny_model_dir):
+    """The real app with the tiny model, served over HTTP from a thread; its URL."""
+    from live_service import flask_service
+
+    with flask_service(tiny_model_dir) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def photos():
+    """Real photos: one per class and format (JPEG, PNG, WEBP) in the sample."""
+    chosen = {}
+    for path in sample_photos():
+        chosen.setdefault((path.parent.name, path.suffix.lower()), path)
+    return sorted(chosen.values())
+

@@ -20,26 +20,11 @@ import pytest
 import requests
 from PIL import Image
 
-from conftest import sample_photos, synthetic_image
-from live_service import REPO, flask_service, free_port
+from conftest import synthetic_image
+from live_service import REPO, free_port
 from vehicle_classifier.client import PredictionClient, ServiceError
 
 ANSWER_LINE = re.compile(r"^(?P<path>.+): (?P<label>Bike|Car) \((?P<pct>\d{1,3}\.\d)%\)$")
-
-
-@pytest.fixture(scope="module")
-def service(tiny_model_dir):
-    with flask_service(tiny_model_dir) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def photos():
-    """Real photos of both classes and all three formats in the sample."""
-    chosen = {}
-    for path in sample_photos():
-        chosen.setdefault((path.parent.name, path.suffix.lower()), path)
-    return sorted(chosen.values())
 
 
 @pytest.fixture

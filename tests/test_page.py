@@ -13,26 +13,10 @@ import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
 
-from conftest import sample_photos
-from live_service import REPO, flask_service, free_port
+from live_service import REPO, free_port
 from vehicle_classifier.client import PredictionClient
 
 PAGE = str(REPO / "streamlit_app.py")
-
-
-@pytest.fixture(scope="module")
-def service(tiny_model_dir):
-    with flask_service(tiny_model_dir) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def photos():
-    """Both classes, every format in the sample (jpeg, png, webp)."""
-    chosen = {}
-    for path in sample_photos():
-        chosen.setdefault((path.parent.name, path.suffix.lower()), path)
-    return sorted(chosen.values())
 
 
 @pytest.fixture(autouse=True)
