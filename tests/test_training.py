@@ -250,3 +250,13 @@ def test_bf16_features_stay_close_to_fp32_on_real_photos():
             bf16 = model(batch).float()
     cosine = torch.nn.functional.cosine_similarity(fp32, bf16)
     assert cosine.min() > 0.999, cosine
+
+
+def test_a_flipped_weight_is_detected(tiny_model_dir, tmp_path):
+    """The header is intact, the tensors load, but one byte of a weight changed: refused."""
+    blob = bytearray((tiny_model_dir / config.ARTIFACT_FILE).read_bytes())
+    blob[-5] ^= 0x01  # the last bytes are tensor data
+    damaged = tmp_path / "flipped.safetensors"
+    damaged.write_bytes(bytes(blob))
+    with pytest.raises(ArtifactError, match="checksum"):
+        load_artifact(damaged)

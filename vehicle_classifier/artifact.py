@@ -48,20 +48,25 @@ def save_artifact(path: Path, backbone: nn.Module, head: MLPHead, metadata: dict
     tensors = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
     tensors.update({f"head.{k}": v for k, v in head.state_dict().items()})
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    digest = hashlib.sha256()
-    for key in sorted(tensors):
-        digest.update(key.encode() + tensors[key].view(torch.uint8).numpy().tobytes())
     metadata = {
         **metadata,
         "format_version": FORMAT_VERSION,
         "package_version": __version__,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model_version": digest.hexdigest()[:12],
+        "model_version": _version(tensors),
         "head": head.config,
     }
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={config.ARTIFACT_METADATA_KEY: json.dumps(metadata)})
     return metadata
+
+
+def _version(tensors: dict[str, torch.Tensor]) -> str:
+    """The model version: a digest of every tensor, so that loading can tell a damaged file."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        digest.update(key.encode() + tensors[key].contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:12]
 
 
 def read_metadata(path: Path) -> dict:
@@ -83,6 +88,8 @@ def load_artifact(path: Path) -> Model:
     try:
         with safe_open(str(path), framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if _version(tensors) != metadata["model_version"]:
+            raise ValueError("its weights do not match the checksum it was saved with")
         spec = metadata["backbone"]
         backbone = create_backbone(spec["architecture"], spec.get("model_kwargs"))
         load_strict(backbone, {k[9:]: v for k, v in tensors.items() if k.startswith("backbone.")}, str(path))
