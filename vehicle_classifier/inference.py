@@ -81,6 +81,12 @@ class Predictor:
     def predict_tensors(self, batch: torch.Tensor, attention: bool = False) -> list[Prediction]:
         return self.run_forward(lambda: self._predict_tensors(batch, attention))
 
+    def predict(self, images: list[Image.Image], attention: bool = False) -> list[Prediction]:
+        tensors = [self.to_tensor(im) for im in images]
+        # torch.stack is a parallel copy: done where the forward runs, so that no request thread
+        # starts an OpenMP team of its own to spin beside the forward's.
+        return self.run_forward(lambda: self._predict_tensors(torch.stack(tensors), attention))
+
     @torch.inference_mode()
     def _predict_tensors(self, batch: torch.Tensor, attention: bool) -> list[Prediction]:
         batch = batch.to(self.device)
@@ -105,9 +111,6 @@ class Predictor:
                 attention=None if maps is None else maps[i].cpu().numpy(),
             ))
         return predictions
-
-    def predict(self, images: list[Image.Image], attention: bool = False) -> list[Prediction]:
-        return self.predict_tensors(torch.stack([self.to_tensor(im) for im in images]), attention)
 
 
 def attention_overlay_png(image: Image.Image, attention: np.ndarray, preprocessing: dict) -> bytes:
