@@ -45,7 +45,7 @@ from vehicle_classifier.backbone import create_backbone, get_spec  # noqa: E402
 from vehicle_classifier.inference import Predictor  # noqa: E402
 from vehicle_classifier.training import run_training  # noqa: E402
 
-SAMPLE_DIR = REPO.parent / "shared" / "data" / "car-bike-sample"
+SAMPLE_DIR = config.SAMPLE_DIR
 
 
 def sample_photos() -> list[Path]:

@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 from vehicle_classifier import config  # noqa: E402
 from vehicle_classifier.backbone import create_backbone  # noqa: E402
 
-SAMPLE_DIR = REPO.parent / "shared" / "data" / "car-bike-sample"
+SAMPLE_DIR = config.SAMPLE_DIR
 
 
 def build_photo_folder(root: Path, count: int) -> list[Path]:

@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))  # run as a plain script from any directory
 
 from vehicle_classifier import UserError, config
 
-SAMPLE_DIR = REPO.parent / "shared" / "data" / "car-bike-sample"
+SAMPLE_DIR = config.SAMPLE_DIR
 FIGURES = ("sample_grid.png", "attention_banner.png", "learning_curves.png")
 
 

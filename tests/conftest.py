@@ -15,7 +15,7 @@ from vehicle_classifier import config
 from vehicle_classifier.backbone import BackboneSpec, create_backbone
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLE_DIR = REPO.parent / "shared" / "data" / "car-bike-sample"
+SAMPLE_DIR = config.SAMPLE_DIR
 
 # Same timm architecture and preprocessing config as DINO ViT-S/16, shrunk.
 TINY_SPEC = BackboneSpec(

@@ -14,6 +14,8 @@ from pathlib import Path
 DATA_DIR = Path("data/Car-Bike-Dataset")
 OUTPUT_DIR = Path("models")
 FEATURE_CACHE_DIR = Path(".cache/features")
+# Real photos for tests, benchmarks and demos: this workplace keeps them beside the repository.
+SAMPLE_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "car-bike-sample"
 
 # Files inside an output directory.
 ARTIFACT_FILE = "model.safetensors"
