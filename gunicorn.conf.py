@@ -51,6 +51,10 @@ os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
 for stale in glob.glob(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "*.db")):
     os.remove(stale)  # counts of a previous run
 
+# The master loads the model (preload) but must not compile it: OpenVINO's thread pool does not
+# survive fork(). Each worker compiles and warms up in post_worker_init.
+os.environ["VEHICLE_CLASSIFIER_PREFORK"] = "1"
+
 # torch in the master runs single-threaded: an OpenMP thread pool started before fork()
 # makes forked workers hang. Each worker sets its own thread count in post_fork.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -68,11 +72,13 @@ def post_worker_init(worker):
     predictor = getattr(app, "extensions", {}).get("vehicle_classifier", {}).get("predictor")
     if predictor is None:
         return
-    # Warm up with this worker's thread count, here in the main thread, before the first request.
+    # Compile and warm up with this worker's thread count, here in the main thread, before the
+    # first request.
     predictor.warm_up()
     # torch's OpenMP pool runs a forward ~1.5x faster from the process's main thread than from
     # any other (measured: 40 vs 60 ms for ViT-S/16 bf16), so from now on the request threads
-    # hand each forward to the worker's main thread through gthread's own wake-up queue.
+    # hand each forward (OpenVINO's too, with the head in torch) to the worker's main thread
+    # through gthread's own wake-up queue.
     if hasattr(worker, "method_queue"):
         from vehicle_classifier.inference import run_in_main_thread
 

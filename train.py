@@ -89,7 +89,7 @@ def main(argv=None) -> int:
         return 130
     s = metrics["summary"]
     print(f"{s['images_found']} images ({s['images_skipped']} skipped, {s['duplicates_dropped']} duplicates), "
-          f"best epoch {s['best_epoch']}, {s['precision']} on {s['device']}, {s['seconds']} s")
+          f"best epoch {s['best_epoch']}, {s['precision']} ({s['runtime']}) on {s['device']}, {s['seconds']} s")
     for split in ("train", "val", "test"):
         m = metrics[split]
         auc = f"{m['roc_auc']:.3f}" if m["roc_auc"] is not None else "n/a"

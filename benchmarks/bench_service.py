@@ -6,9 +6,10 @@ One run, on a fresh clone (needs only ../shared/data/car-bike-sample):
   1. builds a ViT-S/16 model artifact: random weights in the official DINO format, head trained
      by vehicle_classifier.training.run_training on a small subset of the sample photos;
   2. the batch-1 backbone forward of each CPU option on the preprocessed sample photos: fp32
-     eager (the baseline), bf16 autocast (what the service runs), int8 dynamic quantization,
-     and with --compile torch.compile (inductor, frozen weights, under bf16 autocast), each with
-     its fidelity against fp32 over every sample photo: top-1 agreement and max |delta p|;
+     eager (the baseline), torch bf16 autocast, OpenVINO bf16 (what the service runs; also per
+     image at the service's largest forward batch), int8 dynamic quantization, and with
+     --compile torch.compile (inductor, frozen weights, under bf16 autocast), each with its
+     fidelity against fp32 over every sample photo: top-1 agreement and max |delta p|;
   3. `gunicorn predict:app` (gunicorn.conf.py defaults) on a free port: /predict p50/p95 over
      HTTP with a real 1920x1080 JPEG photo (the largest sample photo cropped and resized
      to it when none is that size), and throughput with 1 and 8 concurrent clients.
@@ -126,8 +127,12 @@ def measure_options(model_dir: Path, photos: list[Path], repeats: int, with_comp
         results[name] = ms
         print(f"  {name:<30} {ms:7.1f} ms  {fp32_ms / ms:4.2f}x faster  {fidelity(probs, reference)}{extra}")
 
-    served = lambda x: predictor.backbone(x) if predictor.precision == "fp32" else bf16(predictor.backbone)(x)  # noqa: E731
-    report(f"service path ({predictor.precision} autocast)", served)
+    report("torch bf16 autocast", bf16(backbone))
+    served = predictor.fast_backbone or (backbone if predictor.precision == "fp32" else bf16(backbone))
+    report(f"service path ({predictor.runtime} {predictor.precision})", served)
+    batch = torch.cat(tensors[:predictor.max_batch])
+    per_image = timed(served, [batch], max(3, repeats // 4)) / len(batch)
+    print(f"  {'  the same, per image at batch ' + str(len(batch)):<30} {per_image:7.1f} ms  {fp32_ms / per_image:4.2f}x faster")
     int8 = torch.ao.quantization.quantize_dynamic(copy.deepcopy(backbone), {nn.Linear}, dtype=torch.qint8)
     report("int8 dynamic quantization", int8)
     if with_compile:

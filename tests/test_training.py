@@ -18,6 +18,7 @@ from vehicle_classifier.features import autocast, resolve_precision
 from vehicle_classifier.fileio import atomic_path
 from vehicle_classifier.images import load_tensor
 from vehicle_classifier.inference import Predictor
+from vehicle_classifier.runtime import OpenVINOBackbone
 
 
 def tiny_cfg(**kw):
@@ -30,15 +31,24 @@ def run(data, out, weights, cache, **kw):
 
 @pytest.fixture
 def backbone_calls(monkeypatch):
-    """Counts images that go through the backbone, by wrapping the real loader."""
-    calls = {"images": 0}
+    """Counts images that go through the backbone (OpenVINO's, on CPU) and the backbones
+    converted for it, by wrapping the real ones."""
+    calls = {"images": 0, "converted": 0}
+    real_init, real_map = OpenVINOBackbone.__init__, OpenVINOBackbone.map
 
-    def counting_loader(spec, weights=None):
-        model, digest = load_backbone(spec, weights)
-        model.register_forward_hook(lambda m, args, out: calls.__setitem__("images", calls["images"] + len(args[0])))
-        return model, digest
+    def counting_init(self, *args, **kwargs):
+        calls["converted"] += 1
+        real_init(self, *args, **kwargs)
 
-    monkeypatch.setattr(training, "load_backbone", counting_loader)
+    def counting_map(self, batches):
+        def counted():
+            for tag, batch in batches:
+                calls["images"] += len(batch)
+                yield tag, batch
+        return real_map(self, counted())
+
+    monkeypatch.setattr(OpenVINOBackbone, "__init__", counting_init)
+    monkeypatch.setattr(OpenVINOBackbone, "map", counting_map)
     return calls
 
 
@@ -96,6 +106,7 @@ def test_rerun_hits_the_cache_and_recomputes_only_changed_files(tmp_path, tiny_w
     backbone_calls["images"] = 0
     first = run(data, tmp_path / "out2", tiny_weights, cache)
     assert backbone_calls["images"] == 0  # nothing new: the backbone never ran
+    assert backbone_calls["converted"] == 1  # nor was it even converted
 
     # One file changed, one added, one renamed (same content: still cached).
     with Image.open(data / "Car" / "Car_0.jpg") as im:

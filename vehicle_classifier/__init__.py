@@ -4,7 +4,7 @@ head trained on those features makes the call.
 Data flows one way: images -> features -> head -> artifact -> predictor -> API -> page.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 class UserError(Exception):

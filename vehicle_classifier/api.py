@@ -179,7 +179,8 @@ def create_app(config: ServiceConfig | None = None, predictor=None) -> Flask:
     if predictor is None:
         from .inference import Predictor  # torch is imported here, not at module import
 
-        predictor = Predictor.from_dir(config.model_dir, precision=config.precision,
+        predictor = Predictor.from_dir(config.model_dir, precision=config.precision, runtime=config.runtime,
+                                       warm_up=not config.prefork,
                                        max_image_pixels=config.max_image_pixels)
     from .inference import attention_overlay_png
     from .images import ImageError
@@ -296,7 +297,7 @@ def create_app(config: ServiceConfig | None = None, predictor=None) -> Flask:
             preprocessing=preprocessing,
             head=metadata.get("head"),
             package_version=__version__,
-            serving={"precision": predictor.precision,
+            serving={"precision": predictor.precision, "runtime": predictor.runtime,
                      "max_upload_bytes": config.max_upload_bytes,
                      "max_batch_files": config.max_batch_files,
                      "max_image_pixels": config.max_image_pixels},

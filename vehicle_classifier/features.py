@@ -1,8 +1,9 @@
 """[CLS] features of the frozen backbone: the fastest faithful precision, batched extraction, and
 an on-disk cache so that a rerun never runs the backbone for a file it has seen.
 
-The cache is keyed by backbone architecture + weights digest + preprocessing + precision (one
-file per key) and, inside it, by each image file's content hash: renaming a file costs nothing,
+On CPU the backbone runs through OpenVINO (runtime.py: ~1.4x torch's bf16 when batches are fed
+to both cores at once), on CUDA through torch. The cache is keyed by backbone architecture +
+weights digest + preprocessing + precision + runtime (one file per key) and, inside it, by each image file's content hash: renaming a file costs nothing,
 a changed or added file is the only one recomputed.
 """
 
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .fileio import atomic_path
 from .images import ImageError, load_tensor
+from .runtime import OpenVINOBackbone
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +54,14 @@ def autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
-def cache_key(architecture: str, model_kwargs: dict, weights_digest: str, preprocessing: dict, precision: str) -> str:
+def runtime_for(device: torch.device) -> str:
+    return "openvino" if device.type == "cpu" else "torch"
+
+
+def cache_key(architecture: str, model_kwargs: dict, weights_digest: str, preprocessing: dict, precision: str,
+              runtime: str) -> str:
     identity = dict(architecture=architecture, model_kwargs=model_kwargs, weights=weights_digest,
-                    preprocessing=preprocessing, precision=precision)
+                    preprocessing=preprocessing, precision=precision, runtime=runtime)
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -122,17 +129,32 @@ def extract_features(
             num_workers=num_workers,
             collate_fn=_collate,
         )
-        model = model.to(device)
+        batches = iter(loader)  # its worker process forks before OpenVINO starts threads
         with tqdm(total=len(todo), desc="extracting features", unit="img") as bar:
-            for indices, batch, failed in loader:
-                for i, reason in failed:
-                    failures[paths[todo[i]]] = reason
-                if batch is not None:
+
+            def readable_batches():
+                for indices, batch, failed in batches:
+                    for i, reason in failed:
+                        failures[paths[todo[i]]] = reason
+                    bar.update(len(failed))
+                    if batch is not None:
+                        yield indices, batch
+
+            if runtime_for(device) == "openvino":
+                results = OpenVINOBackbone(model, preprocessing["input_size"], precision, mode="throughput").map(
+                    readable_batches())
+            else:
+                model = model.to(device)
+
+                def forward(indices, batch):
                     with autocast(device, precision):
-                        features = model(batch.to(device)).float().cpu()
-                    for i, feature in zip(indices, features):
-                        cache.features[digests[todo[i]]] = feature.clone()
-                bar.update(len(indices) + len(failed))
+                        return indices, model(batch.to(device)).float().cpu()
+
+                results = (forward(indices, batch) for indices, batch in readable_batches())
+            for indices, features in results:
+                for i, feature in zip(indices, features):
+                    cache.features[digests[todo[i]]] = feature.clone()
+                bar.update(len(indices))
         cache.save()
     found = {d: cache.features[d] for d in digests if d in cache.features}
     return found, failures

@@ -19,7 +19,7 @@ from . import config
 from .artifact import save_artifact
 from .backbone import BackboneSpec, get_spec, load_backbone, preprocessing_for
 from .data import DataError, Sample, file_digest, scan_image_folder, stratified_split
-from .features import FeatureCache, cache_key, extract_features, resolve_precision
+from .features import FeatureCache, cache_key, extract_features, resolve_precision, runtime_for
 from .fileio import write_json
 from .head import MLPHead
 from .metrics import classification_metrics, plot_confusion_matrix, plot_learning_curves
@@ -121,7 +121,8 @@ def run_training(
     preprocessing = preprocessing_for(backbone)
     torch_device = pick_device(device)
     precision = resolve_precision(cfg.precision, torch_device)
-    key = cache_key(spec.architecture, spec.model_kwargs, weights_digest, preprocessing, precision)
+    runtime = runtime_for(torch_device)
+    key = cache_key(spec.architecture, spec.model_kwargs, weights_digest, preprocessing, precision, runtime)
     cache = FeatureCache(cache_dir, key)
 
     digests = [file_digest(s.path) for s in samples]
@@ -156,6 +157,7 @@ def run_training(
         "best_epoch": best_epoch,
         "epochs_run": len(history),
         "precision": precision,
+        "runtime": runtime,
         "device": str(torch_device),
         "seconds": round(time.perf_counter() - started, 2),
     }
