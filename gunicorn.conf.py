@@ -1,12 +1,11 @@
 """gunicorn settings, read automatically by `gunicorn predict:app` from the working directory.
 
 Sized for a 2-core CPU box (figures in README, Operations): one worker process owns both cores
-for torch (batch-1 latency is best when one forward uses every core). Its request threads read
-uploads (with a deadline, UPLOAD_TIMEOUT) and decode photos; the forwards themselves run one at
-a time in the worker's main thread, where torch's OpenMP pool is fastest. The app is preloaded
-in the master, so a missing artifact stops gunicorn at once with one line, and a replacement
-worker (after a crash or SIGKILL) forks with the model already in memory and serves again in
-about a second.
+for the model. Its request threads read uploads (with a deadline, UPLOAD_TIMEOUT) and decode
+photos; requests waiting together share a forward, run by OpenVINO on one stream per core. The
+app is preloaded in the master, so a missing artifact stops gunicorn at once with one line, and
+a replacement worker (after a crash or SIGKILL) forks with the model already in memory, compiles
+it and serves again in about a second.
 
 Environment: GUNICORN_WORKERS, GUNICORN_THREADS, GUNICORN_TIMEOUT, GUNICORN_BACKLOG, TORCH_THREADS (per worker,
 default: cores / workers), PROMETHEUS_MULTIPROC_DIR (default: a fresh temporary directory).
@@ -29,7 +28,7 @@ workers = _env_int("GUNICORN_WORKERS", 1)
 # gthread: request threads read uploads and decode photos, so a slow or stalled upload holds one
 # thread, not the worker; forwards still run in the worker's main thread (post_worker_init).
 worker_class = "gthread"
-threads = _env_int("GUNICORN_THREADS", 4)
+threads = _env_int("GUNICORN_THREADS", 6)
 # A worker takes on no more connections than it has threads: requests beyond that wait in the
 # kernel's listen queue, where a worker that dies (SIGKILL, OOM) cannot lose them; only the
 # ones it was already handling fail. Hence no keep-alive either (an idle kept-alive
@@ -75,11 +74,13 @@ def post_worker_init(worker):
     # Compile and warm up with this worker's thread count, here in the main thread, before the
     # first request.
     predictor.warm_up()
-    # torch's OpenMP pool runs a forward ~1.5x faster from the process's main thread than from
-    # any other (measured: 40 vs 60 ms for ViT-S/16 bf16), so from now on the request threads
-    # hand each forward (OpenVINO's too, with the head in torch) to the worker's main thread
-    # through gthread's own wake-up queue.
-    if hasattr(worker, "method_queue"):
+    # With the torch runtime (RUNTIME=torch): torch's OpenMP pool runs a forward ~1.5x faster
+    # from the process's main thread than from any other (measured: 40 vs 60 ms for ViT-S/16
+    # bf16), so the request threads hand each forward to the worker's main thread through
+    # gthread's own wake-up queue.
+    # OpenVINO's forwards run in its own threads, one per stream, called from the request
+    # threads: the main thread stays free to accept connections while they run.
+    if hasattr(worker, "method_queue") and predictor.fast_backbone is None:
         from vehicle_classifier.inference import run_in_main_thread
 
         predictor.run_forward = run_in_main_thread(worker.method_queue.defer)

@@ -180,7 +180,7 @@ def create_app(config: ServiceConfig | None = None, predictor=None) -> Flask:
         from .inference import Predictor  # torch is imported here, not at module import
 
         predictor = Predictor.from_dir(config.model_dir, precision=config.precision, runtime=config.runtime,
-                                       warm_up=not config.prefork,
+                                       openvino_mode=config.openvino_mode, warm_up=not config.prefork,
                                        max_image_pixels=config.max_image_pixels)
     from .inference import attention_overlay_png
     from .images import ImageError
@@ -298,6 +298,7 @@ def create_app(config: ServiceConfig | None = None, predictor=None) -> Flask:
             head=metadata.get("head"),
             package_version=__version__,
             serving={"precision": predictor.precision, "runtime": predictor.runtime,
+                     "openvino_mode": predictor.fast_backbone.mode if predictor.fast_backbone else None,
                      "max_upload_bytes": config.max_upload_bytes,
                      "max_batch_files": config.max_batch_files,
                      "max_image_pixels": config.max_image_pixels},

@@ -8,6 +8,7 @@ attention weights)."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import threading
 from collections.abc import Callable
@@ -41,12 +42,13 @@ class Prediction:
 class Batcher:
     """`batcher(items) -> results`, one result per item, from many threads at once: the items
     of calls that wait together go through one `run(all_items)` (up to `max_items`, and at
-    least one call's worth). The first waiting caller runs each batch; no thread of its own."""
+    least one call's worth), with up to `concurrency` batches running at once. A waiting
+    caller runs each batch; no thread of its own."""
 
-    def __init__(self, run: Callable[[list], list], max_items: int):
-        self.run, self.max_items = run, max_items
+    def __init__(self, run: Callable[[list], list], max_items: int, concurrency: int = 1):
+        self.run, self.max_items, self.concurrency = run, max_items, concurrency
         self._waiting: list[tuple[list, Future]] = []
-        self._busy = False
+        self._running = 0
         self._changed = threading.Condition()
 
     def __call__(self, items: list) -> list:
@@ -55,11 +57,13 @@ class Batcher:
             self._waiting.append((items, mine))
         while True:
             with self._changed:
-                while self._busy and not mine.done():
+                # Wait while the slots are full, or while this caller's items are in a batch
+                # that another caller runs (nothing waits).
+                while (self._running >= self.concurrency or not self._waiting) and not mine.done():
                     self._changed.wait()
                 if mine.done():
                     return mine.result()
-                self._busy = True
+                self._running += 1
                 batch, count = [], 0
                 while self._waiting and (not batch or count + len(self._waiting[0][0]) <= self.max_items):
                     batch.append(self._waiting.pop(0))
@@ -76,14 +80,14 @@ class Batcher:
                         future.set_exception(exc)
             finally:
                 with self._changed:
-                    self._busy = False
+                    self._running -= 1
                     self._changed.notify_all()
 
 
 class Predictor:
     def __init__(self, model: Model, precision: str = "auto", device: str = "cpu", runtime: str = "auto",
                  max_image_pixels: int = config.MAX_IMAGE_PIXELS, max_batch: int = config.FORWARD_BATCH,
-                 warm_up: bool = True):
+                 openvino_mode: str = "throughput", warm_up: bool = True):
         """`warm_up=False` leaves compiling and warming up to a later `warm_up()` call: a
         gunicorn master must not start OpenVINO's threads before it forks (runtime.py)."""
         self.model = model
@@ -99,9 +103,10 @@ class Predictor:
         self.head = model.head.to(self.device).eval()
         self.fast_backbone = None
         if self.runtime == "openvino":
-            self.fast_backbone = OpenVINOBackbone(self.backbone, model.preprocessing["input_size"], self.precision)
+            self.fast_backbone = OpenVINOBackbone(self.backbone, model.preprocessing["input_size"], self.precision,
+                                                  mode=openvino_mode)
         self.max_batch = max_batch
-        self._batcher = Batcher(self._predict_many, max_batch)
+        self._batcher = Batcher(self._predict_many, max_batch)  # one batch per stream: set by warm_up
         # One forward at a time: gunicorn's threads share this predictor, and two concurrent
         # forwards would each spread over all torch threads and oversubscribe the cores.
         self._forward_lock = threading.Lock()
@@ -122,18 +127,19 @@ class Predictor:
         return self.model.metadata
 
     def warm_up(self) -> None:
-        """Compile for this process and run forwards (plain, batched and with attention), so the
+        """Compile for this process and run forwards (plain and with attention), so the
         first request does not pay for kernel selection. Run again after a fork or after
         changing torch's thread count."""
         self.num_threads = torch.get_num_threads()
         if self.fast_backbone is not None:
             self.fast_backbone.compile(self.num_threads)
+            self._batcher.concurrency = self.fast_backbone.streams
         size = self.model.preprocessing["input_size"]
         blank = torch.zeros(1, 3, size, size)
         self.predict_tensors(blank)
         maps = self.predict_tensors(blank, attention=True)[0].attention
-        for batch_size in range(2, self.max_batch + 1):  # OpenVINO sizes its kernels per shape
-            self.predict_tensors(blank.expand(batch_size, -1, -1, -1).contiguous())
+        # Other batch sizes need no warm-up: OpenVINO's first call at a new shape costs ~5 ms
+        # more, and every warm-up forward delays a replacement worker's first answer.
         self.predict_tensors(blank)
         # The overlay's first call imports matplotlib's colormaps: pay for that here too.
         attention_overlay_png(Image.new("RGB", (size, size)), maps, self.model.preprocessing)
@@ -155,25 +161,26 @@ class Predictor:
         return self._batcher(tensors)  # batched with the requests waiting beside it
 
     def _predict_many(self, tensors: list[torch.Tensor], attention: bool = False) -> list[Prediction]:
-        # torch.stack is a parallel copy: done where the forward runs, so that no request thread
-        # starts an OpenMP team of its own to spin beside the forward's.
-        return self.run_forward(lambda: self._predict_tensors(torch.stack(tensors), attention))
+        # torch.stack is a parallel copy: done where the forward runs, with its thread count.
+        return self.run_forward(lambda: self._predict_tensors(tensors, attention))
 
     @torch.inference_mode()
-    def _predict_tensors(self, batch: torch.Tensor, attention: bool) -> list[Prediction]:
-        batch = batch.to(self.device)
-        with self._forward_lock, autocast(self.device, self.precision):
-            # OpenMP keeps the thread count per calling thread: a server's request threads
-            # start from OMP_NUM_THREADS / the default, not from what warm_up saw.
-            if torch.get_num_threads() != self.num_threads:
-                torch.set_num_threads(self.num_threads)
-            if attention:
-                features, maps = cls_attention(self.backbone, batch)
-            elif self.fast_backbone is not None:
-                features, maps = self.fast_backbone(batch), None
-            else:
-                features, maps = self.backbone(batch), None
-        probabilities = self.head(features.float()).softmax(dim=1).cpu()
+    def _predict_tensors(self, batch: torch.Tensor | list[torch.Tensor], attention: bool) -> list[Prediction]:
+        # torch's forwards run one at a time, each over every core; OpenVINO's run one per
+        # stream, in its own threads, and torch only stacks the batch and runs the head: one
+        # thread, so that no request thread keeps an OpenMP team spinning beside OpenVINO.
+        torch_forward = attention or self.fast_backbone is None
+        exclusive = self._forward_lock if torch_forward else contextlib.nullcontext()
+        with exclusive, torch_threads(self.num_threads if torch_forward else 1):
+            batch = (torch.stack(batch) if isinstance(batch, list) else batch).to(self.device)
+            with autocast(self.device, self.precision):
+                if attention:
+                    features, maps = cls_attention(self.backbone, batch)
+                elif self.fast_backbone is not None:
+                    features, maps = self.fast_backbone(batch), None
+                else:
+                    features, maps = self.backbone(batch), None
+            probabilities = self.head(features.float()).softmax(dim=1).cpu()  # the head in fp32
         names = self.model.class_names
         predictions = []
         for i, probs in enumerate(probabilities.tolist()):
@@ -185,6 +192,20 @@ class Predictor:
                 attention=None if maps is None else maps[i].cpu().numpy(),
             ))
         return predictions
+
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """torch's thread count for the calling thread, inside the block. OpenMP keeps the count
+    per thread: a server's request threads start from OMP_NUM_THREADS, not from warm_up's."""
+    before = torch.get_num_threads()
+    if count != before:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if count != before:
+            torch.set_num_threads(before)
 
 
 def attention_overlay_png(image: Image.Image, attention: np.ndarray, preprocessing: dict) -> bytes:

@@ -69,13 +69,15 @@ class OpenVINOBackbone:
         with torch.no_grad(), warnings.catch_warnings():
             # Tracing warns about timm's shape asserts, which hold for the one input size we serve.
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace, called by OpenVINO
-            # Tracing, not compiling: no OpenVINO threads exist after this, so it may run
-            # before a fork.
-            self._model = ov.convert_model(backbone.eval(), example_input=example)
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace is deprecated
+            # Traced here rather than by OpenVINO, to skip the trace check (a second forward
+            # and comparison, ~1 s). Tracing and converting start no OpenVINO threads, so this
+            # may run before a fork.
+            traced = torch.jit.trace(backbone.eval(), example, check_trace=False)
+            self._model = ov.convert_model(traced, example_input=example)
         self._compiled = None
         self._pid = -1
-        self._requests: list = []
+        self.streams = 0
         self._lock = threading.Lock()
 
     def compile(self, threads: int | None = None) -> None:
@@ -90,7 +92,10 @@ class OpenVINOBackbone:
         }
         with self._lock:
             self._compiled = openvino_core().compile_model(self._model, "CPU", properties)
-            self._requests = [self._compiled.create_infer_request()]
+            self.streams = self._compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")
+            self._idle = queue.Queue()
+            for _ in range(self.streams):
+                self._idle.put(self._compiled.create_infer_request())
             self._pid = os.getpid()
             self.threads = threads
 
@@ -99,28 +104,23 @@ class OpenVINOBackbone:
             self.compile()
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        """Features of one batch; calls are serialised (one stream, all its cores)."""
+        """Features of one batch. Up to `streams` calls run at once; more wait for a stream."""
         self._ready()
-        with self._lock:
-            output = self._requests[0].infer({0: batch.numpy()})[0]
-            return torch.from_numpy(np.array(output, dtype=np.float32))
+        request = self._idle.get()
+        try:
+            return torch.from_numpy(np.array(request.infer({0: batch.numpy()})[0], dtype=np.float32))
+        finally:
+            self._idle.put(request)
 
     def map(self, batches: Iterable[tuple[object, torch.Tensor]]) -> Iterator[tuple[object, torch.Tensor]]:
         """(tag, features) for each (tag, batch), in order: batches run on all streams at once,
         so the next ones are decoded while earlier ones are computed. Python threads wait on
         OpenVINO's synchronous calls (which release the GIL): no callbacks from its threads."""
         self._ready()
-        streams = self._compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")
-        idle: queue.Queue = queue.Queue()
-        for _ in range(streams):
-            idle.put(self._compiled.create_infer_request())
+        streams = self.streams
 
         def run(tag, batch):
-            request = idle.get()
-            try:
-                return tag, torch.from_numpy(np.array(request.infer({0: batch.numpy()})[0], dtype=np.float32))
-            finally:
-                idle.put(request)
+            return tag, self(batch)
 
         with ThreadPoolExecutor(streams) as pool:
             running: deque[Future] = deque()
