@@ -124,9 +124,15 @@ def test_bad_artifact_stops_gunicorn_with_one_line(tiny_model_dir, tmp_path, dam
     assert lines[0].startswith("error: ") and "model.safetensors" in lines[0]
 
 
-def test_bad_setting_stops_with_one_line(tiny_model_dir):
-    env = {**os.environ, "MODEL_DIR": str(tiny_model_dir), "MAX_UPLOAD_MB": "lots"}
+@pytest.mark.parametrize("name, value, message", [
+    ("MAX_UPLOAD_MB", "lots", "MAX_UPLOAD_MB must be a whole number, not 'lots'"),
+    ("PRECISION", "fp16", "PRECISION must be one of auto, bf16, fp32, not 'fp16'"),
+    ("RUNTIME", "tensorrt", "RUNTIME must be one of auto, openvino, torch, not 'tensorrt'"),
+    ("OPENVINO_MODE", "fast", "OPENVINO_MODE must be one of throughput, latency, not 'fast'"),
+])
+def test_bad_setting_stops_with_one_line(tiny_model_dir, name, value, message):
+    env = {**os.environ, "MODEL_DIR": str(tiny_model_dir), name: value}
     out = subprocess.run([sys.executable, "-c", "import predict"], cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode != 0
-    assert out.stderr.strip() == "error: MAX_UPLOAD_MB must be a whole number, not 'lots'"
+    assert out.stderr.strip() == f"error: {message}"
