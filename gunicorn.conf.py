@@ -2,7 +2,8 @@
 
 Sized for a 2-core CPU box (figures in README, Operations): one worker process owns both cores
 for the model. Its request threads read uploads (with a deadline, UPLOAD_TIMEOUT) and decode
-photos; requests waiting together share a forward, run by OpenVINO on one stream per core. The
+photos; requests waiting together share a forward, which OpenVINO runs on both cores when it
+runs alone and on one core each when two overlap (OPENVINO_MODE, see the README). The
 app is preloaded in the master, so a missing artifact stops gunicorn at once with one line, and
 a replacement worker (after a crash or SIGKILL) forks with the model already in memory, compiles
 it and serves again in about a second.

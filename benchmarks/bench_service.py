@@ -137,7 +137,7 @@ def measure_options(model_dir: Path, photos: list[Path], repeats: int, with_comp
         size = predictor.model.preprocessing["input_size"]
         report(f"OpenVINO {served.precision}, one stream", OpenVINOBackbone(backbone, size, served.precision, "latency"),
                "  (OPENVINO_MODE=latency)")
-        report(f"OpenVINO {served.precision}, {served.mode}", served, "  (served; alone, one core)")
+        report(f"OpenVINO {served.precision}, {served.mode}", served, "  (served, one call at a time)")
         # The served mode's rate: batch-1 forwards kept running on every stream at once.
         count = min(len(tensors), 4 * repeats)
         start = time.perf_counter()

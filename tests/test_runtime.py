@@ -4,6 +4,7 @@ import multiprocessing
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -41,6 +42,19 @@ def test_map_returns_every_batch_in_order_with_its_tag(tiny_backbone):
     assert [tag for tag, _ in results] == [tag for tag, _ in batches]
     for (_, batch), (_, features) in zip(batches, results):
         assert torch.allclose(features, fast(batch), atol=1e-5)
+
+
+def test_adaptive_mode_answers_lone_and_overlapping_calls_alike(tiny_backbone):
+    """A lone call runs on the one stream over every core, overlapping calls on a stream each:
+    the same features either way, and every caller gets its own."""
+    fast = OpenVINOBackbone(tiny_backbone, 32, "fp32", mode="adaptive")
+    images = [torch.randn(n, 3, 32, 32) for n in (1, 2, 3, 1, 2, 4, 1, 3)]
+    alone = [fast(x) for x in images]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(fast, images))
+    for a, b in zip(alone, together):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
+    assert fast._running == 0
 
 
 def test_openvino_sends_no_telemetry(tiny_backbone):

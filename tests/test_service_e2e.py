@@ -128,7 +128,7 @@ def test_bad_artifact_stops_gunicorn_with_one_line(tiny_model_dir, tmp_path, dam
     ("MAX_UPLOAD_MB", "lots", "MAX_UPLOAD_MB must be a whole number, not 'lots'"),
     ("PRECISION", "fp16", "PRECISION must be one of auto, bf16, fp32, not 'fp16'"),
     ("RUNTIME", "tensorrt", "RUNTIME must be one of auto, openvino, torch, not 'tensorrt'"),
-    ("OPENVINO_MODE", "fast", "OPENVINO_MODE must be one of throughput, latency, not 'fast'"),
+    ("OPENVINO_MODE", "fast", "OPENVINO_MODE must be one of adaptive, throughput, latency, not 'fast'"),
 ])
 def test_bad_setting_stops_with_one_line(tiny_model_dir, name, value, message):
     env = {**os.environ, "MODEL_DIR": str(tiny_model_dir), name: value}

@@ -119,9 +119,10 @@ class ServiceConfig:
     max_image_pixels: int = MAX_IMAGE_PIXELS
     precision: str = "auto"
     runtime: str = "auto"  # auto (openvino on cpu) | openvino | torch
-    # OpenVINO: "throughput" runs one stream per core (two requests' forwards at once, ~1.4x the
-    # requests/s under load); "latency" one stream over all cores (a lone request ~1.4x sooner).
-    openvino_mode: str = "throughput"
+    # OpenVINO: "throughput" runs one stream per core (two requests' forwards at once, ~1.3x the
+    # requests/s under load); "latency" one stream over all cores (a lone request ~1.4x sooner);
+    # "adaptive" the latter while a forward runs alone, the former when they overlap.
+    openvino_mode: str = "adaptive"
     # Set by gunicorn.conf.py: the app is built in a master that forks its workers, so the model
     # is compiled and warmed up in each worker (post_worker_init), not at load.
     prefork: bool = False
@@ -138,7 +139,7 @@ class ServiceConfig:
             max_image_pixels=_env_int("MAX_IMAGE_PIXELS", MAX_IMAGE_PIXELS),
             precision=_env_choice("PRECISION", ("auto", "bf16", "fp32")),
             runtime=_env_choice("RUNTIME", ("auto", "openvino", "torch")),
-            openvino_mode=_env_choice("OPENVINO_MODE", ("throughput", "latency")),
+            openvino_mode=_env_choice("OPENVINO_MODE", ("adaptive", "throughput", "latency")),
             prefork=os.environ.get("VEHICLE_CLASSIFIER_PREFORK") == "1",
             upload_timeout=_env_int("UPLOAD_TIMEOUT", 10),
         )

@@ -1,10 +1,10 @@
 """The predictor: an artifact loaded once, images in, labels and probabilities out (CPU by
 default), with the backbone's [CLS] attention rendered over the image on request.
 
-On CPU the backbone runs through OpenVINO (runtime.py), and requests that arrive together are
-answered by one batched forward (Batcher): at batch 2-8 a forward costs 25-28 ms per image
-against 33 ms alone. Attention maps come from the torch backbone (rare, and it needs the
-attention weights)."""
+On CPU the backbone runs through OpenVINO (runtime.py: by default a lone forward on every core,
+overlapping forwards on a core each), and requests that arrive together share one batched
+forward (Batcher, one batch per OpenVINO stream). Attention maps come from the torch backbone
+(on request only, and they need the attention weights)."""
 
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ class Batcher:
 class Predictor:
     def __init__(self, model: Model, precision: str = "auto", device: str = "cpu", runtime: str = "auto",
                  max_image_pixels: int = config.MAX_IMAGE_PIXELS, max_batch: int = config.FORWARD_BATCH,
-                 openvino_mode: str = "throughput", warm_up: bool = True):
+                 openvino_mode: str = "adaptive", warm_up: bool = True):
         """`warm_up=False` leaves compiling and warming up to a later `warm_up()` call: a
         gunicorn master must not start OpenVINO's threads before it forks (runtime.py)."""
         self.model = model

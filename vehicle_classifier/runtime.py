@@ -1,12 +1,12 @@
 """The fast CPU forward: the frozen backbone converted once to OpenVINO, compiled per process.
 
 Measured on this project's 2-core AMD EPYC (AVX512-BF16, no AMX), ViT-S/16 (benchmarks/):
-torch eager fp32 73-82 ms per image, torch bf16 autocast 37-42 ms at batch 1 and ~37 ms/img
-batched; OpenVINO bf16 ~33 ms at batch 1 and 25-28 ms/img at batch 2-8, with [CLS] features
-as close to fp32 as torch's bf16 (cosine > 0.9999). int8 (NNCF) was faster still (~22 ms)
-but flipped the label of up to 24 of 400 sample photos, so it is not offered.
+torch eager fp32 62-82 ms per image, torch bf16 autocast 37-50 ms; OpenVINO bf16 ~33 ms at
+batch 1 on one stream over both cores, ~25 ms per image with a stream per core both busy, with
+[CLS] features as close to fp32 as torch's bf16 (cosine > 0.9999). int8 (NNCF) was faster still
+(~22 ms) but flipped the label of up to 24 of 400 sample photos, so it is not offered.
 
-Converting takes ~2.5 s and is done once; compiling takes ~0.25 s and is done in the process
+Converting takes ~0.7 s and is done once; compiling takes ~0.2 s and is done in the process
 that runs the model. OpenVINO's thread pool does not survive fork(): a child of a process that
 has compiled a model hangs in its first inference. So a gunicorn master converts, and each
 worker compiles after it forks (OpenVINOBackbone checks the process id).
@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 OPENVINO_PRECISION = {"bf16": "bf16", "fp32": "f32"}
+MODES = ("latency", "throughput", "adaptive")
 
 
 def import_openvino():
@@ -56,14 +57,16 @@ class OpenVINOBackbone:
     """`backbone(batch) -> features` as a float32 array, through OpenVINO.
 
     mode "latency": one stream using `threads` cores, for a service answering one batch at a
-    time; "throughput": one stream per core, for feeding many batches (`map`)."""
+    time; "throughput": one stream per core, for feeding many batches (`map`); "adaptive": both
+    compiled, a call made while no other runs takes the one stream over every core (a lone
+    request answered sooner), calls that overlap take a stream each (more of them per second)."""
 
     def __init__(self, backbone: nn.Module, input_size: int, precision: str, mode: str = "latency"):
         ov = import_openvino()
         if precision not in OPENVINO_PRECISION:
             raise ValueError(f"precision must be bf16 or fp32, not {precision!r}")
-        if mode not in ("latency", "throughput"):
-            raise ValueError(f"mode must be latency or throughput, not {mode!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
         self.precision, self.mode = precision, mode
         example = torch.zeros(1, 3, input_size, input_size)
         with torch.no_grad(), warnings.catch_warnings():
@@ -79,23 +82,28 @@ class OpenVINOBackbone:
         self._pid = -1
         self.streams = 0
         self._lock = threading.Lock()
+        self._running = 0  # calls under way (adaptive mode)
+        self._solo = None  # the one-stream request (adaptive mode)
 
     def compile(self, threads: int | None = None) -> None:
         """Compile for this process with `threads` cores (default: torch's thread count).
         Called again after a fork, or to change the thread count."""
         threads = threads or torch.get_num_threads()
-        hint = "LATENCY" if self.mode == "latency" else "THROUGHPUT"
-        properties = {
-            "INFERENCE_PRECISION_HINT": OPENVINO_PRECISION[self.precision],
-            "PERFORMANCE_HINT": hint,
-            "INFERENCE_NUM_THREADS": threads,
-        }
+
+        def compiled(hint: str):
+            return openvino_core().compile_model(self._model, "CPU", {
+                "INFERENCE_PRECISION_HINT": OPENVINO_PRECISION[self.precision],
+                "PERFORMANCE_HINT": hint,
+                "INFERENCE_NUM_THREADS": threads,
+            })
+
         with self._lock:
-            self._compiled = openvino_core().compile_model(self._model, "CPU", properties)
+            self._compiled = compiled("LATENCY" if self.mode == "latency" else "THROUGHPUT")
             self.streams = self._compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")
             self._idle = queue.Queue()
             for _ in range(self.streams):
                 self._idle.put(self._compiled.create_infer_request())
+            self._solo = compiled("LATENCY").create_infer_request() if self.mode == "adaptive" else None
             self._pid = os.getpid()
             self.threads = threads
 
@@ -106,11 +114,17 @@ class OpenVINOBackbone:
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         """Features of one batch. Up to `streams` calls run at once; more wait for a stream."""
         self._ready()
-        request = self._idle.get()
+        with self._lock:
+            solo = self._solo is not None and self._running == 0
+            self._running += 1
+        request = self._solo if solo else self._idle.get()
         try:
             return torch.from_numpy(np.array(request.infer({0: batch.numpy()})[0], dtype=np.float32))
         finally:
-            self._idle.put(request)
+            if not solo:
+                self._idle.put(request)
+            with self._lock:
+                self._running -= 1
 
     def map(self, batches: Iterable[tuple[object, torch.Tensor]]) -> Iterator[tuple[object, torch.Tensor]]:
         """(tag, features) for each (tag, batch), in order: batches run on all streams at once,
