@@ -27,7 +27,8 @@ cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (o
 bind = os.environ.get("GUNICORN_BIND", "0.0.0.0:9696")  # --bind on the command line wins
 workers = _env_int("GUNICORN_WORKERS", 1)
 # gthread: request threads read uploads and decode photos, so a slow or stalled upload holds one
-# thread, not the worker; forwards still run in the worker's main thread (post_worker_init).
+# thread, not the worker (forwards run in OpenVINO's threads; with RUNTIME=torch, in the worker's
+# main thread: post_worker_init).
 worker_class = "gthread"
 threads = _env_int("GUNICORN_THREADS", 6)
 # A worker takes on no more connections than it has threads: requests beyond that wait in the

@@ -3,8 +3,9 @@ an on-disk cache so that a rerun never runs the backbone for a file it has seen.
 
 On CPU the backbone runs through OpenVINO (runtime.py: ~1.4x torch's bf16 when batches are fed
 to both cores at once), on CUDA through torch. The cache is keyed by backbone architecture +
-weights digest + preprocessing + precision + runtime (one file per key) and, inside it, by each image file's content hash: renaming a file costs nothing,
-a changed or added file is the only one recomputed.
+weights digest + preprocessing + precision + runtime (one file per key) and, inside it, by each
+image file's content hash: renaming a file costs nothing, a changed or added file is the only
+one recomputed.
 """
 
 from __future__ import annotations

@@ -82,6 +82,7 @@ class OpenVINOBackbone:
         self._pid = -1
         self.streams = 0
         self._lock = threading.Lock()
+        self._first_use = threading.Lock()
         self._running = 0  # calls under way (adaptive mode)
         self._solo = None  # the one-stream request (adaptive mode)
 
@@ -108,11 +109,14 @@ class OpenVINOBackbone:
             self.threads = threads
 
     def _ready(self) -> None:
-        if self._pid != os.getpid():
-            self.compile()
+        if self._pid != os.getpid():  # first use in this process: compile, once
+            with self._first_use:
+                if self._pid != os.getpid():
+                    self.compile()
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        """Features of one batch. Up to `streams` calls run at once; more wait for a stream."""
+        """Features of one batch. Up to `streams` calls run at once (in adaptive mode, a call
+        that finds none running takes the one-stream form instead); more wait for a stream."""
         self._ready()
         with self._lock:
             solo = self._solo is not None and self._running == 0
