@@ -107,12 +107,12 @@ class Predictor:
                                                   mode=openvino_mode)
         self.max_batch = max_batch
         self._batcher = Batcher(self._predict_many, max_batch)  # one batch per stream: set by warm_up
-        # One forward at a time: gunicorn's threads share this predictor, and two concurrent
-        # forwards would each spread over all torch threads and oversubscribe the cores.
+        # One torch forward at a time: gunicorn's threads share this predictor, and two
+        # concurrent ones would each spread over all torch threads and oversubscribe the cores.
         self._forward_lock = threading.Lock()
         self.num_threads = torch.get_num_threads()  # per forward; warm_up takes the current count
-        # Where forwards run: here by default. Under gunicorn's gthread worker,
-        # gunicorn.conf.py hands them to the worker's main thread (see run_in_main_thread),
+        # Where forwards run: here by default. With the torch runtime under gunicorn's gthread
+        # worker, gunicorn.conf.py hands them to the worker's main thread (run_in_main_thread),
         # where torch's OpenMP pool runs them ~1.5x faster than from any other thread.
         self.run_forward: Callable[[Callable], object] = lambda forward: forward()
         if warm_up:
