@@ -108,7 +108,7 @@ def bf16(fn):
     return run
 
 
-def measure_options(model_dir: Path, photos: list[Path], repeats: int, with_compile: bool) -> tuple[float, dict]:
+def measure_options(model_dir: Path, photos: list[Path], repeats: int, with_compile: bool) -> float:
     predictor = Predictor.from_dir(model_dir)  # the service's own predictor (precision auto)
     backbone, head = predictor.backbone, predictor.head
     tensors = []
@@ -120,13 +120,11 @@ def measure_options(model_dir: Path, photos: list[Path], repeats: int, with_comp
         fp32_ms = timed(backbone, tensors, repeats)
     reference = probabilities(backbone, head, tensors, "fp32 reference")
     print(f"  fp32 eager (baseline)          {fp32_ms:7.1f} ms")
-    results = {"fp32": fp32_ms}
 
     def report(name, forward, extra=""):
         with torch.inference_mode():
             ms = timed(forward, tensors, repeats)
         probs = probabilities(forward, head, tensors, name)
-        results[name] = ms
         print(f"  {name:<30} {ms:7.1f} ms  {fp32_ms / ms:4.2f}x faster  {fidelity(probs, reference)}{extra}")
 
     report("torch bf16 autocast", bf16(backbone))
@@ -144,7 +142,6 @@ def measure_options(model_dir: Path, photos: list[Path], repeats: int, with_comp
         for _ in served.map((i, x) for i, x in enumerate(tensors[:count])):
             pass
         per_image = (time.perf_counter() - start) * 1000 / count
-        results["served_per_image"] = per_image
         print(f"  {'  the same, per image, ' + str(served.streams) + ' at once':<30} {per_image:7.1f} ms  "
               f"{fp32_ms / per_image:4.2f}x faster")
     int8 = torch.ao.quantization.quantize_dynamic(copy.deepcopy(backbone), {nn.Linear}, dtype=torch.qint8)
@@ -158,7 +155,7 @@ def measure_options(model_dir: Path, photos: list[Path], repeats: int, with_comp
         with torch.inference_mode():
             bf16(compiled)(tensors[0])
         report("torch.compile + bf16", bf16(compiled), f"  (compile {time.perf_counter() - start:.0f} s)")
-    return fp32_ms, results
+    return fp32_ms
 
 
 def photo_1920x1080(photos: list[Path]) -> tuple[bytes, str]:
@@ -241,7 +238,7 @@ def main() -> None:
         print(f"building a ViT-S/16 artifact (random official-format weights, head on "
               f"{2 * args.train_per_class} sample photos)")
         model_dir = build_artifact(work, args.train_per_class)
-        fp32_ms, _ = measure_options(model_dir, photos, args.repeats, args.compile)
+        fp32_ms = measure_options(model_dir, photos, args.repeats, args.compile)
 
         photo, described = photo_1920x1080(photos)
         print(f"\nrequest photo: {described}, {len(photo) / 1024:.0f} KB")

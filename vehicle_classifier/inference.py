@@ -105,7 +105,6 @@ class Predictor:
         if self.runtime == "openvino":
             self.fast_backbone = OpenVINOBackbone(self.backbone, model.preprocessing["input_size"], self.precision,
                                                   mode=openvino_mode)
-        self.max_batch = max_batch
         self._batcher = Batcher(self._predict_many, max_batch)  # one batch per stream: set by warm_up
         # One torch forward at a time: gunicorn's threads share this predictor, and two
         # concurrent ones would each spread over all torch threads and oversubscribe the cores.

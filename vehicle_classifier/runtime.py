@@ -78,7 +78,6 @@ class OpenVINOBackbone:
             # may run before a fork.
             traced = torch.jit.trace(backbone.eval(), example, check_trace=False)
             self._model = ov.convert_model(traced, example_input=example)
-        self._compiled = None
         self._pid = -1
         self.streams = 0
         self._lock = threading.Lock()
@@ -99,14 +98,13 @@ class OpenVINOBackbone:
             })
 
         with self._lock:
-            self._compiled = compiled("LATENCY" if self.mode == "latency" else "THROUGHPUT")
-            self.streams = self._compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")
+            main = compiled("LATENCY" if self.mode == "latency" else "THROUGHPUT")
+            self.streams = main.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")
             self._idle = queue.Queue()
             for _ in range(self.streams):
-                self._idle.put(self._compiled.create_infer_request())
+                self._idle.put(main.create_infer_request())
             self._solo = compiled("LATENCY").create_infer_request() if self.mode == "adaptive" else None
             self._pid = os.getpid()
-            self.threads = threads
 
     def _ready(self) -> None:
         if self._pid != os.getpid():  # first use in this process: compile, once
