@@ -1,6 +1,7 @@
 """Train the Car/Bike head on frozen DINO features and write the model artifact.
 
     python train.py --data-dir data/Car-Bike-Dataset --output-dir models/
+    torchrun --nproc-per-node=gpu train.py ...   # features extracted on every GPU at once
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ HELP = {
     "batch_size": "head training batch size",
     "max_epochs": "upper bound on head training epochs",
     "patience": "stop after this many epochs without a better validation loss",
-    "extract_batch_size": "images per backbone batch during feature extraction",
+    "extract_batch_size": "images per backbone batch during feature extraction (0: fitted to the device, 16 on CPU)",
     "precision": "backbone precision: auto (bf16 where the hardware has it), bf16 or fp32",
 }
 
@@ -77,10 +78,14 @@ def main(argv=None) -> int:
             print(f"up to date: {args.output_dir / config.ARTIFACT_FILE} was trained from these same images, "
                   f"weights and settings (metrics in {args.output_dir / config.METRICS_FILE}; --force retrains)")
             return 0
+        from vehicle_classifier.distributed import process_group
         from vehicle_classifier.training import run_training
 
-        metrics = run_training(args.data_dir, args.output_dir, cfg, args.weights, args.cache_dir, args.device,
-                               fingerprint=fingerprint)
+        with process_group() as group:  # under torchrun: this process's rank, else a group of one
+            metrics = run_training(args.data_dir, args.output_dir, cfg, args.weights, args.cache_dir, args.device,
+                                   fingerprint=fingerprint, group=group)
+        if metrics is None:  # another rank than 0: its shard of the features is extracted, rank 0 reports
+            return 0
     except (UserError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

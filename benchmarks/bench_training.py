@@ -1,21 +1,25 @@
-"""Training benchmark: train.py against one plain fp32-eager PyTorch pass over the same photos.
+"""Training and batch-prediction benchmark: train.py and the batch CLI against the plainest loop
+a user would write, over the same photos on the same device (CUDA when present), in one run.
 
-    .venv/bin/python benchmarks/bench_training.py [--photos 600]
+    .venv/bin/python benchmarks/bench_training.py [--photos N] [--device auto|cpu|cuda]
 
 Builds a photo folder from ../shared/data/car-bike-sample (symlinks, plus mirrored re-encodes
 when more photos are asked for than the sample has), writes random ViT-S/16 weights in the
-official DINO format, then measures in one run:
-  1. one fp32-eager backbone pass, decode included, written as a user would with plain
-     PyTorch + torchvision (batched like train.py, and at batch 1);
-  2. the first `train.py` run (empty feature cache), as a subprocess, start-up included;
+official DINO format, then measures:
+  1. the naive loop: PIL decode in the main process, torchvision Resize/CenterCrop/Normalize,
+     fp32 eager forward, batch 32, on the device (and at batch 1 on CPU, unless skipped);
+  2. the first `train.py` run (empty feature cache), as a subprocess, start-up included, and its
+     feature-extraction phase (from metrics.json);
   3. the unchanged rerun (finds its artifact up to date);
-  4. the forced rerun (--force: head retrained from cached features, backbone not run).
-Prints figures and ratios; asserts nothing.
+  4. the forced rerun (--force: head retrained from cached features, backbone not run);
+  5. batch prediction over the same photos (`python -m vehicle_classifier.batch`, fresh output).
+Prints seconds and each as a ratio to the naive loop; asserts nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import tempfile
@@ -34,6 +38,7 @@ from vehicle_classifier import config  # noqa: E402
 from vehicle_classifier.backbone import create_backbone  # noqa: E402
 
 SAMPLE_DIR = config.SAMPLE_DIR
+NAIVE_BATCH = 32
 
 
 def build_photo_folder(root: Path, count: int) -> list[Path]:
@@ -55,8 +60,8 @@ def build_photo_folder(root: Path, count: int) -> list[Path]:
     return made
 
 
-def fp32_eager_pass(model, paths: list[Path], batch_size: int) -> float:
-    """What plain PyTorch does: PIL decode, torchvision transforms, fp32 forward."""
+def naive_loop(model, paths: list[Path], batch_size: int, device: torch.device) -> float:
+    """What plain PyTorch does: PIL decode, torchvision transforms, fp32 forward, in one process."""
     cfg = model.pretrained_cfg
     size = cfg["input_size"][-1]
     transform = transforms.Compose([
@@ -65,70 +70,81 @@ def fp32_eager_pass(model, paths: list[Path], batch_size: int) -> float:
         transforms.ToTensor(),
         transforms.Normalize(cfg["mean"], cfg["std"]),
     ])
+    model = model.to(device)
     started = time.perf_counter()
     with torch.inference_mode():
-        for i in tqdm(range(0, len(paths), batch_size), desc=f"fp32 eager, batch {batch_size}", unit="batch"):
+        for i in tqdm(range(0, len(paths), batch_size), desc=f"naive loop, batch {batch_size}", unit="batch"):
             batch = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths[i : i + batch_size]])
-            model(batch)
+            model(batch.to(device))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     return time.perf_counter() - started
 
 
-def timed_train(args: list[str]) -> tuple[float, str]:
+def timed(args: list[str]) -> tuple[float, str]:
+    """Seconds a command of this repository's Python takes, and its first line of output."""
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True)
     elapsed = time.perf_counter() - started
     if result.returncode:
-        sys.exit(f"train.py failed:\n{result.stderr[-2000:]}")
-    return elapsed, result.stdout.strip().splitlines()[0]
+        sys.exit(f"{' '.join(args[:2])} failed:\n{result.stderr[-2000:]}")
+    return elapsed, (result.stdout.strip().splitlines() or [""])[0]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--photos", type=int, default=600, help="how many photos to time on")
-    parser.add_argument("--skip-batch1", action="store_true", help="skip the batch-1 fp32 pass")
+    parser.add_argument("--photos", type=int, default=0, help="how many photos to time on (default: 1800 on CUDA, "
+                                                              "600 on CPU)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    parser.add_argument("--skip-batch1", action="store_true", help="skip the batch-1 naive loop (CPU)")
     args = parser.parse_args()
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    count = args.photos or (1800 if device.type == "cuda" else 600)
 
     with tempfile.TemporaryDirectory(prefix="bench-training-") as tmp:
         tmp = Path(tmp)
-        paths = build_photo_folder(tmp / "photos", args.photos)
+        paths = build_photo_folder(tmp / "photos", count)
         torch.manual_seed(0)
         model = create_backbone(config.BACKBONES["dino-vits16"].architecture)
         weights = tmp / "dino_deitsmall16_pretrain.pth"
         torch.save(model.state_dict(), weights)
-        print(f"{len(paths)} photos; ViT-S/16 with random weights (official DINO format); "
-              f"{torch.get_num_threads()} torch threads; torch {torch.__version__}")
+        where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+        print(f"{len(paths)} photos; ViT-S/16 with random weights (official DINO format); {device} ({where}); "
+              f"torch {torch.__version__}")
 
-        batch = config.TrainConfig().extract_batch_size
-        fp32_batched = fp32_eager_pass(model, paths, batch)
-        fp32_single = None if args.skip_batch1 else fp32_eager_pass(model, paths, 1)
+        naive = naive_loop(model, paths, NAIVE_BATCH, device)
+        naive_single = None if args.skip_batch1 or device.type == "cuda" else naive_loop(model, paths, 1, device)
         del model
 
-        train_args = ["--data-dir", str(tmp / "photos"), "--weights", str(weights),
+        train_args = ["train.py", "--data-dir", str(tmp / "photos"), "--weights", str(weights), "--device", str(device),
                       "--output-dir", str(tmp / "out"), "--cache-dir", str(tmp / "cache")]
-        first, first_line = timed_train(train_args)
-        rerun, rerun_line = timed_train(train_args)
-        forced, _ = timed_train([*train_args, "--force"])
+        first, first_line = timed(train_args)
+        extraction = json.loads((tmp / "out" / config.METRICS_FILE).read_text())["summary"]["extract_seconds"]
+        rerun, rerun_line = timed(train_args)
+        forced, _ = timed([*train_args, "--force"])
+        predicted, predicted_line = timed(["-m", "vehicle_classifier.batch", str(tmp / "photos"), "--model-dir",
+                                           str(tmp / "out"), "--output", str(tmp / "predictions.csv"),
+                                           "--device", str(device)])
+    report(naive, naive_single, [
+        ("feature extraction phase of the first run", extraction, 0.3),
+        ("train.py, first run (empty cache, start-up included)", first, 0.6),
+        ("train.py, unchanged rerun (up to date)", rerun, None),
+        ("train.py --force (head retrained from cached features)", forced, 0.4),
+        ("batch prediction, python -m vehicle_classifier.batch", predicted, 0.35),
+    ])
+    print(f"\n  first run:        {first_line}\n  unchanged rerun:  {rerun_line[:90]}...\n  batch:            "
+          f"{predicted_line}")
 
-    rows = [
-        (f"fp32 eager pass, batch {batch} (decode included)", fp32_batched),
-        *([("fp32 eager pass, batch 1 (decode included)", fp32_single)] if fp32_single else []),
-        ("train.py, first run (empty cache, start-up included)", first),
-        ("train.py, unchanged rerun (up to date)", rerun),
-        ("train.py --force (head retrained from cached features)", forced),
-    ]
-    print()
-    for name, seconds in rows:
-        print(f"{name:<58} {seconds:8.2f} s")
-    print(f"\n  first run:        {first_line}\n  unchanged rerun:  {rerun_line[:90]}...")
-    print(f"\nratios to the batch-{batch} fp32 pass (targets: first <= 0.6, rerun <= 0.1)")
-    print(f"  first run        {first / fp32_batched:.3f}")
-    print(f"  unchanged rerun  {rerun / fp32_batched:.3f}")
-    print(f"  forced rerun     {forced / fp32_batched:.3f}")
-    if fp32_single:
-        print("ratios to the batch-1 fp32 pass")
-        print(f"  first run        {first / fp32_single:.3f}")
-        print(f"  unchanged rerun  {rerun / fp32_single:.3f}")
-        print(f"  forced rerun     {forced / fp32_single:.3f}")
+
+def report(naive: float, naive_single: float | None, rows: list[tuple[str, float, float | None]]) -> None:
+    print(f"\n{'naive loop, batch ' + str(NAIVE_BATCH) + ' (decode included)':<58} {naive:8.2f} s")
+    if naive_single:
+        print(f"{'naive loop, batch 1 (decode included)':<58} {naive_single:8.2f} s")
+    print(f"\n{'':<58} {'seconds':>8}  {'vs naive':>8}  {'CUDA target':>11}" + ("  vs batch 1" if naive_single else ""))
+    for name, seconds, target in rows:
+        line = f"{name:<58} {seconds:8.2f}  {seconds / naive:8.3f}  {'<= ' + str(target) if target else '':>11}"
+        print(line + (f"  {seconds / naive_single:10.3f}" if naive_single else ""))
 
 
 if __name__ == "__main__":

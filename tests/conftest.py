@@ -55,6 +55,16 @@ def make_dataset(root: Path, per_class: int = 30, seed: int = 0) -> Path:
     return root
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` run where torch finds a CUDA device and are skipped, saying so, elsewhere."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device; torch finds none on this machine")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _tiny_backbone_registered(monkeypatch):
     monkeypatch.setitem(backbone_mod.BACKBONES, TINY_SPEC.name, TINY_SPEC)

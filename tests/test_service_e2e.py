@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import torch
 
 from conftest import REPO, sample_photos
 from live_service import free_port
@@ -129,6 +130,9 @@ def test_bad_artifact_stops_gunicorn_with_one_line(tiny_model_dir, tmp_path, dam
     ("PRECISION", "fp16", "PRECISION must be one of auto, bf16, fp32, not 'fp16'"),
     ("RUNTIME", "tensorrt", "RUNTIME must be one of auto, openvino, torch, not 'tensorrt'"),
     ("OPENVINO_MODE", "fast", "OPENVINO_MODE must be one of adaptive, throughput, latency, not 'fast'"),
+    ("DEVICE", "tpu", "DEVICE must be one of cpu, cuda, not 'tpu'"),
+    pytest.param("DEVICE", "cuda", "device cuda was asked for, but torch finds no CUDA device here",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
 ])
 def test_bad_setting_stops_with_one_line(tiny_model_dir, name, value, message):
     env = {**os.environ, "MODEL_DIR": str(tiny_model_dir), name: value}

@@ -179,7 +179,8 @@ def create_app(config: ServiceConfig | None = None, predictor=None) -> Flask:
     if predictor is None:
         from .inference import Predictor  # torch is imported here, not at module import
 
-        predictor = Predictor.from_dir(config.model_dir, precision=config.precision, runtime=config.runtime,
+        predictor = Predictor.from_dir(config.model_dir, precision=config.precision, device=config.device,
+                                       runtime=config.runtime,
                                        openvino_mode=config.openvino_mode, warm_up=not config.prefork,
                                        max_image_pixels=config.max_image_pixels)
     from .inference import attention_overlay_png

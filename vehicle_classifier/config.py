@@ -79,7 +79,7 @@ class TrainConfig:
     max_epochs: int = 200
     patience: int = 15
     # Feature extraction.
-    extract_batch_size: int = 16
+    extract_batch_size: int = 0  # 0: fitted to the device (features.fit_batch_size)
     precision: str = "auto"  # auto | bf16 | fp32
 
 
@@ -118,6 +118,9 @@ class ServiceConfig:
     max_batch_files: int = 16
     max_image_pixels: int = MAX_IMAGE_PIXELS
     precision: str = "auto"
+    # cpu by design (any machine serves); cuda is opt-in on a GPU host (torch runtime, the
+    # requests that wait together batched into one forward).
+    device: str = "cpu"
     runtime: str = "auto"  # auto (openvino on cpu) | openvino | torch
     # OpenVINO: "throughput" runs one stream per core (two requests' forwards at once, ~1.3x the
     # requests/s under load); "latency" one stream over all cores (a lone request ~1.4x sooner);
@@ -138,6 +141,7 @@ class ServiceConfig:
             max_batch_files=_env_int("MAX_BATCH_FILES", 16),
             max_image_pixels=_env_int("MAX_IMAGE_PIXELS", MAX_IMAGE_PIXELS),
             precision=_env_choice("PRECISION", ("auto", "bf16", "fp32")),
+            device=_env_choice("DEVICE", ("cpu", "cuda")),
             runtime=_env_choice("RUNTIME", ("auto", "openvino", "torch")),
             openvino_mode=_env_choice("OPENVINO_MODE", ("adaptive", "throughput", "latency")),
             prefork=os.environ.get("VEHICLE_CLASSIFIER_PREFORK") == "1",

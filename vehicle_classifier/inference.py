@@ -92,15 +92,21 @@ class Predictor:
         gunicorn master must not start OpenVINO's threads before it forks (runtime.py)."""
         self.model = model
         self.device = torch.device(device)
-        self.precision = resolve_precision(precision, self.device)
+        # On CUDA, "auto" asks the device whether it runs bf16, which starts CUDA: not before a
+        # fork (see place()), so it is resolved there.
+        self.precision = precision if self.device.type == "cuda" else resolve_precision(precision, self.device)
         if runtime not in ("auto", "openvino", "torch"):
             raise ValueError(f"runtime must be auto, openvino or torch, not {runtime!r}")
         self.runtime = runtime_for(self.device) if runtime == "auto" else runtime
         if self.runtime == "openvino" and self.device.type != "cpu":
             raise ValueError("the openvino runtime runs on cpu only")
+        if self.device.type == "cuda" and torch.cuda.device_count() == 0:  # asks NVML: safe before a fork
+            raise ValueError(f"device {device} was asked for, but torch finds no CUDA device here")
         self.max_image_pixels = max_image_pixels
-        self.backbone = model.backbone.to(self.device).eval()
-        self.head = model.head.to(self.device).eval()
+        # Moved to the device by place(), from warm_up: a gunicorn master builds the predictor
+        # and forks its workers, and a forked child cannot use a CUDA context its parent made.
+        self.backbone = model.backbone.eval()
+        self.head = model.head.eval()
         self.fast_backbone = None
         if self.runtime == "openvino":
             self.fast_backbone = OpenVINOBackbone(self.backbone, model.preprocessing["input_size"], self.precision,
@@ -130,6 +136,7 @@ class Predictor:
         first request does not pay for kernel selection. Run again after a fork or after
         changing torch's thread count."""
         self.num_threads = torch.get_num_threads()
+        self.place()
         if self.fast_backbone is not None:
             self.fast_backbone.compile(self.num_threads)
             self._batcher.concurrency = self.fast_backbone.streams
@@ -142,6 +149,12 @@ class Predictor:
         self.predict_tensors(blank)
         # The overlay's first call imports matplotlib's colormaps: pay for that here too.
         attention_overlay_png(Image.new("RGB", (size, size)), maps, self.model.preprocessing)
+
+    def place(self) -> None:
+        """Move the model to its device (in the process that will use it: see __init__)."""
+        self.precision = resolve_precision(self.precision, self.device)
+        self.backbone.to(self.device)
+        self.head.to(self.device)
 
     def load_image(self, source: bytes | str | Path) -> Image.Image:
         """Decode an upload (raises images.ImageError with a message fit for the user)."""
@@ -179,7 +192,13 @@ class Predictor:
                     features, maps = self.fast_backbone(batch), None
                 else:
                     features, maps = self.backbone(batch), None
-            probabilities = self.head(features.float()).softmax(dim=1).cpu()  # the head in fp32
+            return self.predict_features(features, maps)
+
+    @torch.inference_mode()
+    def predict_features(self, features: torch.Tensor, maps: torch.Tensor | None = None) -> list[Prediction]:
+        """Predictions from the backbone's features (one row per image, on any device): the
+        head, in fp32. Batch prediction computes the features itself (features.py) and ends here."""
+        probabilities = self.head(features.to(self.device).float()).softmax(dim=1).cpu()
         names = self.model.class_names
         predictions = []
         for i, probs in enumerate(probabilities.tolist()):

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from . import config
 from .artifact import save_artifact
 from .backbone import BackboneSpec, get_spec, load_backbone, preprocessing_for
+from .distributed import SINGLE, Group
 from .data import DataError, Sample, file_digest, scan_image_folder, stratified_split
 from .features import FeatureCache, cache_key, extract_features, resolve_precision, runtime_for
 from .fileio import write_json
@@ -77,12 +78,6 @@ def train_head(
     return head.eval(), history, best_epoch
 
 
-def pick_device(requested: str = "auto") -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
-
-
 def unique_readable(samples: list[Sample], digests: list[str], features: dict) -> tuple[list[tuple[Sample, str]], int]:
     """The readable samples (those with features) with their digests, identical files (same
     content) counted once so that a duplicate can never sit on both sides of the train/test
@@ -108,10 +103,12 @@ def run_training(
     device: str = "auto",
     spec: BackboneSpec | None = None,
     fingerprint: str | None = None,
-) -> dict:
+    group: Group = SINGLE,
+) -> dict | None:
     """Image folder -> cached features -> trained head -> artifact, metrics.json, split.json and
     plots in `output_dir`. Returns the metrics. Raises DataError or WeightsError with a message
-    fit for one line."""
+    fit for one line. Under torchrun every rank extracts its shard of the features and rank 0
+    alone trains and writes; the other ranks return None."""
     started = time.perf_counter()
     data_dir, output_dir = Path(data_dir), Path(output_dir)
     spec = spec or get_spec(cfg.backbone)
@@ -119,17 +116,21 @@ def run_training(
 
     backbone, weights_digest = load_backbone(spec, weights)
     preprocessing = preprocessing_for(backbone)
-    torch_device = pick_device(device)
+    torch_device = group.device(device)
     precision = resolve_precision(cfg.precision, torch_device)
     runtime = runtime_for(torch_device)
     key = cache_key(spec.architecture, spec.model_kwargs, weights_digest, preprocessing, precision, runtime)
     cache = FeatureCache(cache_dir, key)
 
     digests = [file_digest(s.path) for s in samples]
+    extract_started = time.perf_counter()
     features, failures = extract_features(
         backbone, [s.path for s in samples], digests, preprocessing, cache, torch_device, precision,
-        batch_size=cfg.extract_batch_size,
+        batch_size=cfg.extract_batch_size, group=group,
     )
+    if not group.is_main:
+        return None
+    extract_seconds = time.perf_counter() - extract_started
     for path, reason in failures.items():
         log.warning("skipped %s: %s", path, reason)
 
@@ -159,6 +160,7 @@ def run_training(
         "precision": precision,
         "runtime": runtime,
         "device": str(torch_device),
+        "extract_seconds": round(extract_seconds, 2),
         "seconds": round(time.perf_counter() - started, 2),
     }
     write_json(output_dir / config.SPLIT_FILE, {

@@ -1,0 +1,148 @@
+"""Batch prediction (`python -m vehicle_classifier.batch`): the same answers as the Predictor,
+CSV and JSON lines, unreadable files reported per row, resumable after a kill, and one-line
+errors; the device-fitted extraction settings it shares with training."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO, make_dataset
+from vehicle_classifier import batch, features
+from vehicle_classifier.inference import Predictor
+
+
+@pytest.fixture(scope="module")
+def photos_dir(tmp_path_factory):
+    """Synthetic photos in nested folders, a damaged one, and a text file the folder scan skips."""
+    root = make_dataset(tmp_path_factory.mktemp("batch") / "photos", per_class=5, seed=7)
+    (root / "Car" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_csv_has_a_row_per_image_with_the_predictors_answer(tiny_model_dir, photos_dir, tmp_path, capsys):
+    out = tmp_path / "predictions.csv"
+    code = batch.main([str(photos_dir), "--model-dir", str(tiny_model_dir), "--output", str(out)])
+    assert code == 1  # one file was unreadable
+    predictor = Predictor.from_dir(tiny_model_dir)
+    names = predictor.model.class_names
+    rows = read_csv(out)
+    assert list(rows[0]) == ["path", "label", "confidence", *names, "error"]
+    images = sorted(p for p in photos_dir.rglob("*") if p.is_file() and p.suffix != ".txt")
+    assert sorted(r["path"] for r in rows) == sorted(map(str, images))  # notes.txt is not an image
+    (broken,) = [r for r in rows if r["error"]]
+    assert broken["path"].endswith("broken.jpg") and "damaged" in broken["error"]
+    assert broken["label"] == broken["confidence"] == ""
+    good = [r for r in rows if not r["error"]]
+    expected = predictor.predict([predictor.load_image(r["path"]) for r in good])
+    for row, want in zip(good, expected):
+        assert row["label"] == want.label
+        assert abs(float(row["confidence"]) - want.confidence) < 2e-3
+        assert sum(float(row[n]) for n in names) == pytest.approx(1.0, abs=1e-5)
+        assert float(row["confidence"]) == max(float(row[n]) for n in names)
+    assert "10 classified, 1 unreadable" in capsys.readouterr().out
+
+
+def test_rerun_skips_written_rows_and_mends_a_torn_last_row(tiny_model_dir, photos_dir, tmp_path, capsys):
+    out = tmp_path / "p.csv"
+    args = [str(photos_dir / "Car"), str(photos_dir / "Bike" / "Bike_0.jpg"), "--model-dir", str(tiny_model_dir),
+            "--output", str(out)]
+    batch.main(args)
+    complete = out.read_bytes()
+    lines = complete.splitlines(keepends=True)
+    assert len(lines) == 1 + 7  # header; Car's 5 photos, broken.jpg, Bike_0.jpg
+    # A kill in the middle of writing the last two rows: one row lost, the one before it torn.
+    out.write_bytes(b"".join(lines[:-2]) + lines[-2][:15])
+    lost_unreadable = sum(b"damaged" in line for line in lines[-2:])
+    capsys.readouterr()
+    assert batch.main(args) == (1 if lost_unreadable else 0)
+    said = capsys.readouterr().out
+    assert said.startswith(f"{2 - lost_unreadable} classified, {lost_unreadable} unreadable"), said
+    assert "5 already in" in said
+    rows = read_csv(out)
+    assert len(rows) == len({r["path"] for r in rows}) == 7  # no duplicate, no torn row
+    assert sorted(out.read_bytes().splitlines()) == sorted(complete.splitlines())
+    mended = out.read_bytes()
+    assert batch.main(args) == 0  # nothing left to do
+    assert capsys.readouterr().out.startswith("0 classified, 0 unreadable (see the error column), 7 already in")
+    assert out.read_bytes() == mended
+
+
+def test_jsonl_output_and_the_same_answers_as_csv(tiny_model_dir, photos_dir, tmp_path):
+    args = [str(photos_dir / "Bike"), "--model-dir", str(tiny_model_dir)]
+    assert batch.main([*args, "--output", str(tmp_path / "p.jsonl")]) == 0
+    assert batch.main([*args, "--output", str(tmp_path / "p.csv"), "--batch-size", "2", "--workers", "0"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    by_csv = {r["path"]: r for r in read_csv(tmp_path / "p.csv")}
+    assert len(rows) == len(by_csv) == 5
+    for row in rows:
+        assert row["error"] is None and isinstance(row["confidence"], float)
+        assert row["label"] == by_csv[row["path"]]["label"]
+        assert abs(row["confidence"] - float(by_csv[row["path"]]["confidence"])) < 2e-3
+
+
+def test_an_output_of_other_columns_is_refused_untouched(tiny_model_dir, photos_dir, tmp_path, capsys):
+    out = tmp_path / "other.csv"
+    out.write_text("path,label,score\na.jpg,Car,0.9\n")
+    assert batch.main([str(photos_dir / "Bike"), "--model-dir", str(tiny_model_dir), "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "other columns" in err and "\n" not in err
+    assert out.read_text() == "path,label,score\na.jpg,Car,0.9\n"
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing input", "no such file or folder"),
+    ("bad suffix", "--output must end in .csv or .jsonl"),
+])
+def test_bad_arguments_get_one_line(tiny_model_dir, photos_dir, tmp_path, capsys, case, message):
+    inputs, output = str(photos_dir), str(tmp_path / "p.csv")
+    if case == "missing input":
+        inputs = str(tmp_path / "nowhere")
+    else:
+        output = str(tmp_path / "p.xlsx")
+    assert batch.main([inputs, "--model-dir", str(tiny_model_dir), "--output", output]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_command_without_a_model_says_so_in_one_line(photos_dir, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "vehicle_classifier.batch", str(photos_dir), "--model-dir",
+                             str(tmp_path), "--output", str(tmp_path / "p.csv")], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: no model artifact at ") and len(result.stderr.splitlines()) == 1
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_decode_workers_follow_the_cpu_affinity(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert features.decode_workers(torch.device("cuda")) == 15  # every core but the one feeding the GPU
+    assert features.decode_workers(torch.device("cpu")) == 2  # the backbone needs the cores on CPU
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert features.decode_workers(torch.device("cpu")) == 1
+    assert features.fit_batch_size(None, 224, torch.device("cpu"), "bf16") == features.CPU_BATCH_SIZE
+
+
+def test_image_batches_on_a_failing_file(tmp_path):
+    """A batch of only unreadable files still reports them (and carries no tensor)."""
+    (tmp_path / "bad.png").write_bytes(b"nope")
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "good.png")
+    preprocessing = {"resize_size": 36, "input_size": 32, "interpolation": "bicubic", "mean": [0.5] * 3,
+                     "std": [0.5] * 3}
+    loader = features.image_batches([tmp_path / "bad.png", tmp_path / "good.png"], preprocessing,
+                                    torch.device("cpu"), batch_size=1, num_workers=0)
+    got = list(loader)
+    assert got[0][0] == [] and got[0][1] is None and got[0][2][0][0] == 0
+    assert got[1][0] == [1] and got[1][1].shape == (1, 3, 32, 32) and got[1][2] == []

@@ -1,0 +1,27 @@
+"""Run by tests/test_distributed.py under torchrun: train.py's training with the tiny test
+backbone (each rank extracting its shard of the features, rank 0 training), then batch
+prediction with the model it wrote (each rank classifying its shard, rank 0 merging): one
+launch for both, since starting the processes is most of the cost.
+
+    torchrun ... tests/torchrun_job.py DATA_DIR WEIGHTS OUTPUT_DIR CACHE_DIR PREDICTIONS
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from conftest import TINY_SPEC  # noqa: E402
+from vehicle_classifier import backbone, batch, config  # noqa: E402
+from vehicle_classifier.distributed import process_group  # noqa: E402
+from vehicle_classifier.training import run_training  # noqa: E402
+
+backbone.BACKBONES[TINY_SPEC.name] = TINY_SPEC
+data_dir, weights, output_dir, cache_dir, predictions = map(Path, sys.argv[1:6])
+with process_group() as group:
+    metrics = run_training(data_dir, output_dir, config.TrainConfig(backbone=TINY_SPEC.name, max_epochs=5), weights,
+                           cache_dir, device="cpu", spec=TINY_SPEC, group=group)
+    print(f"rank {group.rank} of {group.world_size}: {'trained' if metrics else 'extracted its shard'}", flush=True)
+    group.gather(None)  # the model is written before any rank reads it
+    code = batch.main([str(data_dir), "--model-dir", str(output_dir), "--output", str(predictions), "--device", "cpu"])
+sys.exit(code)

@@ -1,0 +1,254 @@
+"""Batch prediction without the service: image files and folders in, one row per image out.
+
+    python -m vehicle_classifier.batch photos/ more.jpg --model-dir models/ --output predictions.csv
+    torchrun --nproc-per-node=gpu -m vehicle_classifier.batch photos/ --output predictions.jsonl
+
+As timm's inference.py: a results table, written as batches complete, in CSV or JSON lines
+(by the --output suffix). Columns: path, label, confidence, one probability per class (named by
+the class), whatever else the predictor reports, and error (why a file could not be read; its
+other columns are empty). Decoding and the backbone's runtime are training's
+(features.backbone_features): worker processes decode on every core, the backbone runs through
+OpenVINO on CPU or torch on CUDA; the head is the Predictor's.
+
+Resumable: a rerun with the same --output skips the files already in it. Rows are appended and
+flushed batch by batch; a torn last row left by a killed run is cut off when the file is
+reopened. Under torchrun each rank writes its own part file and rank 0 merges the parts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import sys
+from pathlib import Path
+
+from . import UserError, config
+
+FORMATS = (".csv", ".jsonl")
+FIXED_COLUMNS = ("path", "label", "confidence")
+
+
+class BatchError(UserError):
+    """Bad inputs or output file; the message says why in one line."""
+
+
+def find_images(inputs: list[Path]) -> list[Path]:
+    """Files as named, and the image files under each folder (sorted, hidden ones left out),
+    each file once."""
+    found: list[Path] = []
+    for item in inputs:
+        if item.is_dir():
+            found += sorted(
+                p for p in item.rglob("*")
+                if p.is_file() and p.suffix.lower() in config.IMAGE_EXTENSIONS
+                and not any(part.startswith(".") for part in p.relative_to(item).parts)
+            )
+        elif item.is_file():
+            found.append(item)
+        else:
+            raise BatchError(f"no such file or folder: {item}")
+    return list(dict.fromkeys(found))
+
+
+class ResultsFile:
+    """A results table on disk, appended to batch by batch. What a previous run wrote is kept:
+    `done` holds its paths."""
+
+    def __init__(self, path: Path, columns: list[str], repair: bool = True):
+        """`repair`: cut off a torn last row (only the process that writes the file may)."""
+        self.path, self.columns = Path(path), columns
+        if self.path.suffix.lower() not in FORMATS:
+            raise BatchError(f"--output must end in {' or '.join(FORMATS)}: {self.path}")
+        self.jsonl = self.path.suffix.lower() == ".jsonl"
+        self.rows = self._recover(repair)
+        self.done = {str(row["path"]) for row in self.rows}
+        self._file = None
+
+    def _recover(self, repair: bool) -> list[dict]:
+        if not self.path.exists():
+            return []
+        data = self.path.read_bytes()
+        complete = data.rfind(b"\n") + 1  # a row is whole once its newline is written
+        if repair and complete < len(data):
+            with open(self.path, "r+b") as f:
+                f.truncate(complete)
+        text = data[:complete].decode("utf-8", errors="replace")
+        if self.jsonl:
+            return [self._json_row(line, n) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+        reader = csv.DictReader(io.StringIO(text))
+        if reader.fieldnames and reader.fieldnames != self.columns:
+            raise BatchError(f"{self.path} has other columns ({', '.join(reader.fieldnames)}): written for another "
+                             f"model? Choose another --output")
+        return list(reader)
+
+    def _json_row(self, line: str, number: int) -> dict:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict) or "path" not in row:
+            raise BatchError(f"{self.path} line {number} is not a result row: not a batch results file?")
+        return row
+
+    def append(self, rows: list[dict]) -> None:
+        """Write `rows` (each with this table's columns) and flush them to the file."""
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a", newline="", encoding="utf-8")
+            if not self.jsonl and self._file.tell() == 0:
+                self._file.write(",".join(self.columns) + "\n")
+        if self.jsonl:
+            text = "".join(json.dumps({c: row.get(c) for c in self.columns}) + "\n" for row in rows)
+        else:
+            buffer = io.StringIO()
+            csv.DictWriter(buffer, self.columns, lineterminator="\n").writerows(rows)
+            text = buffer.getvalue()
+        self._file.write(text)  # whole rows in one write: a kill tears at most the last one
+        self._file.flush()
+        self.done.update(str(row["path"]) for row in rows)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def part_files(output: Path) -> list[Path]:
+    """The part files that ranks of a torchrun write beside `output` (any world size)."""
+    return sorted(output.parent.glob(f".{output.name}.part*-of-*{output.suffix}"))
+
+
+def merge_parts(results: ResultsFile, order: list[Path]) -> None:
+    """Append the rows of every part file that `results` lacks (in input order), then remove
+    the parts: a merge cut short is finished by the next run, never duplicated."""
+    position = {str(p): i for i, p in enumerate(order)}
+    parts = part_files(results.path)
+    rows = {}
+    for part in parts:
+        for row in ResultsFile(part, results.columns).rows:
+            if str(row["path"]) not in results.done:
+                rows.setdefault(str(row["path"]), row)
+    results.append(sorted(rows.values(), key=lambda row: position.get(str(row["path"]), len(position))))
+    for part in parts:
+        part.unlink()
+
+
+def result_columns(predictor) -> list[str]:
+    """path, label, confidence, a probability per class, what else the predictor reports, error."""
+    import torch
+
+    example = _flat(predictor.predict_features(torch.zeros(1, predictor.model.head.config["in_dim"]))[0].to_json())
+    columns = [*FIXED_COLUMNS, *predictor.model.class_names]
+    columns += [key for key in example if key not in columns]
+    if len(set(columns)) != len(columns) or "error" in columns:
+        raise BatchError(f"class names clash with the result columns: {predictor.model.class_names}")
+    return [*columns, "error"]
+
+
+def _flat(prediction: dict) -> dict:
+    """A Prediction's JSON with its probabilities as one entry per class."""
+    return {key: value for key, value in prediction.items() if key != "probabilities"} | prediction["probabilities"]
+
+
+def predict_into(results: ResultsFile, predictor, paths: list[Path], batch_size: int = 0,
+                 num_workers: int | None = None) -> tuple[int, int]:
+    """Classify `paths` into `results`; how many were classified and how many were unreadable."""
+    from tqdm.auto import tqdm
+
+    from .features import backbone_features
+
+    classified = unreadable = 0
+    batches = backbone_features(predictor.backbone, paths, predictor.model.preprocessing, predictor.device,
+                                predictor.precision, batch_size, num_workers)
+    with tqdm(total=len(paths), desc="predicting", unit="img") as bar:
+        for indices, features, failed in batches:
+            rows = [{"path": str(paths[i]), "error": reason} for i, reason in failed]
+            if features is not None:
+                predictions = predictor.predict_features(features)
+                rows += [{"path": str(paths[i]), **_flat(p.to_json())} for i, p in zip(indices, predictions)]
+            results.append(rows)
+            classified, unreadable = classified + len(indices), unreadable + len(failed)
+            bar.update(len(rows))
+    return classified, unreadable
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m vehicle_classifier.batch", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("inputs", nargs="+", type=Path, metavar="INPUT",
+                        help="image files, and folders searched recursively for images")
+    parser.add_argument("--model-dir", type=Path, default=config.OUTPUT_DIR,
+                        help=f"directory holding {config.ARTIFACT_FILE} (default: %(default)s)")
+    parser.add_argument("--output", type=Path, required=True,
+                        help="results file, .csv or .jsonl; files already in it are skipped")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda[:N]")
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                        help="backbone precision (default: %(default)s, bf16 where the hardware has it)")
+    parser.add_argument("-b", "--batch-size", type=int, default=0,
+                        help="images per backbone batch (default 0: fitted to the device)")
+    parser.add_argument("-j", "--workers", type=int, default=None,
+                        help="decoding worker processes (default: from the cores this process may use)")
+    return parser
+
+
+def run(args: argparse.Namespace) -> tuple[int, int, int] | None:
+    """Classify every input not yet in --output; (classified, unreadable, already there) on
+    rank 0, None on the other ranks of a torchrun."""
+    from .artifact import load_artifact
+    from .distributed import part_suffix, process_group
+    from .inference import Predictor
+
+    images = find_images(args.inputs)
+    model = load_artifact(args.model_dir / config.ARTIFACT_FILE)
+    with process_group() as group:
+        # torch runs only the head here: features come from backbone_features' own runtime.
+        predictor = Predictor(model, precision=args.precision, device=str(group.device(args.device)),
+                              runtime="torch", warm_up=False)
+        predictor.place()
+        columns = result_columns(predictor)
+        final = ResultsFile(args.output, columns, repair=group.is_main)
+        todo = [p for p in images if str(p) not in final.done]
+        if group.distributed:
+            target = ResultsFile(args.output.with_name(f".{args.output.name}{part_suffix(group)}{args.output.suffix}"),
+                                 columns)
+        else:
+            target = final
+        mine = [p for p in group.shard(todo) if str(p) not in target.done]
+        try:
+            counts = predict_into(target, predictor, mine, args.batch_size, args.workers)
+        finally:
+            target.close()
+        gathered = group.gather(counts)
+        if not group.is_main:
+            return None
+        merge_parts(final, images)
+        final.close()
+    return sum(c for c, _ in gathered), sum(u for _, u in gathered), len(images) - len(todo)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        if args.output.suffix.lower() not in FORMATS:
+            raise BatchError(f"--output must end in {' or '.join(FORMATS)}: {args.output}")
+        counts = run(args)
+    except (UserError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: the rows written so far are kept in {args.output}; rerun to continue", file=sys.stderr)
+        return 130
+    if counts is None:
+        return 0
+    classified, unreadable, skipped = counts
+    print(f"{classified} classified, {unreadable} unreadable (see the error column), {skipped} already in "
+          f"{args.output}: results in {args.output}")
+    return 1 if unreadable else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
