@@ -91,7 +91,7 @@ def load_artifact(path: Path) -> Model:
         if _version(tensors) != metadata["model_version"]:
             raise ValueError("its weights do not match the checksum it was saved with")
         spec = metadata["backbone"]
-        backbone = create_backbone(spec["architecture"], spec.get("model_kwargs"))
+        backbone = create_backbone(spec["architecture"], spec.get("model_kwargs"), empty=True)
         load_strict(backbone, {k[9:]: v for k, v in tensors.items() if k.startswith("backbone.")}, str(path))
         head = MLPHead(**metadata["head"]).eval()
         head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")}, strict=True)

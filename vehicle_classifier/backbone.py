@@ -7,6 +7,7 @@ a backbone silently left with random weights is the worst failure this project c
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import socket
 from pathlib import Path
@@ -32,9 +33,12 @@ def get_spec(name: str) -> BackboneSpec:
         raise WeightsError(f"unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}") from None
 
 
-def create_backbone(architecture: str, model_kwargs: dict | None = None) -> nn.Module:
-    """The architecture with random weights, frozen, in eval mode, returning the [CLS] feature."""
-    model = timm.create_model(architecture, pretrained=False, num_classes=0, **(model_kwargs or {}))
+def create_backbone(architecture: str, model_kwargs: dict | None = None, empty: bool = False) -> nn.Module:
+    """The architecture with random weights, frozen, in eval mode, returning the [CLS] feature.
+    `empty`: no weights at all (on the meta device), for load_strict to fill: skips the random
+    initialisation, ~5 s of a --force run on a busy 2-core machine (0.3 s instead)."""
+    with torch.device("meta") if empty else contextlib.nullcontext():
+        model = timm.create_model(architecture, pretrained=False, num_classes=0, **(model_kwargs or {}))
     return model.eval().requires_grad_(False)
 
 
@@ -119,7 +123,11 @@ def load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -
         problems.append(f"{len(mismatched)} of another shape (e.g. {'; '.join(mismatched[:2])})")
     if problems:
         raise WeightsError(f"weights from {source} do not fit this backbone: " + "; ".join(problems))
-    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
+    # assign: the checkpoint's tensors become the parameters (an empty model has none to copy into).
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True, assign=True)
+    left_empty = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left_empty:  # a buffer that no checkpoint holds: this architecture cannot be built empty
+        raise WeightsError(f"weights from {source} leave {', '.join(left_empty[:3])} unset")
 
 
 # --- finding pretrained weights -------------------------------------------------------------
@@ -160,7 +168,7 @@ def find_pretrained_weights(spec: BackboneSpec) -> Path:
 def load_backbone(spec: BackboneSpec, weights: Path | None = None) -> tuple[nn.Module, str]:
     """The backbone with its pretrained weights loaded strictly, and the weights' digest."""
     path = Path(weights) if weights else find_pretrained_weights(spec)
-    model = create_backbone(spec.architecture, spec.model_kwargs)
+    model = create_backbone(spec.architecture, spec.model_kwargs, empty=True)
     load_strict(model, read_checkpoint(path), str(path))
     return model, state_dict_digest(model.state_dict())
 

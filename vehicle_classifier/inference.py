@@ -25,7 +25,7 @@ from .artifact import Model, load_artifact
 from .backbone import cls_attention
 from .features import autocast, resolve_precision, runtime_for
 from .images import center_crop, open_image, preprocess
-from .runtime import OpenVINOBackbone
+from .runtime import OpenVINOBackbone, torch_threads
 
 
 @dataclass
@@ -210,20 +210,6 @@ class Predictor:
                 attention=None if maps is None else maps[i].cpu().numpy(),
             ))
         return predictions
-
-
-@contextlib.contextmanager
-def torch_threads(count: int):
-    """torch's thread count for the calling thread, inside the block. OpenMP keeps the count
-    per thread: a server's request threads start from OMP_NUM_THREADS, not from warm_up's."""
-    before = torch.get_num_threads()
-    if count != before:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        if count != before:
-            torch.set_num_threads(before)
 
 
 def attention_overlay_png(image: Image.Image, attention: np.ndarray, preprocessing: dict) -> bytes:

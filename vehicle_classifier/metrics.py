@@ -58,19 +58,18 @@ def _binary_roc_auc(positive: np.ndarray, scores: np.ndarray) -> float | None:
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
-def _figure():
-    import matplotlib
+def _figure(figsize: tuple[float, float]):
+    """A plain matplotlib Figure (no pyplot: its import and global state are not needed to
+    write a PNG)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(figsize=figsize)
 
 
 def plot_learning_curves(history: list[dict], best_epoch: int, path: Path) -> None:
-    plt = _figure()
     epochs = [h["epoch"] for h in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = _figure((10, 4))
+    ax_loss, ax_acc = fig.subplots(1, 2)
     for split in ("train", "val"):
         ax_loss.plot(epochs, [h[f"{split}_loss"] for h in history], label=split)
         ax_acc.plot(epochs, [h[f"{split}_accuracy"] for h in history], label=split)
@@ -82,13 +81,12 @@ def plot_learning_curves(history: list[dict], best_epoch: int, path: Path) -> No
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
 
 
 def plot_confusion_matrix(matrix: list[list[int]], class_names: list[str], path: Path, title: str) -> None:
-    plt = _figure()
     matrix = np.asarray(matrix)
-    fig, ax = plt.subplots(figsize=(4.5, 4))
+    fig = _figure((4.5, 4))
+    ax = fig.subplots()
     ax.imshow(matrix, cmap="Blues")
     ax.set_xticks(range(len(class_names)), class_names)
     ax.set_yticks(range(len(class_names)), class_names)
@@ -101,4 +99,3 @@ def plot_confusion_matrix(matrix: list[list[int]], class_names: list[str], path:
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)

@@ -14,6 +14,7 @@ worker compiles after it forks (OpenVINOBackbone checks the process id).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import sys
@@ -146,3 +147,17 @@ class OpenVINOBackbone:
                     yield running.popleft().result()
             while running:
                 yield running.popleft().result()
+
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """torch's thread count for the calling thread, inside the block. OpenMP keeps the count
+    per thread: a server's request threads start from OMP_NUM_THREADS, not from warm_up's."""
+    before = torch.get_num_threads()
+    if count != before:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if count != before:
+            torch.set_num_threads(before)
