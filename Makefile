@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh machine; each sets up .venv first (once, and again
-# whenever pyproject.toml changes).
+# whenever pyproject.toml or constraints.txt changes).
 #   make run    train a model if there is none in models/, then serve it on :9696
 #   make test   the test suite (installs Chromium from Debian for the browser test, as root)
 #   make page   the web page on :8501 (talks to the service that make run serves)
@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: run test setup page bench
 
-$(STAMP): pyproject.toml scripts/setup.sh
+$(STAMP): pyproject.toml constraints.txt scripts/setup.sh
 	scripts/setup.sh
 
 setup: $(STAMP)

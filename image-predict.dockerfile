@@ -21,13 +21,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 
 # Dependencies before code, so that editing code does not reinstall them: the serving
-# dependencies are pyproject.toml's [project] dependencies at its pins (no page, no dev extras).
+# dependencies are pyproject.toml's [project] dependencies (no page, no dev extras) at the
+# versions constraints.txt locks.
 # torch and torchvision come from the PyTorch CPU wheel index: `torch==X` matches its `X+cpu`
 # build, which ranks above PyPI's CUDA build and is a fraction of its size. The last command
 # fails the build if a CUDA build got in anyway.
-COPY pyproject.toml /tmp/build/
+COPY pyproject.toml constraints.txt /tmp/build/
 RUN python -c "import sys, tomllib; print(*tomllib.load(open(sys.argv[1], 'rb'))['project']['dependencies'], sep='\n')" /tmp/build/pyproject.toml > /tmp/build/requirements.txt \
-    && pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu -r /tmp/build/requirements.txt \
+    && pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu -c /tmp/build/constraints.txt -r /tmp/build/requirements.txt \
     && python -c "import torch; assert torch.version.cuda is None, 'expected the CPU-only torch build'" \
     && rm -rf /tmp/build
 

@@ -13,11 +13,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-# Dependencies before code (cached until pyproject.toml changes): pyproject.toml's `page`
-# extra at its pins, Streamlit and requests.
-COPY pyproject.toml /tmp/build/
+# Dependencies before code (cached until pyproject.toml or constraints.txt changes):
+# pyproject.toml's `page` extra, Streamlit and requests, at the versions constraints.txt locks.
+COPY pyproject.toml constraints.txt /tmp/build/
 RUN python -c "import sys, tomllib; print(*tomllib.load(open(sys.argv[1], 'rb'))['project']['optional-dependencies']['page'], sep='\n')" /tmp/build/pyproject.toml > /tmp/build/requirements.txt \
-    && pip install --no-cache-dir -r /tmp/build/requirements.txt \
+    && pip install --no-cache-dir -c /tmp/build/constraints.txt -r /tmp/build/requirements.txt \
     && rm -rf /tmp/build
 
 RUN useradd --no-log-init --create-home --uid 10001 app

@@ -130,6 +130,7 @@ def test_decode_workers_follow_the_cpu_affinity(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
     assert features.decode_workers(torch.device("cuda")) == 15  # every core but the one feeding the GPU
     assert features.decode_workers(torch.device("cpu")) == 2  # the backbone needs the cores on CPU
+    assert features.decode_workers(torch.device("cuda"), processes=4) == 3  # four ranks share the 16 cores
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     assert features.decode_workers(torch.device("cpu")) == 1
     assert features.fit_batch_size(None, 224, torch.device("cpu"), "bf16") == features.CPU_BATCH_SIZE

@@ -126,7 +126,7 @@ def stage_image(image: Image, root: Path) -> Path:
     """Copy every COPY source to where the image puts it, below `root`; returns the WORKDIR."""
     for sources, destination in image.copies:
         for source in sources:
-            if source == "pyproject.toml":
+            if source in ("pyproject.toml", "constraints.txt"):
                 continue  # only read while installing the dependencies
             target = root / in_image(image, destination).lstrip("/")
             if (REPO / source).is_dir():  # Docker copies a directory's contents
@@ -387,12 +387,14 @@ def test_dockerignore_keeps_data_environments_caches_and_models_out():
 
 
 def test_dependencies_are_installed_before_the_code_is_copied():
-    """Editing code must not reinstall torch: the one COPY before the install is pyproject.toml."""
+    """Editing code must not reinstall torch: the one COPY before the install brings
+    pyproject.toml and the lock, constraints.txt."""
     for image in (PREDICT, PAGE):
         keywords = [(k, v) for k, v in image.instructions if k in ("COPY", "RUN")]
         install = next(i for i, (k, v) in enumerate(keywords) if k == "RUN" and "pip install" in v)
-        copied_before = [v.split()[0] for k, v in keywords[:install] if k == "COPY"]
-        assert copied_before == ["pyproject.toml"]
+        copied_before = [v.split()[:-1] for k, v in keywords[:install] if k == "COPY"]
+        assert copied_before == [["pyproject.toml", "constraints.txt"]]
+        assert " -c /tmp/build/constraints.txt -r /tmp/build/requirements.txt" in keywords[install][1]
 
 
 def test_predict_image_installs_cpu_torch_and_only_the_serving_dependencies(tmp_path):

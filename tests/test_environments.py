@@ -1,10 +1,16 @@
-"""The conda environments and the Pipfile agree with pyproject.toml's pins, and the Pipfile's
+"""pyproject.toml declares compatible ranges and constraints.txt the exact versions tested (the
+lock); setup, CI, the Dockerfiles (test_containers.py), the conda environments and the Pipfile
+use the lock; installing the package beside another torch keeps that torch; and the Pipfile's
 environment (Streamlit and requests, no torch) is enough for the page's client and test.py."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
+import subprocess
+import sys
+import sysconfig
 import tomllib
 from pathlib import Path
 
@@ -18,6 +24,7 @@ from test_containers import BASE_IMAGE_DISTS, installed_closure, module_owners, 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+REQUIREMENTS = [PROJECT["dependencies"], *PROJECT["optional-dependencies"].values()]
 
 
 def pins(requirements: list[str]) -> dict[str, str]:
@@ -31,17 +38,62 @@ def pins(requirements: list[str]) -> dict[str, str]:
     return out
 
 
-PROJECT_PINS = pins(PROJECT["dependencies"]) | pins(PROJECT["optional-dependencies"]["page"]) \
-    | pins(PROJECT["optional-dependencies"]["dev"])
+LOCK = pins([line for line in (REPO / "constraints.txt").read_text().splitlines()
+             if line.strip() and not line.startswith("#")])
 
 
-def test_pyproject_pins_agree_with_themselves():
-    """A package named in two lists (requests: serving and page) has one version."""
-    lists = [PROJECT["dependencies"], *PROJECT["optional-dependencies"].values()]
-    seen: dict[str, str] = {}
-    for requirements in lists:
-        for name, version in pins(requirements).items():
-            assert seen.setdefault(name, version) == version, f"{name}: {seen[name]} and {version} in pyproject.toml"
+def test_pyproject_declares_ranges_that_the_lock_satisfies():
+    """Every requirement is a range (no exact pin to clash with a user's own torch), each
+    locked version falls in it, and the lock holds exactly the packages pyproject names."""
+    named = set()
+    for requirements in REQUIREMENTS:
+        for line in requirements:
+            req = Requirement(line)
+            name = canonicalize_name(req.name)
+            named.add(name)
+            assert not any(spec.operator in ("==", "===") for spec in req.specifier), f"{line!r} is a pin, not a range"
+            assert req.specifier.contains(LOCK[name]), f"constraints.txt has {name}=={LOCK[name]}, outside {line!r}"
+    assert named == set(LOCK), f"in one file, not the other: {sorted(named ^ set(LOCK))}"
+    # A GPU workstation's torch: another minor version, a CUDA build, Python 3.12.
+    torch_range = next(Requirement(r).specifier for r in PROJECT["dependencies"] if r.startswith("torch"))
+    assert torch_range.contains("2.11.0+cu128") and torch_range.contains(LOCK["torch"])
+    for python in ("3.11.0", "3.12.0"):
+        assert SpecifierSet(PROJECT["requires-python"]).contains(python)
+
+
+def test_setup_and_ci_install_the_lock():
+    setup = (REPO / "scripts" / "setup.sh").read_text()
+    assert re.search(r"pip_install -c constraints\.txt -e \"\.\[dev,page\]\"", setup)
+    assert "make test" in (REPO / ".ci" / "run").read_text()  # CI sets up through scripts/setup.sh
+    assert "constraints.txt" in (REPO / "Makefile").read_text().split("scripts/setup.sh")[0]
+
+
+def test_installing_beside_another_torch_keeps_it(tmp_path):
+    """pip itself, asked to install the package into an environment that already holds a CUDA
+    torch of another version (and, through a .pth file, everything else it needs from this
+    .venv), plans to install the package alone: torch is neither replaced nor downgraded."""
+    env = tmp_path / "gpu-env"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env)], check=True)
+    site = Path(subprocess.run([env / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                               capture_output=True, text=True, check=True).stdout.strip())
+    for name, version in (("torch", "2.11.0+cu128"), ("torchvision", "0.26.0+cu128")):
+        info = site / f"{name}-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+        (info / "INSTALLER").write_text("pip\n")
+        (info / "RECORD").write_text("")
+    (site / "project-venv.pth").write_text(sysconfig.get_path("purelib") + "\n")  # after its own torch
+    source = tmp_path / "source"
+    (source / "vehicle_classifier").mkdir(parents=True)
+    for name in ("pyproject.toml", "README.md", "vehicle_classifier/__init__.py"):
+        shutil.copy(REPO / name, source / name)
+    report = tmp_path / "report.json"
+    result = subprocess.run([sys.executable, "-m", "pip", "--python", str(env / "bin" / "python"), "install",
+                             "--dry-run", "--no-index", "--no-build-isolation", "--quiet", "--report", str(report),
+                             f"{source}[dev,page]"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    planned = [(item["metadata"]["name"], item["metadata"]["version"]) for item in json.loads(report.read_text())["install"]]
+    assert planned == [("vehicle-classifier", PROJECT["version"])]
 
 
 def conda_env(name: str) -> dict:
@@ -49,7 +101,7 @@ def conda_env(name: str) -> dict:
 
 
 @pytest.mark.parametrize("filename, env_name", [("conda-cpu.yaml", "dev-env-cpu"), ("conda-gpu.yaml", "dev-env-gpu")])
-def test_conda_environment_matches_pyproject(filename, env_name):
+def test_conda_environment_installs_the_lock(filename, env_name):
     env = conda_env(filename)
     assert env["name"] == env_name
     conda_deps = [d for d in env["dependencies"] if isinstance(d, str)]
@@ -58,11 +110,11 @@ def test_conda_environment_matches_pyproject(filename, env_name):
     version = re.sub(r"^python\s*=*\s*", "", python)
     assert SpecifierSet(PROJECT["requires-python"]).contains(f"{version}.0") and version == "3.11", python
     assert "pip" in conda_deps
-    # torch and everything else from pip at pyproject's pins: no conda package of them to disagree.
+    # torch and everything else from pip at the lock's versions: no conda package of them to disagree.
     assert not {canonicalize_name(re.split(r"[=<> ]", d)[0]) for d in conda_deps} - {"python", "pip"}
 
     options = [line for line in pip_section if line.startswith("-")]
-    assert pins([line for line in pip_section if not line.startswith("-")]) == PROJECT_PINS
+    assert pins([line for line in pip_section if not line.startswith("-")]) == LOCK
     if "cpu" in filename:
         assert options == [f"--extra-index-url {CPU_INDEX}"]  # torch==X resolves to X+cpu
     else:
@@ -72,9 +124,8 @@ def test_conda_environment_matches_pyproject(filename, env_name):
 def test_pipfile_is_the_page_extra():
     pipfile = tomllib.loads((REPO / "Pipfile").read_text())
     packages = {canonicalize_name(name): spec for name, spec in pipfile["packages"].items()}
-    page_extra = pins(PROJECT["optional-dependencies"]["page"])
-    assert packages == {name: f"=={version}" for name, version in page_extra.items()}
-    assert all(PROJECT_PINS[name] == spec[2:] for name, spec in packages.items())
+    page_extra = {canonicalize_name(Requirement(r).name) for r in PROJECT["optional-dependencies"]["page"]}
+    assert packages == {name: f"=={LOCK[name]}" for name in page_extra}
     assert "torch" not in packages
     python = pipfile["requires"]["python_version"]
     assert python == "3.11" and SpecifierSet(PROJECT["requires-python"]).contains(f"{python}.0")

@@ -199,6 +199,7 @@ def run(args: argparse.Namespace) -> tuple[int, int, int] | None:
     rank 0, None on the other ranks of a torchrun."""
     from .artifact import load_artifact
     from .distributed import part_suffix, process_group
+    from .features import decode_workers
     from .inference import Predictor
 
     images = find_images(args.inputs)
@@ -217,8 +218,9 @@ def run(args: argparse.Namespace) -> tuple[int, int, int] | None:
         else:
             target = final
         mine = [p for p in group.shard(todo) if str(p) not in target.done]
+        workers = decode_workers(predictor.device, group.local_world_size) if args.workers is None else args.workers
         try:
-            counts = predict_into(target, predictor, mine, args.batch_size, args.workers)
+            counts = predict_into(target, predictor, mine, args.batch_size, workers)
         finally:
             target.close()
         gathered = group.gather(counts)

@@ -32,6 +32,7 @@ class Group:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1  # the processes on this node, which share its cores
 
     @property
     def distributed(self) -> bool:
@@ -86,7 +87,8 @@ def process_group():
         return
     import torch.distributed as dist
 
-    group = Group(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    group = Group(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")),
+                  int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if dist.is_initialized():  # inside another process_group block (one job, several steps)
         yield group
         return

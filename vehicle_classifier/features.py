@@ -105,11 +105,12 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def decode_workers(device: torch.device) -> int:
-    """DataLoader worker processes for decoding. On CUDA the forward is ~60x faster than one
-    core's decode, so every core but the one feeding the GPU decodes; on CPU the backbone needs
-    the cores itself, so one worker per CPU_CORES_PER_DECODER (one on a 2-core machine)."""
-    cores = usable_cores()
+def decode_workers(device: torch.device, processes: int = 1) -> int:
+    """DataLoader worker processes for decoding, for each of `processes` that share the cores
+    (the ranks of a torchrun on this node). On CUDA the forward is ~60x faster than one core's
+    decode, so every core but the one feeding the GPU decodes; on CPU the backbone needs the
+    cores itself, so one worker per CPU_CORES_PER_DECODER (one on a 2-core machine)."""
+    cores = max(1, usable_cores() // processes)
     if device.type == "cuda":
         return max(1, cores - 1)
     return max(1, cores // CPU_CORES_PER_DECODER)
@@ -200,6 +201,7 @@ def backbone_features(model: nn.Module, paths: list[Path], preprocessing: dict, 
     if not paths:
         return
     if device.type == "cuda":
+        torch.cuda.set_device(device)  # pinned memory and kernels on this rank's GPU, not GPU 0
         model = model.to(device).eval()
     batch_size = batch_size or fit_batch_size(model, preprocessing["input_size"], device, precision)
     batches = iter(image_batches(paths, preprocessing, device, batch_size, num_workers))
@@ -240,6 +242,7 @@ def extract_features(
     Under torchrun each rank extracts its shard into a part cache of its own, and rank 0 merges
     the parts into `cache` (the other ranks return what they computed)."""
     todo = [i for i, d in enumerate(digests) if d not in cache.features]
+    num_workers = decode_workers(device, group.local_world_size) if num_workers is None else num_workers
     if not group.distributed:
         failures = _extract_into(cache, model, [(paths[i], digests[i]) for i in todo], preprocessing, device,
                                  precision, batch_size, num_workers)
