@@ -79,6 +79,11 @@ def train_head(
     return head.eval(), history, best_epoch
 
 
+def pick_device(requested: str = "auto") -> torch.device:
+    """`auto`: CUDA when available, else the CPU (the notebook's choice too)."""
+    return SINGLE.device(requested)
+
+
 def unique_readable(samples: list[Sample], digests: list[str], features: dict) -> tuple[list[tuple[Sample, str]], int]:
     """The readable samples (those with features) with their digests, identical files (same
     content) counted once so that a duplicate can never sit on both sides of the train/test
