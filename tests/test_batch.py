@@ -92,23 +92,30 @@ def test_jsonl_output_and_the_same_answers_as_csv(tiny_model_dir, photos_dir, tm
         assert abs(row["confidence"] - float(by_csv[row["path"]]["confidence"])) < 2e-3
 
 
-def test_an_output_of_other_columns_is_refused_untouched(tiny_model_dir, photos_dir, tmp_path, capsys):
-    out = tmp_path / "other.csv"
-    out.write_text("path,label,score\na.jpg,Car,0.9\n")
+@pytest.mark.parametrize("name, text", [
+    ("other.csv", "path,label,score\na.jpg,Car,0.9\n"),
+    ("other.jsonl", '{"path": "a.jpg", "label": "Car", "score": 0.9}\n'),
+])
+def test_an_output_of_other_columns_is_refused_untouched(tiny_model_dir, photos_dir, tmp_path, capsys, name, text):
+    out = tmp_path / name
+    out.write_text(text)
     assert batch.main([str(photos_dir / "Bike"), "--model-dir", str(tiny_model_dir), "--output", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "other columns" in err and "\n" not in err
-    assert out.read_text() == "path,label,score\na.jpg,Car,0.9\n"
+    assert out.read_text() == text
 
 
 @pytest.mark.parametrize("case, message", [
     ("missing input", "no such file or folder"),
+    ("no images", "no image files in"),
     ("bad suffix", "--output must end in .csv or .jsonl"),
 ])
 def test_bad_arguments_get_one_line(tiny_model_dir, photos_dir, tmp_path, capsys, case, message):
     inputs, output = str(photos_dir), str(tmp_path / "p.csv")
     if case == "missing input":
         inputs = str(tmp_path / "nowhere")
+    elif case == "no images":
+        inputs = str(tmp_path)
     else:
         output = str(tmp_path / "p.xlsx")
     assert batch.main([inputs, "--model-dir", str(tiny_model_dir), "--output", output]) == 2

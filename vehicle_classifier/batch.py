@@ -77,12 +77,15 @@ class ResultsFile:
                 f.truncate(complete)
         text = data[:complete].decode("utf-8", errors="replace")
         if self.jsonl:
-            return [self._json_row(line, n) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
-        reader = csv.DictReader(io.StringIO(text))
-        if reader.fieldnames and reader.fieldnames != self.columns:
-            raise BatchError(f"{self.path} has other columns ({', '.join(reader.fieldnames)}): written for another "
-                             f"model? Choose another --output")
-        return list(reader)
+            rows = [self._json_row(line, n) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+            columns = list(rows[0]) if rows else None
+        else:
+            reader = csv.DictReader(io.StringIO(text))
+            rows, columns = list(reader), reader.fieldnames
+        if columns and columns != self.columns:
+            raise BatchError(f"{self.path} has other columns ({', '.join(columns)}): written for another model? "
+                             f"Choose another --output")
+        return rows
 
     def _json_row(self, line: str, number: int) -> dict:
         try:
@@ -203,6 +206,8 @@ def run(args: argparse.Namespace) -> tuple[int, int, int] | None:
     from .inference import Predictor
 
     images = find_images(args.inputs)
+    if not images:
+        raise BatchError(f"no image files in {', '.join(map(str, args.inputs))}")
     model = load_artifact(args.model_dir / config.ARTIFACT_FILE)
     with process_group() as group:
         # torch runs only the head here: features come from backbone_features' own runtime.
