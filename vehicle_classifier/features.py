@@ -275,16 +275,17 @@ def _extract_into(store: FeatureCache, model: nn.Module, files: list[tuple[Path,
 
 
 def _merge_parts(cache: FeatureCache, part: FeatureCache, failures: dict[Path, str], group: Group) -> dict[Path, str]:
-    """Rank 0 takes every rank's part into `cache` (saved once, then the parts are removed) and
-    every rank's failures; the other ranks keep their own part's features and failures."""
-    gathered = group.gather((str(part.path), {str(p): r for p, r in failures.items()}))
+    """Rank 0 takes every part into `cache` (saved once, then the parts are removed; parts a
+    killed run of another world size left are taken too) and every rank's failures; the other
+    ranks keep their own part's features and failures."""
+    gathered = group.gather({str(p): reason for p, reason in failures.items()})
     if not group.is_main:
         cache.features.update(part.features)
         return failures
-    for part_path, _ in gathered:
-        cache.features.update(FeatureCache(cache.path.parent, Path(part_path).stem).features)
-    if len(cache.features):
-        cache.save()
-    for part_path, _ in gathered:
-        Path(part_path).unlink(missing_ok=True)
-    return {Path(p): reason for _, failed in gathered for p, reason in failed.items()}
+    parts = sorted(cache.path.parent.glob(f"{cache.path.stem}.part*-of-*{cache.path.suffix}"))
+    for part_path in parts:
+        cache.features.update(FeatureCache(part_path.parent, part_path.stem).features)
+    cache.save()
+    for part_path in parts:
+        part_path.unlink()
+    return {Path(p): reason for failed in gathered for p, reason in failed.items()}
