@@ -29,7 +29,7 @@ HELP = {
     "precision": "backbone precision: auto (bf16 where the hardware has it), bf16 or fp32",
 }
 
-CHOICES = {"backbone": sorted(config.BACKBONES), "precision": ["auto", "bf16", "fp32"]}
+CHOICES = {"backbone": sorted(config.BACKBONES), "precision": list(config.PRECISIONS)}
 
 
 def build_parser() -> argparse.ArgumentParser:

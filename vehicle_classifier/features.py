@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from .config import PRECISIONS
 from .fileio import atomic_path
 from .images import ImageError, load_tensor
 from .runtime import OpenVINOBackbone
@@ -39,9 +40,9 @@ def cpu_supports_bf16() -> bool:
 
 def resolve_precision(requested: str, device: torch.device) -> str:
     """'auto' is bf16 where the hardware runs it natively (CUDA with bf16, CPUs with AVX512-BF16
-    or AMX: about 3x fp32 here, features within ~1e-4 cosine of fp32), else fp32."""
-    if requested not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"precision must be auto, bf16 or fp32, not {requested!r}")
+    or AMX: 1.3-1.6x fp32 in torch on this project's AMD EPYC (benchmarks/), features within ~1e-4 cosine of fp32), else fp32."""
+    if requested not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {requested!r}")
     if requested != "auto":
         return requested
     if device.type == "cuda":
