@@ -51,9 +51,9 @@ def raw_request(url: str, head: str, body: bytes = b"") -> tuple[int, dict, dict
 
 def test_schemathesis_every_check_passes(served, tmp_path):
     url, log = served
-    args = [str(Path(sys.executable).parent / "schemathesis"), "--config-file", str(REPO / "tests" / "schemathesis.toml"),
+    args = [str(Path(sys.executable).parent / "schemathesis"), "--no-color", "--config-file", str(REPO / "tests" / "schemathesis.toml"),
             "run", f"{url}/openapi.json", "--checks", "all", "--max-examples", str(SCHEMATHESIS_EXAMPLES),
-            "--seed", "1", "--no-color", "--report-dir", str(tmp_path)]
+            "--seed", "1", "--report-dir", str(tmp_path)]
     out = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-8000:] + out.stderr[-2000:]
     assert "Traceback" not in log.read_text()
