@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .config import PRECISIONS
 from .fileio import atomic_path
-from .images import ImageError, load_tensor
+from .images import DECODER_VERSION, ImageError, load_tensor
 from .runtime import OpenVINOBackbone
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def runtime_for(device: torch.device) -> str:
 def cache_key(architecture: str, model_kwargs: dict, weights_digest: str, preprocessing: dict, precision: str,
               runtime: str) -> str:
     identity = dict(architecture=architecture, model_kwargs=model_kwargs, weights=weights_digest,
-                    preprocessing=preprocessing, precision=precision, runtime=runtime)
+                    preprocessing=preprocessing, precision=precision, runtime=runtime, decoder=DECODER_VERSION)
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
 
 

@@ -17,6 +17,8 @@ from . import UserError
 from .config import MAX_IMAGE_PIXELS
 
 Image.MAX_IMAGE_PIXELS = None  # we check the pixel count ourselves, before decoding
+# Bumped whenever decoding changes the pixels it produces: part of the feature cache's key.
+DECODER_VERSION = 2  # 2: formats other than JPEG box-reduced before the resize (_reduced)
 _RESAMPLING = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 
@@ -25,8 +27,9 @@ class ImageError(UserError, ValueError):
 
 
 def open_image(source: bytes | str | Path, draft_size: int = 0, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Decode `source` (bytes or a path) into an RGB image, EXIF orientation applied."""
-    return decode(read_header(source, draft_size, max_pixels))
+    """Decode `source` (bytes or a path) into an RGB image, EXIF orientation applied, at a
+    reduced scale that keeps the shorter side >= `draft_size` (0: full size)."""
+    return decode(read_header(source, draft_size, max_pixels), draft_size)
 
 
 def read_header(source: bytes | str | Path, draft_size: int = 0, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
@@ -49,17 +52,32 @@ def read_header(source: bytes | str | Path, draft_size: int = 0, max_pixels: int
         return image
 
 
-def decode(image: Image.Image) -> Image.Image:
+def decode(image: Image.Image, draft_size: int = 0) -> Image.Image:
     """The pixels of an image from `read_header`, as RGB: the first frame of a GIF or a
-    multi-page TIFF, EXIF orientation applied."""
+    multi-page TIFF, reduced (see `_reduced`), EXIF orientation applied."""
     with _image_errors():
         image.seek(0)
         image.load()
+        image = _reduced(image, draft_size)
         try:
             image = ImageOps.exif_transpose(image)
         except Exception:  # a damaged EXIF block: keep the pixels as stored
             pass
         return to_rgb(image)
+
+
+def _reduced(image: Image.Image, min_side: int) -> Image.Image:
+    """Formats without JPEG's DCT scaling (PNG, WebP, TIFF, ...) decode at full size; a box
+    reduction by the largest whole factor that keeps the shorter side >= `min_side` makes the
+    conversions and the resize after it cheap in time and memory (a 64 MP RGBA PNG: ~1.4 GB
+    of intermediates without it). The counterpart of JPEG's draft mode, for the other formats."""
+    factor = min(image.size) // min_side if min_side and image.format != "JPEG" else 1
+    if factor < 2:
+        return image
+    try:
+        return image.reduce(factor)
+    except (ValueError, NotImplementedError):  # a mode reduce() does not handle (palette, 1-bit, ...)
+        return image
 
 
 @contextlib.contextmanager

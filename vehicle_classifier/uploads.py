@@ -232,7 +232,7 @@ def decode_uploads(uploads: list[Upload], predictor, settings: ServiceConfig, bu
     for upload in uploads:
         header = headers.pop(0)
         with _named(upload.name, len(uploads) > 1), budget.reserve(header.width * header.height):
-            image = decode(header)
+            image = decode(header, preprocessing["resize_size"])
             crop = center_crop(image, preprocessing) if keep_crops else None
             decoded.append(Decoded(upload.name, predictor.to_tensor(image), crop))
             header.close()
