@@ -123,3 +123,21 @@ def test_settings_are_read_and_checked_in_one_place():
     assert ServiceConfig.from_env({}) == ServiceConfig()
     with pytest.raises(ValueError, match="GUNICORN_THREADS must be at least 1, not 0"):
         ServiceConfig.from_env({"GUNICORN_THREADS": "0"})
+
+
+def test_the_torch_runtime_runs_every_forward_in_its_one_forward_thread(tiny_model_dir):
+    predictor = Predictor.from_dir(tiny_model_dir, runtime="torch")
+    assert predictor.openvino is None and predictor.openvino_mode is None
+    seen = set()
+    predictor.torch_forward.backbone.register_forward_hook(lambda *_: seen.add(threading.current_thread().name))
+    answers = []
+    blank = [torch.zeros(3, 32, 32)]
+    callers = [threading.Thread(target=lambda: answers.append(predictor.predict_tensors(blank))) for _ in range(4)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join(30)
+    with_attention = predictor.predict_tensors(blank, attention=True)[0]
+    assert len(answers) == 4 and all(a[0].label == answers[0][0].label for a in answers)
+    assert with_attention.attention.shape == (4, 4)
+    assert len(seen) == 1 and seen.pop().startswith("torch-forward")
