@@ -224,6 +224,8 @@ def test_batch_answers_each_file_in_order(client):
 def test_attention_overlay(client, query):
     answer = predict_raw(client, good_jpeg(), query=query).get_json()
     assert_prediction(answer)
+    # Asking for the overlay does not change the answer (the map comes from a second forward).
+    assert answer["probabilities"] == predict_raw(client, good_jpeg()).get_json()["probabilities"]
     overlay = Image.open(io.BytesIO(base64.b64decode(answer["attention_png"])))
     assert overlay.format == "PNG" and overlay.size == (32, 32)  # the tiny model's input crop
     assert np.asarray(overlay).std() > 0  # a heat map, not a blank square

@@ -88,13 +88,13 @@ def _add_predict(app: Flask, docs, predictor, config: ServiceConfig, metrics: Me
         timings.append(("decode", time.perf_counter()))
         predictions = predictor.predict_tensors([item.tensor for item in decoded], attention=attention)
         timings.append(("model", time.perf_counter()))
+        from .inference import attention_overlay_png  # loaded with the predictor: costs nothing here
+
         answers = []
         for item, prediction in zip(decoded, predictions):
             metrics.images.labels(prediction.label).inc()
             answer = prediction.to_json()
             if attention:
-                from .inference import attention_overlay_png
-
                 answer["attention_png"] = base64.b64encode(attention_overlay_png(item.crop, prediction.attention)).decode()
             answers.append({"filename": item.name, **answer})
         if len(answers) == 1:  # one image, however it was sent: the flat answer

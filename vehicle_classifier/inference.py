@@ -5,7 +5,8 @@ One forward path per runtime: OpenVINO on CPU (runtime.py: by default a lone for
 core, overlapping forwards on a core each), torch otherwise (RUNTIME=torch, or CUDA), in a
 thread of its own (TorchForward). Requests that arrive together share one batched forward
 (Batcher, one batch per OpenVINO stream). Attention maps come from the torch backbone (on
-request only: they need the attention weights)."""
+request only: they need the attention weights); the answer is the runtime's, with or without
+them."""
 
 from __future__ import annotations
 
@@ -200,11 +201,13 @@ class Predictor:
         return self._batcher(tensors)
 
     def _predict_batch(self, tensors: list[torch.Tensor], attention: bool = False) -> list[Prediction]:
-        if attention or self.openvino is None:
+        if self.openvino is None:
             features, maps = self.torch_forward(tensors, attention)
         else:  # OpenVINO runs in its own threads; torch only stacks, on this thread alone
             with torch_threads(1):
                 features, maps = self.openvino(torch.stack(tensors)), None
+            if attention:  # the map needs torch's attention weights; the answer stays the one without it
+                maps = self.torch_forward(tensors, attention=True)[1]
         with torch.inference_mode(), torch_threads(1):  # the head, in fp32: a few small matmuls
             probabilities = self.head(features.float().to(self.device)).softmax(dim=1).cpu()
         names = self.model.class_names
