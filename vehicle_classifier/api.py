@@ -51,9 +51,20 @@ def create_app(config: ServiceConfig | None = None, predictor=None) -> Flask:
     docs = schemas.make_docs("A frozen DINO ViT backbone and a small MLP head. " + HOW_TO_SEND + ".")
     _add_predict(app, docs, predictor, config, metrics)
     _add_info_endpoints(app, docs, predictor, config, metrics)
+    endpoints: list[str] = []  # the index's list, taken from the document once it is built
+
+    @app.get("/")
+    @docs.validate(resp=schemas.errors(HTTP_200=schemas.Index), skip_validation=True)
+    def index():
+        """The service, its model version and its endpoints"""
+        return jsonify(service="vehicle-classifier", model_version=predictor.metadata["model_version"],
+                       endpoints=endpoints)
+
     docs.register(app)
     with app.app_context():  # spectree reads the routes from the current app
         document = schemas.openapi_document(docs, config.max_batch_files)
+    endpoints += [f"{method.upper()} {path}" for path, operations in document["paths"].items() for method in operations]
+    endpoints += ["GET /openapi.json", "GET /docs"]
 
     @app.get("/openapi.json")
     def openapi():
@@ -120,14 +131,6 @@ def _server_timing(timings: list[tuple[str, float]]) -> str:
 def _add_info_endpoints(app: Flask, docs, predictor, config: ServiceConfig, metrics: Metrics) -> None:
     metadata = predictor.metadata
     model_version = metadata["model_version"]
-
-    @app.get("/")
-    @docs.validate(resp=schemas.errors(HTTP_200=schemas.Index), skip_validation=True)
-    def index():
-        """The service, its model version and its endpoints"""
-        return jsonify(service="vehicle-classifier", model_version=model_version,
-                       endpoints=["POST /predict", "GET /health", "GET /ready", "GET /metadata",
-                                  "GET /metrics", "GET /openapi.json", "GET /docs"])
 
     @app.get("/health")
     @docs.validate(resp=schemas.errors(HTTP_200=schemas.Health), skip_validation=True)
