@@ -138,3 +138,13 @@ def test_bad_setting_stops_with_one_line(tiny_model_dir, name, value, message):
                          text=True, timeout=120)
     assert out.returncode != 0
     assert out.stderr.strip() == f"error: {message}"
+
+
+def test_bad_gunicorn_setting_stops_gunicorn_with_one_line(tiny_model_dir):
+    proc = gunicorn(tiny_model_dir, free_port(), GUNICORN_THREADS="zero")  # read in gunicorn.conf.py
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        stop(proc)
+    assert proc.returncode != 0
+    assert err.strip() == "error: GUNICORN_THREADS must be a whole number, not 'zero'"
