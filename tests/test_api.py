@@ -364,6 +364,9 @@ def test_a_bug_is_a_logged_json_500_and_the_service_goes_on(tiny_model_dir, capl
     try:
         assert_error(predict_raw(client, good_jpeg()), 500, "internal error")
         assert "ZeroDivisionError" in caplog.text
+        # The same bug again: one line, no second traceback (a repeated request cannot flood the log).
+        assert_error(predict_raw(client, good_jpeg()), 500, "internal error")
+        assert caplog.text.count("Traceback") == 1 and "seen 2 times" in caplog.text
     finally:
         predictor.to_tensor = original
     assert_still_serving(client)
