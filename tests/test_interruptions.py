@@ -126,17 +126,20 @@ def test_a_rerun_after_an_interrupted_extraction_extracts_only_the_missing_photo
 
 def test_a_kill_in_the_middle_of_a_cache_write_leaves_no_damaged_shard(tmp_path, tiny_weights, backbone_calls):
     """SIGKILL inside the second shard's write, after its bytes are written but before they are
-    renamed into place: the temporary is cleaned by the rerun, which redoes just that batch on."""
+    renamed into place: the rerun removes the temporary (and older runs' leftovers in the output
+    folder) and extracts all but the first batch."""
     data, out, cache = make_dataset(tmp_path / "data", PER_CLASS), tmp_path / "out", tmp_path / "cache"
     shard = f"str(args[1]).startswith({str(cache)!r}) and str(args[1]).endswith('.safetensors')"
     done = run_hooked(train_args(data, out, cache, tiny_weights), "vehicle_classifier.fileio:os.replace", 2,
                       "before", signal.SIGKILL, condition=shard)
     assert done.returncode == -signal.SIGKILL
     assert len(temporaries(cache)) == 1 and len(cached_features(cache)) == BATCH
+    leftover = out / ".model.safetensors.k3x9q_1a.tmp.safetensors"  # as killed runs of 0.2.0 left them
+    leftover.write_bytes(b"\0" * 1000)
 
     run(data, out, tiny_weights, cache)
     assert backbone_calls["images"] == 2 * PER_CLASS - BATCH
-    assert not temporaries(cache)
+    assert not temporaries(cache) and not leftover.exists()
 
 
 # --- the outputs are one set ----------------------------------------------------------------
@@ -267,13 +270,14 @@ def test_a_full_disk_gives_one_line_and_leaves_nothing(tmp_path, small_disk, tin
     assert done.returncode == 2
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert errors[0].endswith(f"(nothing in {out} was changed)")
     assert str(out) in errors[0] and "disk is full" in errors[0]
     assert output_set(out) == {} and not temporaries(out) and not fileio.in_transition(out)
 
 
 def test_a_full_disk_during_extraction_keeps_the_finished_batches(tmp_path, small_disk, tiny_weights):
     data, cache = make_dataset(tmp_path / "data", 3 * PER_CLASS), small_disk / "cache"
-    with pytest.raises(WriteError, match=rf"cannot write {small_disk}.*disk is full"):
+    with pytest.raises(WriteError, match=rf"cannot write {small_disk}.*disk is full.*a rerun continues from them"):
         run(data, tmp_path / "out", tiny_weights, cache)
     kept = cached_features(cache)
     assert 0 < len(kept) < 6 * PER_CLASS and len(kept) % BATCH == 0

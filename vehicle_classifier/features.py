@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .fileio import clean_temporaries, exclusive, write_file
+from .fileio import WriteError, clean_temporaries, exclusive, write_file
 from .images import ImageError, load_tensor
 from .runtime import OpenVINOBackbone
 
@@ -120,7 +120,10 @@ class FeatureCache:
         """Keep `features` and persist them at once, as a shard of their own."""
         if features:
             features = {k: v.detach().cpu().contiguous().clone() for k, v in features.items()}
-            write_file(self.folder / f"{uuid.uuid4().hex}.safetensors", self._encode(features))
+            try:
+                write_file(self.folder / f"{uuid.uuid4().hex}.safetensors", self._encode(features))
+            except WriteError as exc:
+                raise WriteError(f"{exc} (the features stored before are kept: a rerun continues from them)") from None
             self.features.update(features)
 
     def compact(self) -> None:

@@ -136,7 +136,9 @@ def write_json(path: Path, data) -> None:
 def clean_temporaries(folder: Path) -> list[Path]:
     """Remove the temporaries that killed runs left in `folder`. Call it holding the folder's
     lock: a live run's temporaries look the same."""
-    stale = [p for p in Path(folder).glob(f".*{TEMP_SUFFIX}") if p.is_file()]
+    # (Earlier versions named them .NAME.XXXX.tmp.SUFFIX: those too.)
+    stale = [p for pattern in (f".*{TEMP_SUFFIX}", f".*{TEMP_SUFFIX}.*") for p in Path(folder).glob(pattern)
+             if p.is_file()]
     for path in stale:
         path.unlink(missing_ok=True)
     return stale
@@ -158,6 +160,8 @@ def publish(folder: Path, files: dict[str, bytes], replaces: tuple[str, ...] = (
         for name, data in files.items():  # the slow part: a failure here changes nothing
             staged[name] = write_temporary(folder, name, data)
         _swap(folder, staged, sorted(set(files) | set(replaces)))
+    except WriteError as exc:
+        raise WriteError(f"{exc} (nothing in {folder} was changed)") from None
     finally:
         for tmp in staged.values():
             tmp.unlink(missing_ok=True)

@@ -176,26 +176,12 @@ def _run(data_dir: Path, output_dir: Path, cfg: config.TrainConfig, weights: Pat
         raise DataError(f"every class needs at least two readable images; found {counts}")
 
     split = stratified_split(labels, cfg.val_fraction, cfg.test_fraction, cfg.seed)
-    x = torch.stack([features[d] for _, d in kept])
-    y = torch.tensor(labels)
-    part = {name: (x[idx], y[idx]) for name, idx in split.items()}
-    head, history, best_epoch = train_head(*part["train"], *part["val"], len(class_names), cfg)
-
-    metrics = {
-        name: classification_metrics(yy.numpy(), predict_proba(head, xx).numpy(), class_names)
-        for name, (xx, yy) in part.items()
-    }
+    head, history, best_epoch, metrics = _fit(torch.stack([features[d] for _, d in kept]), torch.tensor(labels),
+                                              split, class_names, cfg)
     summary = {
-        "images_found": len(samples),
-        "images_skipped": len(failures),
-        "duplicates_dropped": duplicates,
-        "class_counts": counts,
-        "best_epoch": best_epoch,
-        "epochs_run": len(history),
-        "precision": precision,
-        "runtime": runtime,
-        "device": str(torch_device),
-        "seconds": round(time.perf_counter() - started, 2),
+        "images_found": len(samples), "images_skipped": len(failures), "duplicates_dropped": duplicates,
+        "class_counts": counts, "best_epoch": best_epoch, "epochs_run": len(history), "precision": precision,
+        "runtime": runtime, "device": str(torch_device), "seconds": round(time.perf_counter() - started, 2),
     }
     split_doc = {
         "data_dir": str(data_dir), "seed": cfg.seed, "class_names": class_names,
@@ -203,13 +189,8 @@ def _run(data_dir: Path, output_dir: Path, cfg: config.TrainConfig, weights: Pat
     }
     artifact_metadata = {
         "class_names": class_names,
-        "backbone": {
-            "name": spec.name,
-            "architecture": spec.architecture,
-            "model_kwargs": spec.model_kwargs,
-            "weights_digest": weights_digest,
-            "weights_source": str(weights) if weights else spec.hub_id,
-        },
+        "backbone": {"name": spec.name, "architecture": spec.architecture, "model_kwargs": spec.model_kwargs,
+                     "weights_digest": weights_digest, "weights_source": str(weights) if weights else spec.hub_id},
         "preprocessing": preprocessing,
         "training": {**asdict(cfg), "data_dir": str(data_dir), **summary, "fingerprint": fingerprint},
         "metrics": {name: {"accuracy": m["accuracy"], "roc_auc": m["roc_auc"]} for name, m in metrics.items()},
@@ -217,6 +198,17 @@ def _run(data_dir: Path, output_dir: Path, cfg: config.TrainConfig, weights: Pat
     publish_outputs(output_dir, backbone, head, artifact_metadata, split_doc,
                     {**metrics, "summary": summary, "history": history})
     return {**metrics, "summary": summary}
+
+
+def _fit(x: torch.Tensor, y: torch.Tensor, split: dict, class_names: list[str], cfg: config.TrainConfig):
+    """The head trained on the split's features, its history and best epoch, and each part's metrics."""
+    part = {name: (x[idx], y[idx]) for name, idx in split.items()}
+    head, history, best_epoch = train_head(*part["train"], *part["val"], len(class_names), cfg)
+    metrics = {
+        name: classification_metrics(yy.numpy(), predict_proba(head, xx).numpy(), class_names)
+        for name, (xx, yy) in part.items()
+    }
+    return head, history, best_epoch, metrics
 
 
 def publish_outputs(output_dir: Path, backbone: nn.Module, head: MLPHead, artifact_metadata: dict, split_doc: dict,
