@@ -22,9 +22,9 @@ from safetensors.torch import save
 
 from conftest import REPO, TINY_SPEC
 from vehicle_classifier.backbone import (
-    HUB_TIMEOUT, WeightsError, create_backbone, find_pretrained_weights, state_dict_digest,
+    WeightsError, create_backbone, find_pretrained_weights, state_dict_digest,
 )
-from vehicle_classifier.config import HUB_WEIGHTS_FILE
+from vehicle_classifier.config import HUB_TIMEOUT, HUB_WEIGHTS_FILE
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

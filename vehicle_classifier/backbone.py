@@ -15,9 +15,7 @@ import torch
 from torch import nn
 
 from . import UserError
-from .config import BACKBONES, HUB_WEIGHTS_FILE, BackboneSpec
-
-HUB_TIMEOUT = 3.0  # seconds the hub may take to answer before it counts as unreachable
+from .config import BACKBONES, HUB_TIMEOUT, HUB_WEIGHTS_FILE, BackboneSpec
 
 
 class WeightsError(UserError):

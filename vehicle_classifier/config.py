@@ -29,6 +29,7 @@ ARTIFACT_METADATA_KEY = "vehicle_classifier"  # the artifact header entry holdin
 
 # --- backbones ------------------------------------------------------------------------------
 HUB_WEIGHTS_FILE = "model.safetensors"  # timm's weights file in each hub repository
+HUB_TIMEOUT = 3.0  # seconds the hub may take to answer before it counts as unreachable
 
 
 @dataclass(frozen=True)

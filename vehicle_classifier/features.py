@@ -85,22 +85,21 @@ class FeatureCache:
         self.folder = Path(cache_dir) / key
         self.legacy = Path(cache_dir) / f"{key}.safetensors"  # the one-file cache of earlier versions
         self.features: dict[str, torch.Tensor] = {}
-        self._lock = None
+        self._held = contextlib.ExitStack()
 
     def __enter__(self) -> "FeatureCache":
-        self._lock = exclusive(self.folder, "--cache-dir", wait=True)
-        self._lock.__enter__()
-        clean_temporaries(self.folder)
-        for shard in self._shards():
-            self.features.update(self._read(shard))
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(exclusive(self.folder, "--cache-dir", wait=True))
+            clean_temporaries(self.folder)
+            for shard in self._shards():
+                self.features.update(self._read(shard))
+            self._held = stack.pop_all()
         return self
 
     def __exit__(self, *exc_info) -> None:
-        try:
+        with self._held:
             if exc_info[0] is None:
                 self.compact()
-        finally:
-            self._lock.__exit__(*exc_info)
 
     def _shards(self) -> list[Path]:
         return sorted(self.folder.glob("*.safetensors")) + ([self.legacy] if self.legacy.is_file() else [])

@@ -16,8 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import config
-from . import UserError
+from . import UserError, config
 from .artifact import encode_artifact, read_metadata
 from .backbone import BackboneSpec, get_spec, load_backbone, preprocessing_for
 from .data import DataError, Sample, file_digest, scan_image_folder, stratified_split
