@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from safetensors import safe_open
+from safetensors.torch import load, save
 
 from conftest import REPO, TINY_SPEC, make_dataset
 from test_training import backbone_calls  # noqa: F401 (a fixture)
@@ -142,6 +143,23 @@ def test_a_kill_in_the_middle_of_a_cache_write_leaves_no_damaged_shard(tmp_path,
     assert not temporaries(cache) and not leftover.exists()
 
 
+def test_a_torn_or_misplaced_shard_is_ignored(tmp_path, tiny_weights, backbone_calls, caplog):
+    """A shard cut short (as a non-atomic writer would leave it) or one that names another
+    cache key (a copied folder): both are refused with a warning and their photos redone."""
+    data, cache = make_dataset(tmp_path / "data", 4), tmp_path / "cache"
+    run(data, tmp_path / "a", tiny_weights, cache)
+    (shard,) = cache.glob("*/*.safetensors")
+    blob = shard.read_bytes()
+    shard.write_bytes(blob[: len(blob) // 2])
+    (shard.parent / "copied.safetensors").write_bytes(save(load(blob), metadata={"cache_key": "another-key"}))
+    backbone_calls["images"] = 0
+    with caplog.at_level("WARNING"):
+        run(data, tmp_path / "b", tiny_weights, cache)
+    assert backbone_calls["images"] == 8
+    ignored = [r.getMessage() for r in caplog.records if "ignoring unreadable feature cache shard" in r.getMessage()]
+    assert len(ignored) == 2 and any("another-key" in m for m in ignored)
+
+
 # --- the outputs are one set ----------------------------------------------------------------
 def output_set(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")}
@@ -204,14 +222,15 @@ def test_outputs_carry_the_artifacts_model_version(tiny_model_dir):
         assert json.loads((tiny_model_dir / name).read_text())["model_version"] == version
 
 
-def test_sigint_while_publishing_says_whether_the_new_set_landed(tmp_path, tiny_weights):
-    """Ctrl-C before the commit: the old set and a message saying so; the old set is whole."""
+def test_sigterm_while_publishing_leaves_the_old_set_and_says_so(tmp_path, tiny_weights):
+    """`kill` (SIGTERM, as `docker stop` sends) winds down as Ctrl-C does: before the commit, the
+    old set, whole, and a message saying so."""
     data, out, cache = make_dataset(tmp_path / "data", PER_CLASS), tmp_path / "out", tmp_path / "cache"
     args = train_args(data, out, cache, tiny_weights)
     run(data, out, tiny_weights, cache)
     before = output_set(out)
     # The third rename into the output folder: after the lock's owner file and the journal.
-    second = run_hooked([*args, "--seed", 5], "vehicle_classifier.fileio:os.replace", 3, "before", signal.SIGINT,
+    second = run_hooked([*args, "--seed", 5], "vehicle_classifier.fileio:os.replace", 3, "before", signal.SIGTERM,
                         condition=f"str(args[1]).startswith({str(out)!r})")
     assert second.returncode == 130, second.stderr
     assert second.stderr.strip().splitlines()[-1].startswith(f"interrupted: {out} is unchanged and holds the previous")
