@@ -5,6 +5,7 @@ read-only disk gives one line and no leftovers."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -301,6 +302,29 @@ def test_a_full_disk_during_extraction_keeps_the_finished_batches(tmp_path, smal
     kept = cached_features(cache)
     assert 0 < len(kept) < 6 * PER_CLASS and len(kept) % BATCH == 0
     assert not temporaries(cache)
+
+
+@pytest.mark.parametrize("failing_fsync", [1, 3, 6])  # a staged output, the journal, the swap
+def test_enospc_from_fsync_leaves_the_old_set(tmp_path, monkeypatch, failing_fsync):
+    """Without a small disk to fill (no root): ENOSPC injected where network and delayed-allocation
+    file systems report it, at fsync; the same one line, the previous set, nothing left over."""
+    old = {config.ARTIFACT_FILE: b"old model", config.METRICS_FILE: b"old metrics"}
+    publish(tmp_path, old)
+    real_fsync, calls = os.fsync, [0]
+
+    def fsync(fd):
+        calls[0] += 1
+        if calls[0] == failing_fsync:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(fileio.os, "fsync", fsync)
+    with pytest.raises(WriteError, match=rf"cannot write {tmp_path}/.*No space left on device; the disk is full.*"
+                                         rf"\(nothing in {tmp_path} was changed\)"):
+        publish(tmp_path, {config.ARTIFACT_FILE: b"new model", config.METRICS_FILE: b"new metrics",
+                           config.SPLIT_FILE: b"new split"})
+    assert output_set(tmp_path) == old and not temporaries(tmp_path) and not fileio.in_transition(tmp_path)
+    assert not (tmp_path / fileio.BACKUP_DIR).exists()
 
 
 def test_a_read_only_folder_gives_one_line(small_disk):
