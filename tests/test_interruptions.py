@@ -328,7 +328,11 @@ def test_enospc_from_fsync_leaves_the_old_set(tmp_path, monkeypatch, failing_fsy
 
 
 def test_a_read_only_folder_gives_one_line(small_disk):
+    publish(small_disk / "models", {config.ARTIFACT_FILE: b"old model"})
     subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    with pytest.raises(WriteError, match=rf"cannot write {small_disk}/models/{config.ARTIFACT_FILE}: Read-only"):
+        publish(small_disk / "models", {config.ARTIFACT_FILE: b"new model"})
+    assert output_set(small_disk / "models") == {config.ARTIFACT_FILE: b"old model"}
     with pytest.raises(WriteError, match=rf"cannot write {small_disk}/out.*read-only.*writable folder"):
         publish(small_disk / "out", {config.ARTIFACT_FILE: b"model"})
     with pytest.raises(WriteError, match="read-only"):

@@ -72,7 +72,10 @@ def _umask() -> int:
 def write_temporary(folder: Path, name: str, data: bytes) -> Path:
     """`data` in a fresh, fsync'd temporary file in `folder`, readable as a plain open() would
     make it (mkstemp's 0600 would hide the model from the service's user in its container)."""
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=TEMP_SUFFIX)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=TEMP_SUFFIX)
+    except OSError as exc:  # no inode left, a read-only folder, no permission
+        raise write_error(Path(folder) / name, exc) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
