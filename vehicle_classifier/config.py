@@ -23,10 +23,13 @@ METRICS_FILE = "metrics.json"
 SPLIT_FILE = "split.json"
 HISTORY_PLOT = "learning_curves.png"
 CONFUSION_PLOT = "confusion_matrix.png"
+# One training run's outputs: published together, as one set (fileio.publish).
+OUTPUT_FILES = (ARTIFACT_FILE, METRICS_FILE, SPLIT_FILE, HISTORY_PLOT, CONFUSION_PLOT)
 ARTIFACT_METADATA_KEY = "vehicle_classifier"  # the artifact header entry holding its JSON metadata
 
 # --- backbones ------------------------------------------------------------------------------
 HUB_WEIGHTS_FILE = "model.safetensors"  # timm's weights file in each hub repository
+HUB_TIMEOUT = 3.0  # seconds the hub may take to answer before it counts as unreachable
 
 
 @dataclass(frozen=True)
