@@ -25,8 +25,9 @@ def vits16():
 
 def extract(model, paths, device, tmp_path):
     preprocessing = preprocessing_for(model)
-    cache = FeatureCache(tmp_path / device.type, "k")
-    found, failures = extract_features(model, paths, [str(p) for p in paths], preprocessing, cache, device, "bf16")
+    with FeatureCache(tmp_path / device.type, "k") as cache:
+        found, failures = extract_features(model, paths, [str(p) for p in paths], preprocessing, cache, device,
+                                           "bf16")
     assert not failures
     return torch.stack([found[str(p)] for p in paths])
 

@@ -8,11 +8,11 @@ import subprocess
 import sys
 
 import torch
-from safetensors.torch import load_file
 
 from conftest import REPO, TINY_SPEC, make_dataset
 from live_service import free_port
 from vehicle_classifier import batch, config, training
+from vehicle_classifier.features import FeatureCache
 
 
 def torchrun(*args):
@@ -21,6 +21,11 @@ def torchrun(*args):
     # gloo over loopback only; one thread per process, as torchrun would set anyway.
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+
+
+def cached_features(folder):
+    with FeatureCache(folder.parent, folder.name) as cache:
+        return dict(cache.features)
 
 
 def read_rows(path):
@@ -35,9 +40,10 @@ def test_two_ranks_extract_train_and_predict_as_one_process_does(tiny_weights, t
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rank 0 of 2: trained" in result.stdout and "rank 1 of 2: extracted its shard" in result.stdout
     assert (out / config.ARTIFACT_FILE).is_file()
-    # Extraction: one cache file, the parts merged into it and removed, each rank did half.
-    (merged,) = cache.iterdir()
-    shared = load_file(merged)
+    # Extraction: one cache folder, the parts merged into it and removed, each rank did half.
+    (merged,) = [p for p in cache.iterdir() if p.is_dir()]
+    assert ".part" not in merged.name
+    shared = cached_features(merged)
     assert len(shared) == 10
     totals = set(re.findall(r"(extracting features|predicting): +\d+%\|[^|]*\| \d+/(\d+)", result.stderr))
     assert totals == {("extracting features", "5"), ("predicting", "5")}  # each rank's bar: half the photos
@@ -50,9 +56,9 @@ def test_two_ranks_extract_train_and_predict_as_one_process_does(tiny_weights, t
     single = tmp_path / "single-cache"
     training.run_training(photos, tmp_path / "single-out", config.TrainConfig(backbone=TINY_SPEC.name, max_epochs=5),
                           tiny_weights, single, device="cpu", spec=TINY_SPEC)
-    (alone,) = single.iterdir()
+    (alone,) = [p for p in single.iterdir() if p.is_dir()]
     assert alone.name == merged.name
-    for digest, feature in load_file(alone).items():
+    for digest, feature in cached_features(alone).items():
         assert torch.nn.functional.cosine_similarity(feature, shared[digest], dim=0) > 0.999
     assert batch.main([str(photos), "--model-dir", str(out), "--output", str(tmp_path / "one.csv")]) == 0
     alone_rows = read_rows(tmp_path / "one.csv")

@@ -164,7 +164,7 @@ def predict_into(results: ResultsFile, predictor, paths: list[Path], batch_size:
     from .features import backbone_features
 
     classified = unreadable = 0
-    batches = backbone_features(predictor.backbone, paths, predictor.model.preprocessing, predictor.device,
+    batches = backbone_features(predictor.model.backbone, paths, predictor.model.preprocessing, predictor.device,
                                 predictor.precision, batch_size, num_workers)
     with tqdm(total=len(paths), desc="predicting", unit="img") as bar:
         for indices, features, failed in batches:
@@ -213,7 +213,6 @@ def run(args: argparse.Namespace) -> tuple[int, int, int] | None:
         # torch runs only the head here: features come from backbone_features' own runtime.
         predictor = Predictor(model, precision=args.precision, device=str(group.device(args.device)),
                               runtime="torch", warm_up=False)
-        predictor.place()
         columns = result_columns(predictor)
         final = ResultsFile(args.output, columns, repair=group.is_main)
         todo = [p for p in images if str(p) not in final.done]

@@ -57,6 +57,16 @@ class Group:
         dist.gather_object(obj, gathered, dst=0)
         return gathered
 
+    def broadcast(self, obj):
+        """Rank 0's `obj`, on every rank."""
+        if not self.distributed:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def device(self, requested: str = "auto") -> torch.device:
         """The device this rank runs on: `auto` is CUDA when available, and under torchrun each
         process takes the GPU of its local rank (cuda:LOCAL_RANK)."""

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 
-from .fileio import atomic_path
+from .fileio import write_file
 
 
 def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, class_names: list[str]) -> dict:
@@ -58,18 +59,34 @@ def _binary_roc_auc(positive: np.ndarray, scores: np.ndarray) -> float | None:
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
-def _figure(figsize: tuple[float, float]):
-    """A plain matplotlib Figure (no pyplot: its import and global state are not needed to
-    write a PNG)."""
-    from matplotlib.figure import Figure
+def _figure():
+    import matplotlib
 
-    return Figure(figsize=figsize)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(plt, fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
 
 
 def plot_learning_curves(history: list[dict], best_epoch: int, path: Path) -> None:
+    write_file(path, learning_curves_png(history, best_epoch))
+
+
+def plot_confusion_matrix(matrix: list[list[int]], class_names: list[str], path: Path, title: str) -> None:
+    write_file(path, confusion_matrix_png(matrix, class_names, title))
+
+
+def learning_curves_png(history: list[dict], best_epoch: int) -> bytes:
+    plt = _figure()
     epochs = [h["epoch"] for h in history]
-    fig = _figure((10, 4))
-    ax_loss, ax_acc = fig.subplots(1, 2)
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     for split in ("train", "val"):
         ax_loss.plot(epochs, [h[f"{split}_loss"] for h in history], label=split)
         ax_acc.plot(epochs, [h[f"{split}_accuracy"] for h in history], label=split)
@@ -79,14 +96,13 @@ def plot_learning_curves(history: list[dict], best_epoch: int, path: Path) -> No
         ax.set_title(title)
         ax.legend()
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+    return _png(plt, fig)
 
 
-def plot_confusion_matrix(matrix: list[list[int]], class_names: list[str], path: Path, title: str) -> None:
+def confusion_matrix_png(matrix: list[list[int]], class_names: list[str], title: str) -> bytes:
+    plt = _figure()
     matrix = np.asarray(matrix)
-    fig = _figure((4.5, 4))
-    ax = fig.subplots()
+    fig, ax = plt.subplots(figsize=(4.5, 4))
     ax.imshow(matrix, cmap="Blues")
     ax.set_xticks(range(len(class_names)), class_names)
     ax.set_yticks(range(len(class_names)), class_names)
@@ -97,5 +113,4 @@ def plot_confusion_matrix(matrix: list[list[int]], class_names: list[str], path:
         ax.text(col, row, str(count), ha="center", va="center",
                 color="white" if count > matrix.max() / 2 else "black")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+    return _png(plt, fig)

@@ -7,24 +7,25 @@ import copy
 import logging
 import random
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
-from . import config
-from .artifact import save_artifact
+from . import UserError, config
+from .artifact import encode_artifact, read_metadata
 from .backbone import BackboneSpec, get_spec, load_backbone, preprocessing_for
 from .distributed import SINGLE, Group
 from .data import DataError, Sample, file_digest, scan_image_folder, stratified_split
-from .features import FeatureCache, cache_key, extract_features, resolve_precision, runtime_for
-from .fileio import write_json
+from .features import FeatureCache, cache_key, extract_features, part_cache, resolve_precision, runtime_for
+from .fileio import clean_temporaries, exclusive, json_bytes, publish, recover
 from .head import MLPHead
-from .metrics import classification_metrics, plot_confusion_matrix, plot_learning_curves
-from .runtime import torch_threads
+from .inference import torch_threads
+from .metrics import classification_metrics, confusion_matrix_png, learning_curves_png
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,10 @@ def unique_readable(samples: list[Sample], digests: list[str], features: dict) -
     return kept, duplicates
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM, in train.py): its message says what was kept and what was not."""
+
+
 def run_training(
     data_dir: Path,
     output_dir: Path,
@@ -112,31 +117,88 @@ def run_training(
     group: Group = SINGLE,
 ) -> dict | None:
     """Image folder -> cached features -> trained head -> artifact, metrics.json, split.json and
-    plots in `output_dir`. Returns the metrics. Raises DataError or WeightsError with a message
-    fit for one line. Under torchrun every rank extracts its shard of the features and rank 0
-    alone trains and writes; the other ranks return None."""
-    started = time.perf_counter()
-    data_dir, output_dir = Path(data_dir), Path(output_dir)
+    plots in `output_dir`, published as one set (all of them or none; see fileio.publish). Holds
+    the output folder's lock throughout: a second run on it stops at once, naming this one.
+    Returns the metrics. Raises a UserError with a message fit for one line, or RunInterrupted.
+    Under torchrun every rank extracts its share of the features and rank 0 alone trains and
+    writes; the other ranks return None."""
     spec = spec or get_spec(cfg.backbone)
-    class_names, samples = scan_image_folder(data_dir)
+    if not group.is_main:
+        _extract(Path(data_dir), cfg, weights, cache_dir, device, spec, group)
+        return None
+    output_dir = Path(output_dir)
+    with exclusive(output_dir, "--output-dir", wait=False):
+        if recover(output_dir):
+            log.warning("%s: a killed run's half-published outputs were rolled back to the previous set", output_dir)
+        for stale in clean_temporaries(output_dir):
+            log.info("removed %s, left by a killed run", stale)
+        before = _published_version(output_dir)
+        try:
+            return _run(Path(data_dir), output_dir, cfg, weights, cache_dir, device, spec, fingerprint, group)
+        except KeyboardInterrupt:
+            raise RunInterrupted(_interrupted_outcome(output_dir, before)) from None
 
+
+def _published_version(output_dir: Path) -> str | None:
+    try:
+        return read_metadata(output_dir / config.ARTIFACT_FILE)["model_version"]
+    except UserError:
+        return None
+
+
+def _interrupted_outcome(output_dir: Path, before: str | None) -> str:
+    """What an interrupted run leaves, read from the disk: the publish happened or it did not."""
+    if _published_version(output_dir) != before:
+        return f"the new model was published just before: {output_dir} holds this run's complete outputs"
+    kept = "the previous model and its outputs" if before else "no model (it had none before)"
+    return (f"{output_dir} is unchanged and holds {kept}; the features extracted so far are kept in the "
+            f"cache, so a rerun continues where this one stopped")
+
+
+@dataclass
+class Extraction:
+    """The images found, the backbone and the features of the readable ones."""
+
+    class_names: list[str]
+    samples: list[Sample]
+    digests: list[str]
+    backbone: nn.Module
+    weights_digest: str
+    preprocessing: dict
+    device: torch.device
+    precision: str
+    runtime: str
+    features: dict[str, torch.Tensor]
+    failures: dict[Path, str]
+    seconds: float
+
+
+def _extract(data_dir: Path, cfg: config.TrainConfig, weights: Path | None, cache_dir: Path, device: str,
+             spec: BackboneSpec, group: Group) -> Extraction:
+    """Scan, load the backbone, extract (this rank's share under torchrun, into its part cache)."""
+    class_names, samples = scan_image_folder(data_dir)
     backbone, weights_digest = load_backbone(spec, weights)
     preprocessing = preprocessing_for(backbone)
     torch_device = group.device(device)
     precision = resolve_precision(cfg.precision, torch_device)
     runtime = runtime_for(torch_device)
     key = cache_key(spec.architecture, spec.model_kwargs, weights_digest, preprocessing, precision, runtime)
-    cache = FeatureCache(cache_dir, key)
-
     digests = [file_digest(s.path) for s in samples]
-    extract_started = time.perf_counter()
-    features, failures = extract_features(
-        backbone, [s.path for s in samples], digests, preprocessing, cache, torch_device, precision,
-        batch_size=cfg.extract_batch_size, group=group,
-    )
-    if not group.is_main:
-        return None
-    extract_seconds = time.perf_counter() - extract_started
+    started = time.perf_counter()
+    with FeatureCache(cache_dir, key) if group.is_main else part_cache(cache_dir, key, group) as cache:
+        features, failures = extract_features(
+            backbone, [s.path for s in samples], digests, preprocessing, cache, torch_device, precision,
+            batch_size=cfg.extract_batch_size, group=group,
+        )
+    return Extraction(class_names, samples, digests, backbone, weights_digest, preprocessing, torch_device, precision,
+                      runtime, features, failures, time.perf_counter() - started)
+
+
+def _run(data_dir: Path, output_dir: Path, cfg: config.TrainConfig, weights: Path | None, cache_dir: Path,
+         device: str, spec: BackboneSpec, fingerprint: str | None, group: Group) -> dict:
+    started = time.perf_counter()
+    ex = _extract(data_dir, cfg, weights, cache_dir, device, spec, group)
+    class_names, samples, digests, features, failures = ex.class_names, ex.samples, ex.digests, ex.features, ex.failures
     for path, reason in failures.items():
         log.warning("skipped %s: %s", path, reason)
 
@@ -147,8 +209,33 @@ def run_training(
         raise DataError(f"every class needs at least two readable images; found {counts}")
 
     split = stratified_split(labels, cfg.val_fraction, cfg.test_fraction, cfg.seed)
-    x = torch.stack([features[d] for _, d in kept])
-    y = torch.tensor(labels)
+    head, history, best_epoch, metrics = _fit(torch.stack([features[d] for _, d in kept]), torch.tensor(labels),
+                                              split, class_names, cfg)
+    summary = {
+        "images_found": len(samples), "images_skipped": len(failures), "duplicates_dropped": duplicates,
+        "class_counts": counts, "best_epoch": best_epoch, "epochs_run": len(history), "precision": ex.precision,
+        "runtime": ex.runtime, "device": str(ex.device), "extract_seconds": round(ex.seconds, 2),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    split_doc = {
+        "data_dir": str(data_dir), "seed": cfg.seed, "class_names": class_names,
+        **{name: [str(kept[i][0].path.relative_to(data_dir)) for i in idx] for name, idx in split.items()},
+    }
+    artifact_metadata = {
+        "class_names": class_names,
+        "backbone": {"name": spec.name, "architecture": spec.architecture, "model_kwargs": spec.model_kwargs,
+                     "weights_digest": ex.weights_digest, "weights_source": str(weights) if weights else spec.hub_id},
+        "preprocessing": ex.preprocessing,
+        "training": {**asdict(cfg), "data_dir": str(data_dir), **summary, "fingerprint": fingerprint},
+        "metrics": {name: {"accuracy": m["accuracy"], "roc_auc": m["roc_auc"]} for name, m in metrics.items()},
+    }
+    publish_outputs(output_dir, ex.backbone, head, artifact_metadata, split_doc,
+                    {**metrics, "summary": summary, "history": history})
+    return {**metrics, "summary": summary}
+
+
+def _fit(x: torch.Tensor, y: torch.Tensor, split: dict, class_names: list[str], cfg: config.TrainConfig):
+    """The head trained on the split's features, its history and best epoch, and each part's metrics."""
     part = {name: (x[idx], y[idx]) for name, idx in split.items()}
     # The head's steps are tiny (a few hundred rows by 384): in one thread, no OpenMP team to
     # wake per operation (4 s instead of 50-70 s for 40 epochs on a busy 2-core machine).
@@ -158,44 +245,23 @@ def run_training(
             name: classification_metrics(yy.numpy(), predict_proba(head, xx).numpy(), class_names)
             for name, (xx, yy) in part.items()
         }
-    summary = {
-        "images_found": len(samples),
-        "images_skipped": len(failures),
-        "duplicates_dropped": duplicates,
-        "class_counts": counts,
-        "best_epoch": best_epoch,
-        "epochs_run": len(history),
-        "precision": precision,
-        "runtime": runtime,
-        "device": str(torch_device),
-        "extract_seconds": round(extract_seconds, 2),
-        "seconds": round(time.perf_counter() - started, 2),
+    return head, history, best_epoch, metrics
+
+
+def publish_outputs(output_dir: Path, backbone: nn.Module, head: MLPHead, artifact_metadata: dict, split_doc: dict,
+                    metrics_doc: dict) -> str:
+    """Render every output in memory, then publish them as one set; metrics.json and split.json
+    carry the artifact's model_version, so a reader can tell they belong to it. Returns it."""
+    artifact, stored = encode_artifact(backbone, head, artifact_metadata)
+    version = stored["model_version"]
+    files = {
+        config.ARTIFACT_FILE: artifact,
+        config.METRICS_FILE: json_bytes({"model_version": version, **metrics_doc}),
+        config.SPLIT_FILE: json_bytes({"model_version": version, **split_doc}),
+        config.HISTORY_PLOT: learning_curves_png(metrics_doc["history"], metrics_doc["summary"]["best_epoch"]),
     }
-    write_json(output_dir / config.SPLIT_FILE, {
-        "data_dir": str(data_dir), "seed": cfg.seed, "class_names": class_names,
-        **{name: [str(kept[i][0].path.relative_to(data_dir)) for i in idx] for name, idx in split.items()},
-    })
-    write_json(output_dir / config.METRICS_FILE, {**metrics, "summary": summary, "history": history})
-    plot_learning_curves(history, best_epoch, output_dir / config.HISTORY_PLOT)
-    if len(split["test"]):
-        plot_confusion_matrix(metrics["test"]["confusion_matrix"], class_names,
-                              output_dir / config.CONFUSION_PLOT, "test split")
-    save_artifact(
-        output_dir / config.ARTIFACT_FILE,
-        backbone,
-        head,
-        {
-            "class_names": class_names,
-            "backbone": {
-                "name": spec.name,
-                "architecture": spec.architecture,
-                "model_kwargs": spec.model_kwargs,
-                "weights_digest": weights_digest,
-                "weights_source": str(weights) if weights else spec.hub_id,
-            },
-            "preprocessing": preprocessing,
-            "training": {**asdict(cfg), "data_dir": str(data_dir), **summary, "fingerprint": fingerprint},
-            "metrics": {name: {"accuracy": m["accuracy"], "roc_auc": m["roc_auc"]} for name, m in metrics.items()},
-        },
-    )
-    return {**metrics, "summary": summary}
+    if metrics_doc["test"]["count"]:
+        files[config.CONFUSION_PLOT] = confusion_matrix_png(
+            metrics_doc["test"]["confusion_matrix"], artifact_metadata["class_names"], "test split")
+    publish(output_dir, files, replaces=config.OUTPUT_FILES)
+    return version
