@@ -62,7 +62,7 @@ def test_training_end_to_end_on_cuda_and_the_artifact_predicts_the_same_on_cpu(t
 
 def test_predictor_on_cuda_answers_with_attention(tiny_model_dir):
     predictor = Predictor.from_dir(tiny_model_dir, device="cuda")
-    assert next(predictor.backbone.parameters()).is_cuda and predictor.runtime == "torch"
+    assert next(predictor.torch_forward.backbone.parameters()).is_cuda and predictor.runtime == "torch"
     image = predictor.load_image(sample_photos()[0])
     (plain,) = predictor.predict([image])
     (mapped,) = predictor.predict([image], attention=True)
