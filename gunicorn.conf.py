@@ -43,6 +43,10 @@ graceful_timeout = 15
 preload_app = True
 torch_threads = _env_int("TORCH_THREADS", max(1, cores // max(1, workers)))
 accesslog = os.environ.get("GUNICORN_ACCESSLOG")  # e.g. "-" for stdout; off by default
+# No control socket: gunicorn 27 puts it at one fixed path per user, so a second instance on the
+# host (make cluster runs several) would take over the first one's and delete it on exit.
+# Instances are managed by signals (make cluster, Docker, Kubernetes).
+control_socket_disable = True
 
 # Prometheus counters shared by all workers: the directory must exist, and be set, before
 # prometheus_client is imported anywhere.
@@ -86,6 +90,13 @@ def post_worker_init(worker):
         from vehicle_classifier.inference import run_in_main_thread
 
         predictor.run_forward = run_in_main_thread(worker.method_queue.defer)
+
+
+def on_reload(server):
+    # SIGHUP restarts the workers from the master, which holds the model it loaded at start
+    # (preload_app): a new model.safetensors is not read. Say so instead of leaving it silent.
+    server.log.warning("SIGHUP: workers restart with the model loaded at start; a new artifact needs a "
+                       "restart of gunicorn (or make reload behind the proxy, see README)")
 
 
 def when_ready(server):

@@ -143,3 +143,39 @@ class ServiceConfig:
             prefork=os.environ.get("VEHICLE_CLASSIFIER_PREFORK") == "1",
             upload_timeout=_env_int("UPLOAD_TIMEOUT", 10),
         )
+
+
+# --- the local cluster: nginx in front of gunicorn replicas (make cluster / make reload) ------
+NGINX_TEMPLATE = Path(__file__).resolve().parents[1] / "deploy" / "nginx" / "vehicle-classifier.conf.template"
+NGINX_BINARY = "nginx"  # looked up on PATH, then in /usr/sbin (Debian's package)
+
+
+@dataclass
+class ClusterConfig:
+    port: int = 9696  # where nginx listens
+    host: str = "0.0.0.0"
+    replicas: int = 2
+    model_dir: Path = OUTPUT_DIR
+    # Logs, nginx's config and temp files, the replicas' state; one folder per port, so that
+    # `make reload` finds the cluster that `make cluster` started with the same PORT.
+    run_dir: Path = Path(".cluster")
+    # Connections one client address may hold open at once at the proxy (beyond: 429). High
+    # enough for a NAT full of users; what bounds an attacker is nginx's cheap waiting and its
+    # header/body timeouts (deploy/nginx/vehicle-classifier.conf.template).
+    max_conn_per_client: int = 200
+    # Seconds a replica may take to load, compile and warm up its model before it counts as failed.
+    start_timeout: float = 180.0
+
+    @classmethod
+    def from_env(cls) -> "ClusterConfig":
+        return cls(
+            port=_env_int("PORT", 9696),
+            host=os.environ.get("HOST") or "0.0.0.0",
+            replicas=_env_int("REPLICAS", 2),
+            model_dir=Path(os.environ.get("MODEL_DIR", str(OUTPUT_DIR))),
+            run_dir=Path(os.environ.get("CLUSTER_DIR") or ".cluster"),
+        )
+
+    @property
+    def state_dir(self) -> Path:
+        return self.run_dir / str(self.port)
