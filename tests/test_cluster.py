@@ -1,7 +1,8 @@
 """make cluster / make reload for real: nginx (Debian's) in front of gunicorn replicas serving the
 tiny model on loopback. The proxy's template is checked by nginx itself, with the values of
-both deployments that use it (make cluster and compose); a reduced run of
-benchmarks/cluster_test.py puts attackers, killed processes and a rollout beside normal clients."""
+both deployments that use it (make cluster and compose); then one cluster goes through the
+phases of benchmarks/cluster_test.py, shorter: attackers, a killed worker and a killed replica,
+a refused and a good rollout, each beside normal clients; and it stops on SIGTERM."""
 
 from __future__ import annotations
 
@@ -14,12 +15,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import requests
 import yaml
 from conftest import REPO, sample_photos
-from live_service import free_port, wait_for
+from live_service import free_port
 
 from vehicle_classifier import cluster
 from vehicle_classifier.config import ARTIFACT_FILE, NGINX_TEMPLATE, ClusterConfig
@@ -27,6 +29,8 @@ from vehicle_classifier.config import ARTIFACT_FILE, NGINX_TEMPLATE, ClusterConf
 NGINX = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
 needs_nginx = pytest.mark.skipif(NGINX is None, reason="nginx not installed (make test installs Debian's as root)")
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+sys.path.insert(0, str(REPO / "benchmarks"))
+import cluster_test as bench  # noqa: E402  (the benchmark's phases, run shorter here)
 
 
 def nginx_accepts(conf: str, prefix: Path) -> subprocess.CompletedProcess:
@@ -70,94 +74,89 @@ def test_reload_without_a_cluster_says_so_in_one_line(tmp_path, tiny_model_dir):
                                                 "(start one with: make cluster)"]
 
 
-def pgid_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-
-
-@needs_nginx
-def test_cluster_refuses_a_damaged_rollout_limits_uploads_and_stops_everything(tmp_path, tiny_model_dir):
-    model_dir = tmp_path / "model"
+# --- one cluster (2 replicas, tiny model) for the rest of this module, in the order below ------
+@pytest.fixture(scope="module")
+def running(tmp_path_factory, tiny_model_dir):
+    if NGINX is None:
+        pytest.skip("nginx not installed (make test installs Debian's as root)")
+    work = tmp_path_factory.mktemp("cluster")
+    model_dir = work / "model"
     shutil.copytree(tiny_model_dir, model_dir)
-    port = free_port()
-    env = {**os.environ, "PORT": str(port), "HOST": "127.0.0.1", "REPLICAS": "1", "MODEL_DIR": str(model_dir),
-           "CLUSTER_DIR": str(tmp_path / "run"), "MAX_UPLOAD_MB": "1", "GUNICORN_THREADS": "2"}
-    url, log = f"http://127.0.0.1:{port}", tmp_path / "cluster.log"
-    proc = subprocess.Popen([sys.executable, "-m", "vehicle_classifier.cluster", "serve"], cwd=REPO, env=env,
-                            stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    log = work / "cluster.log"
+    settings = {"MAX_UPLOAD_MB": "2", "GUNICORN_THREADS": "3"}
+    proc, env, url = bench.start_cluster(model_dir, work / "run", 2, log, settings)
+    photos = [p.read_bytes() for p in sample_photos()[::20]]  # skips without the real photos
     try:
-        state_file = tmp_path / "run" / str(port) / "state.json"
-        deadline = time.monotonic() + 180
-        while not state_file.exists():  # written once the cluster serves
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.3)
-        state = json.loads(state_file.read_text())
-        wait_for(f"{url}/ready", timeout=10)
-        version = requests.get(f"{url}/metadata", timeout=10).json()["model_version"]
-
-        # Over the upload limit: nginx answers 413 in the service's JSON shape.
-        big = requests.post(f"{url}/predict", data=b"\xff" * (2 * 1024 * 1024),
-                            headers={"Content-Type": "image/jpeg"}, timeout=30)
-        assert big.status_code == 413 and "1 MB" in big.json()["error"]
-
-        # A damaged artifact: refused in one line before any replica is touched.
-        (model_dir / ARTIFACT_FILE).write_bytes(b"not a model")
-        done = subprocess.run([sys.executable, "-m", "vehicle_classifier.cluster", "reload"], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=120)
-        assert done.returncode == 1, done.stdout + done.stderr
-        (line,) = done.stderr.strip().splitlines()
-        assert line.startswith("error: ") and ARTIFACT_FILE in line and "Traceback" not in done.stderr
-        assert requests.get(f"{url}/metadata", timeout=10).json()["model_version"] == version
-        assert json.loads(state_file.read_text())["replicas"] == state["replicas"]
-
-        # SIGHUP on a gunicorn replica restarts its workers with the model it has, and says so.
-        os.kill(state["replicas"][0]["pid"], signal.SIGHUP)
-        deadline = time.monotonic() + 30
-        replica_log = tmp_path / "run" / str(port) / "replica-1.log"
-        while "SIGHUP: workers restart with the model loaded at start" not in replica_log.read_text():
-            assert time.monotonic() < deadline, replica_log.read_text()[-2000:]
-            time.sleep(0.2)
+        yield SimpleNamespace(proc=proc, env=env, url=url, log=log, photos=photos, model_dir=model_dir,
+                              state_file=work / "run" / env["PORT"] / "state.json")
     finally:
-        proc.send_signal(signal.SIGTERM)  # as Ctrl-C or a service manager would
-        proc.wait(timeout=60)
-    assert "cluster: stopped" in log.read_text()
-    pgids = [r["pid"] for r in state["replicas"]]
-    assert not any(pgid_alive(p) for p in pgids), "a replica outlived the cluster"
-    with pytest.raises(requests.ConnectionError):
-        requests.get(f"{url}/health", timeout=5)  # nginx is gone too
-    assert not state_file.exists()
+        if proc.poll() is None:
+            bench.stop_cluster(proc)
 
 
-@needs_nginx
-def test_proxy_keeps_normal_clients_served_through_attacks_kills_and_a_rollout(tmp_path, tiny_model_dir):
-    """A reduced cluster_test.py: 3 x 10 attacking connections, a worker and a master
-    SIGKILLed, a rollout, each beside normal clients for a few seconds."""
-    sample_photos()  # skips without the real photos
-    out = tmp_path / "figures.json"
-    env = {**os.environ, "GUNICORN_THREADS": "3"}
-    result = subprocess.run(
-        [sys.executable, "benchmarks/cluster_test.py", "--model-dir", str(tiny_model_dir), "--replicas", "2",
-         "--clients", "6", "--seconds", "6", "--slow", "10", "--json", str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    figures = json.loads(out.read_text())
-
-    slow = figures["slow"]
+def test_attackers_do_not_slow_normal_clients(running):
+    slow = bench.phase_slow(running.url, running.photos, count=10, seconds=4)
     assert slow["requests"] > 5 and slow["failed"] == 0, slow
-    assert slow["held_at_end"] == 30, slow  # the attackers were held open, not turned away
-    for what in ("kill_worker", "kill_master"):
-        phase = figures[what]
-        # The requests the killed process held are retried on the other replica by nginx.
-        assert phase["requests"] > 10 and phase["failed"] == 0, phase
-    assert figures["kill_master"]["killed_pid"] not in figures["kill_master"]["replicas_after"]
-    assert len(figures["kill_master"]["replicas_after"]) == 2  # the dead replica was replaced
+    assert slow["held_at_end"] == 30, slow  # held open by the proxy, not turned away
 
-    rollout = figures["reload"]
-    assert rollout["reload_rc"] == 0, rollout
-    assert rollout["failed"] == 0, rollout
-    assert rollout["version_before"] != [rollout["version_new"]]
-    assert rollout["versions_after"] == [rollout["version_new"]], rollout
-    assert figures["stop_s"] < 30
+
+def test_proxy_limits_uploads_and_a_damaged_rollout_is_refused(running):
+    big = requests.post(f"{running.url}/predict", data=b"\xff" * (3 * 1024 * 1024),
+                        headers={"Content-Type": "image/jpeg"}, timeout=30)
+    assert big.status_code == 413 and big.json() == {"error": "request larger than the 2 MB limit"}
+
+    state = json.loads(running.state_file.read_text())
+    version = bench.served_versions(running.url, tries=4)
+    artifact = running.model_dir / ARTIFACT_FILE
+    good = artifact.read_bytes()
+    artifact.write_bytes(good[: len(good) // 2])  # a truncated copy, as an interrupted upload leaves
+    try:
+        done = subprocess.run([sys.executable, "-m", "vehicle_classifier.cluster", "reload"], cwd=REPO,
+                              env=running.env, capture_output=True, text=True, timeout=120)
+    finally:
+        artifact.write_bytes(good)
+    assert done.returncode == 1, done.stdout + done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("error: ") and ARTIFACT_FILE in line and done.stdout == ""
+    # Refused before any replica was touched: the same ones serve the same model.
+    assert json.loads(running.state_file.read_text())["replicas"] == state["replicas"]
+    assert bench.served_versions(running.url, tries=4) == version
+
+
+@pytest.mark.parametrize("what", ["worker", "master"])
+def test_a_killed_worker_or_replica_costs_no_request(running, what):
+    phase = bench.phase_kill(running.url, running.env, running.photos, clients=6, seconds=4, what=what)
+    # What the killed process held is retried on the other replica by nginx.
+    assert phase["requests"] > 10 and phase["failed"] == 0, phase
+    if what == "master":  # the cluster replaced the dead replica
+        assert phase["killed_pid"] not in phase["replicas_after"] and len(phase["replicas_after"]) == 2
+
+
+def test_reload_under_load_serves_the_new_model_with_no_failed_request(running):
+    phase = bench.phase_reload(running.url, running.env, running.photos, clients=6, seconds=4)
+    assert phase["reload_rc"] == 0 and phase["failed"] == 0, phase
+    assert phase["version_before"] != [phase["version_new"]]
+    assert phase["versions_after"] == [phase["version_new"]], phase
+    replicas = json.loads(running.state_file.read_text())["replicas"]
+    assert [r["model_version"] for r in replicas] == [phase["version_new"]] * 2
+
+
+def test_sighup_keeps_the_model_and_says_so_and_sigterm_stops_everything(running):
+    replicas = json.loads(running.state_file.read_text())["replicas"]
+    os.kill(replicas[0]["pid"], signal.SIGHUP)  # on one gunicorn, behind the cluster's back
+    deadline = time.monotonic() + 30
+    logs = running.state_file.parent.glob("replica-*.log")
+    while not any("SIGHUP: workers restart with the model loaded at start" in p.read_text() for p in logs):
+        assert time.monotonic() < deadline, "no SIGHUP warning in the replicas' logs"
+        time.sleep(0.2)
+        logs = running.state_file.parent.glob("replica-*.log")
+
+    stop_s = bench.stop_cluster(running.proc)  # SIGTERM, as Ctrl-C or a service manager would
+    assert running.proc.returncode == 0 and stop_s < 45
+    assert "cluster: stopped" in running.log.read_text()
+    for replica in replicas:
+        with pytest.raises(ProcessLookupError):
+            os.killpg(replica["pid"], 0)  # no replica, nor any of its workers, outlived it
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{running.url}/health", timeout=5)  # nginx is gone too
+    assert not running.state_file.exists()

@@ -143,34 +143,24 @@ class Replica:
             except requests.RequestException:
                 pass
             time.sleep(POLL)
-        self.stop(graceful=False)
+        self.terminate(signal.SIGKILL)
         raise UserError(f"the new replica was not ready within {timeout:g} s (log: {self.log})")
 
-    def stop(self, graceful: bool = True, timeout: float = 30) -> None:
-        """SIGTERM: gunicorn finishes the requests it holds, then exits; SIGKILL if it hangs.
-        The whole process group, so that workers orphaned by a killed master go too."""
-        for sig in ((signal.SIGTERM, signal.SIGKILL) if graceful else (signal.SIGKILL,)):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(timeout=timeout)
-                if _group_gone(self.proc.pid, timeout):
-                    return
-            except subprocess.TimeoutExpired:
-                continue
-
-
-def _group_gone(pgid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def terminate(self, sig: int = signal.SIGTERM) -> None:
+        """SIGTERM: gunicorn finishes the requests it holds, then exits. To the whole process
+        group, so that workers orphaned by a killed master go too."""
         try:
-            os.killpg(pgid, 0)
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def gone(self) -> bool:
+        self.proc.poll()  # reaps the master, whose zombie would otherwise keep the group alive
+        try:
+            os.killpg(self.proc.pid, 0)
+            return False
         except ProcessLookupError:
             return True
-        time.sleep(POLL)
-    return False
 
 
 # --- the cluster ------------------------------------------------------------------------------
@@ -179,6 +169,7 @@ class Cluster:
         self.cfg = cfg
         self.dir = cfg.state_dir.resolve()
         self.replicas: list[Replica] = []
+        self.retiring: list[tuple[Replica, float]] = []  # stopping gracefully, with a deadline
         self.nginx: subprocess.Popen | None = None
         self.stopping = False
         self.rollout_wanted = False
@@ -243,12 +234,24 @@ class Cluster:
         try:
             new.wait_ready(self.cfg.start_timeout, lambda: self.stopping)
         except UserError:
-            new.stop(graceful=False)
+            self.retire(new, signal.SIGKILL)
             raise
         if self.stopping:
-            new.stop(graceful=False)
+            self.retire(new, signal.SIGKILL)
             return
-        self.swap(index, new).stop()
+        self.retire(self.swap(index, new))
+
+    def retire(self, replica: Replica, sig: int = signal.SIGTERM, grace: float = 30) -> None:
+        """Stop `replica` without waiting for it: reap() collects it, or kills it after `grace`."""
+        replica.terminate(sig)
+        self.retiring.append((replica, time.monotonic() + grace))
+
+    def reap(self) -> None:
+        for replica, deadline in list(self.retiring):
+            if replica.gone():
+                self.retiring.remove((replica, deadline))
+            elif time.monotonic() > deadline:
+                replica.terminate(signal.SIGKILL)
 
     def rollout(self) -> None:
         """One replica at a time; the first failure stops the rollout and the old ones go on."""
@@ -271,6 +274,7 @@ class Cluster:
                 raise UserError(f"nginx exited ({_last_error(self.dir / 'error.log')})")
             if self.rollout_wanted:
                 self.rollout()
+            self.reap()
             for index, replica in enumerate(self.replicas):
                 if replica.proc.poll() is not None and not self.stopping:
                     self.say(f"replica on port {replica.port} exited ({replica.proc.returncode}); replacing it")
@@ -289,7 +293,10 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 self.nginx.kill()
         for replica in self.replicas:
-            replica.stop()
+            self.retire(replica)
+        while self.retiring:
+            self.reap()
+            time.sleep(POLL)
         (self.dir / "state.json").unlink(missing_ok=True)
 
 
@@ -333,8 +340,6 @@ def serve(cfg: ClusterConfig) -> int:
 
 def reload(cfg: ClusterConfig, timeout: float = 900) -> int:
     """Validate the artifact in model_dir, then have the running cluster roll it out."""
-    from .artifact import load_artifact
-
     state_file = cfg.state_dir / "state.json"
     try:
         state = json.loads(state_file.read_text())
@@ -343,6 +348,8 @@ def reload(cfg: ClusterConfig, timeout: float = 900) -> int:
         raise UserError(f"no cluster is running on port {cfg.port} (start one with: make cluster)") from None
     if Path(state["model_dir"]) != cfg.model_dir.resolve():
         raise UserError(f"the cluster on port {cfg.port} serves MODEL_DIR={state['model_dir']}, not {cfg.model_dir}")
+    from .artifact import load_artifact  # torch: only once there is a cluster to roll out to
+
     new_version = load_artifact(cfg.model_dir / ARTIFACT_FILE).metadata["model_version"]  # ArtifactError: one line
     if {r["model_version"] for r in state["replicas"]} == {new_version}:
         print(f"every replica already serves model {new_version}")
