@@ -176,6 +176,23 @@ def served_versions(url: str, tries: int = 20) -> list[str]:
     return sorted({requests.get(f"{url}/metadata", timeout=10).json()["model_version"] for _ in range(tries)})
 
 
+def pss_mb(pid: int) -> float:
+    """Proportional set size: pages shared by the master and its forked workers counted once
+    between them, as the container's memory accounting counts them; RSS counts them in each."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def memory(env: dict) -> list[dict]:
+    out = []
+    for replica in state(env)["replicas"]:
+        pids = [replica["pid"], *worker_pids(replica["pid"])]
+        out.append({"rss_mb": sum(rss_mb(p) for p in pids), "pss_mb": sum(pss_mb(p) for p in pids)})
+    return out
+
+
 # --- phases -------------------------------------------------------------------------------------
 def phase_slow(url: str, photos: list[bytes], count: int, seconds: float) -> dict:
     port = int(url.rsplit(":", 1)[1])
@@ -197,19 +214,33 @@ def phase_kill(url: str, env: dict, photos: list[bytes], clients: int, seconds: 
     elapsed = run_clients(url, photos, clients, seconds, rec)
     killer.join()
     deadline = time.monotonic() + 120  # the cluster replaces a dead replica: wait until it has
-    while what == "master" and time.monotonic() < deadline and replica["pid"] in [r["pid"] for r in state(env)["replicas"]]:
+    while what == "master" and time.monotonic() < deadline \
+            and replica["pid"] in [r["pid"] for r in state(env)["replicas"]]:
         time.sleep(0.3)
     report["replicas_after"] = [r["pid"] for r in state(env)["replicas"]]
     return {**rec.summary(elapsed), **report}
 
 
 def phase_reload(url: str, env: dict, photos: list[bytes], clients: int, seconds: float) -> dict:
+    """The load runs at least `seconds`, and until 3 s after the rollout ended: all of it under load."""
     before = served_versions(url)
     report: dict = {"version_before": before, "version_new": new_artifact(Path(env["MODEL_DIR"]))}
-    reloader = later(seconds / 3, lambda: run_reload(env, report))
+    finished = threading.Event()
+    started = time.perf_counter()
+
+    def reload_then_stop():
+        time.sleep(seconds / 3)
+        try:
+            run_reload(env, report)
+        finally:
+            time.sleep(max(3.0, seconds - (time.perf_counter() - started)))
+            finished.set()
+
+    reloader = threading.Thread(target=reload_then_stop, daemon=True)
+    reloader.start()
     rec = Recorder()
-    elapsed = run_clients(url, photos, clients, seconds, rec)
-    reloader.join(600)
+    elapsed = run_clients(url, photos, clients, 900, rec, stop=finished)
+    reloader.join(60)
     report["versions_after"] = served_versions(url)
     return {**rec.summary(elapsed), **report}
 
@@ -254,9 +285,9 @@ def main() -> None:
 def run_phases(url: str, env: dict, photos: list[bytes], args, figures: dict) -> None:
     print(f"cluster of {args.replicas} replicas serving at {url} after {figures['start_s']:.1f} s")
     run_clients(url, photos, args.clients, 3, Recorder())  # warm-up
-    replica_pids = [r["pid"] for r in state(env)["replicas"]]
-    figures["rss_mb_per_replica"] = [rss_mb(pid) + sum(rss_mb(w) for w in worker_pids(pid)) for pid in replica_pids]
-    print(f"RSS per replica (master + workers): {', '.join(f'{m:.0f} MB' for m in figures['rss_mb_per_replica'])}")
+    figures["memory_per_replica"] = memory(env)
+    print("memory per replica (master + workers): " + ", ".join(
+        f"RSS {m['rss_mb']:.0f} MB, PSS {m['pss_mb']:.0f} MB" for m in figures["memory_per_replica"]))
 
     figures["slow"] = phase_slow(url, photos, args.slow, args.seconds)
     print_phase(f"2 clients beside {args.slow} slow-header + {args.slow} slow-body + {args.slow} silent "
@@ -265,6 +296,10 @@ def run_phases(url: str, env: dict, photos: list[bytes], args, figures: dict) ->
         figures[f"kill_{what}"] = phase_kill(url, env, photos, args.clients, args.seconds, what)
         print_phase(f"{args.clients} clients, a replica's {what} SIGKILLed at {args.seconds / 2:g} s",
                     figures[f"kill_{what}"])
+        if what == "worker":  # the other replica has served the whole load by now
+            figures["memory_after_load"] = memory(env)
+            print("after the load, per replica: " + ", ".join(
+                f"RSS {m['rss_mb']:.0f} MB, PSS {m['pss_mb']:.0f} MB" for m in figures["memory_after_load"]))
     figures["reload"] = phase_reload(url, env, photos, args.clients, args.seconds)
     r = figures["reload"]
     print_phase(f"{args.clients} clients, make reload at {args.seconds / 3:g} s: {r['version_before']} -> "

@@ -36,8 +36,8 @@ import cluster_test as bench  # noqa: E402  (the benchmark's phases, run shorter
 def nginx_accepts(conf: str, prefix: Path) -> subprocess.CompletedProcess:
     (prefix / "temp").mkdir(parents=True, exist_ok=True)
     (prefix / "nginx.conf").write_text(conf)
-    return subprocess.run([NGINX, "-t", "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-e", str(prefix / "error.log")],
-                          capture_output=True, text=True, timeout=30)
+    args = [NGINX, "-t", "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-e", str(prefix / "error.log")]
+    return subprocess.run(args, capture_output=True, text=True, timeout=30)
 
 
 @needs_nginx

@@ -568,7 +568,8 @@ def compose_proxy(proxy_env: dict, port: int, prefix: Path, log: Path):
     site = cluster.render(config.NGINX_TEMPLATE.read_text(), {**proxy_env, "LISTEN": f"127.0.0.1:{port}"})
     (prefix / "temp").mkdir(parents=True)
     (prefix / "nginx.conf").write_text(cluster.nginx_conf(prefix, site))
-    args = [NGINX, "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-e", str(prefix / "error.log"), "-g", "daemon off;"]
+    args = [NGINX, "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-e", str(prefix / "error.log"),
+            "-g", "daemon off;"]
     with process(args, log) as proc:
         yield proc
 

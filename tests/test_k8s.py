@@ -28,7 +28,8 @@ def resource(kind: str, name: str) -> dict:
 
 
 def test_every_file_is_listed_and_every_resource_validates():
-    assert sorted(KUSTOMIZATION["resources"]) == sorted(p.name for p in BASE.glob("*.yaml") if p.name != "kustomization.yaml")
+    files = sorted(p.name for p in BASE.glob("*.yaml") if p.name != "kustomization.yaml")
+    assert sorted(KUSTOMIZATION["resources"]) == files
     assert {(r["kind"]) for r in RESOURCES} >= {"Deployment", "Service", "HorizontalPodAutoscaler",
                                                    "PodDisruptionBudget", "Ingress", "PersistentVolumeClaim"}
     for doc in RESOURCES:
@@ -83,7 +84,8 @@ def test_autoscaler_budget_services_and_ingress_point_at_the_right_pods():
     page = resource("Deployment", "page")
     page_env = {e["name"]: e["value"] for e in _container(page)["env"]}
     assert page_env["PREDICT_URL"] == "http://predict:9696"
-    assert resource("Service", "page")["spec"]["selector"].items() <= page["spec"]["template"]["metadata"]["labels"].items()
+    page_labels = page["spec"]["template"]["metadata"]["labels"]
+    assert resource("Service", "page")["spec"]["selector"].items() <= page_labels.items()
 
     ingress = resource("Ingress", "vehicle-classifier")
     backends = {p["backend"]["service"]["name"] for rule in ingress["spec"]["rules"] for p in rule["http"]["paths"]}
