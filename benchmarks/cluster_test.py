@@ -47,7 +47,7 @@ def start_cluster(model_dir: Path, run_dir: Path, replicas: int, log: Path,
                   settings: dict | None = None) -> tuple[subprocess.Popen, dict, str]:
     """`make cluster` on a free port; returns once it serves. `settings`: more environment."""
     port = free_port()
-    env = {**os.environ, "PORT": str(port), "HOST": "127.0.0.1", "REPLICAS": str(replicas),
+    env = {**os.environ, "PORT": str(port), "CLUSTER_HOST": "127.0.0.1", "REPLICAS": str(replicas),
            "MODEL_DIR": str(model_dir), "CLUSTER_DIR": str(run_dir), **(settings or {})}
     proc = subprocess.Popen([sys.executable, "-m", "vehicle_classifier.cluster", "serve"], cwd=REPO, env=env,
                             stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)

@@ -170,7 +170,7 @@ class ClusterConfig:
     def from_env(cls) -> "ClusterConfig":
         return cls(
             port=_env_int("PORT", 9696),
-            host=os.environ.get("HOST") or "0.0.0.0",
+            host=os.environ.get("CLUSTER_HOST") or "0.0.0.0",
             replicas=_env_int("REPLICAS", 2),
             model_dir=Path(os.environ.get("MODEL_DIR", str(OUTPUT_DIR))),
             run_dir=Path(os.environ.get("CLUSTER_DIR") or ".cluster"),
