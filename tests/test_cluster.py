@@ -133,7 +133,7 @@ def test_a_killed_worker_or_replica_costs_no_request(running, what):
 
 
 def test_reload_under_load_serves_the_new_model_with_no_failed_request(running):
-    phase = bench.phase_reload(running.url, running.env, running.photos, clients=6, seconds=4)
+    phase = bench.phase_reload(running.url, running.env, running.photos, clients=2, seconds=4)
     assert phase["reload_rc"] == 0 and phase["failed"] == 0, phase
     assert phase["version_before"] != [phase["version_new"]]
     assert phase["versions_after"] == [phase["version_new"]], phase
