@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -63,6 +64,21 @@ def test_one_template_serves_make_cluster_and_compose(tmp_path):
     assert check.returncode == 0, check.stderr
     with pytest.raises(KeyError, match="no value for"):
         cluster.render(template, {})
+
+
+@needs_nginx
+def test_cluster_on_a_busy_port_stops_at_once_with_one_line(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = {**os.environ, "PORT": str(port), "CLUSTER_HOST": "127.0.0.1", "CLUSTER_DIR": str(tmp_path)}
+        done = subprocess.run([sys.executable, "-m", "vehicle_classifier.cluster", "serve"], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [f"error: cannot listen on 127.0.0.1:{port} (Address already in use); "
+                                                "choose another PORT"]
+    assert not list(tmp_path.glob("*/replica-*.log"))  # no replica was started
 
 
 def test_reload_without_a_cluster_says_so_in_one_line(tmp_path, tiny_model_dir):

@@ -561,6 +561,19 @@ def local_argv(argv: list[str], port_map: dict[int, int]) -> list[str]:
     return out
 
 
+def compose_envs(ports: dict[str, int], model_dir: Path) -> tuple[dict, dict, dict]:
+    """The predict, page and proxy environments, their peers on loopback `ports`: one replica of
+    predict stands for them all; the proxy listens on the service's port. Compose mounts
+    ./models; here `model_dir`."""
+    services = COMPOSE["services"]
+    hosts = {f"{name}:{PAGE.expose[0] if name == 'streamlit' else PREDICT.expose[0]}": f"127.0.0.1:{ports[name]}"
+             for name in services}
+    (volume,) = services["predict"]["volumes"]
+    volumes = {volume.split(":")[1]: model_dir}
+    return tuple(compose_env(services[name], image, hosts, volumes)
+                 for name, image in (("predict", PREDICT), ("streamlit", PAGE), ("proxy", Image([]))))
+
+
 @contextmanager
 def compose_proxy(proxy_env: dict, port: int, prefix: Path, log: Path):
     """The compose proxy's site, filled from its environment as the nginx image does, served by
@@ -576,22 +589,13 @@ def compose_proxy(proxy_env: dict, port: int, prefix: Path, log: Path):
 
 @pytest.mark.skipif(NGINX is None, reason="nginx not installed (make test installs Debian's as root)")
 def test_compose_stack_runs_from_the_images_commands(tmp_path, tiny_model_dir):
-    services = COMPOSE["services"]
     ports = {"predict": free_port(), "streamlit": free_port(), "proxy": free_port()}
     port_map = {PREDICT.expose[0]: ports["predict"], PAGE.expose[0]: ports["streamlit"]}
-    # One replica of predict stands for them all; the proxy listens on the service's port.
-    hosts = {f"{name}:{PAGE.expose[0] if name == 'streamlit' else PREDICT.expose[0]}": f"127.0.0.1:{ports[name]}"
-             for name in services}
-    (volume,) = services["predict"]["volumes"]
-    volumes = {volume.split(":")[1]: tiny_model_dir}  # compose mounts ./models; here the tiny model
-
     predict_dir = stage_image(PREDICT, tmp_path / "predict")
     page_dir = stage_image(PAGE, tmp_path / "page")
     sites = {name: site_view(tmp_path / name, image_requirements(image, tmp_path))
              for name, image in (("predict", PREDICT), ("page", PAGE))}
-    predict_env = compose_env(services["predict"], PREDICT, hosts, volumes)
-    page_env = compose_env(services["streamlit"], PAGE, hosts, volumes)
-    proxy_env = compose_env(services["proxy"], Image([]), hosts, volumes)
+    predict_env, page_env, proxy_env = compose_envs(ports, tiny_model_dir)
     assert predict_env["MODEL_DIR"] == str(tiny_model_dir)
     assert page_env["PREDICT_URL"] == f"http://127.0.0.1:{ports['proxy']}"
 

@@ -177,10 +177,11 @@ class Cluster:
         self.started = 0
 
     def say(self, message: str) -> None:
-        print(f"cluster: {message}", flush=True)
+        print(f"cluster: {time.strftime('%H:%M:%S')} {message}", flush=True)
 
     def start(self) -> None:
         binary = nginx_binary()
+        _check_port_free(self.cfg.host, self.cfg.port)  # before minutes of replica start-up
         # Each proxied request takes two descriptors in nginx: allow as many as the system lets us.
         _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -298,6 +299,15 @@ class Cluster:
             self.reap()
             time.sleep(POLL)
         (self.dir / "state.json").unlink(missing_ok=True)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as nginx binds
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise UserError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another PORT") from None
 
 
 def _wait_listening(port: int, proc: subprocess.Popen, log: Path, timeout: float = 15) -> None:
