@@ -132,8 +132,16 @@ def test_proxy_limits_uploads_and_a_damaged_rollout_is_refused(running):
     try:
         done = subprocess.run([sys.executable, "-m", "vehicle_classifier.cluster", "reload"], cwd=REPO,
                               env=running.env, capture_output=True, text=True, timeout=120)
+        # Past that check (a SIGHUP straight to the cluster), the new replica itself refuses it.
+        os.kill(state["pid"], signal.SIGHUP)
+        deadline = time.monotonic() + 120
+        while (rollout := json.loads(running.state_file.read_text())["rollout"])["count"] == 0:
+            assert time.monotonic() < deadline, "the rollout did not end"
+            time.sleep(0.3)
     finally:
         artifact.write_bytes(good)
+    assert rollout["ok"] is False and "damaged or incomplete" in rollout["message"], rollout
+    assert rollout["message"].endswith(f"still serving model {version[0]}")
     assert done.returncode == 1, done.stdout + done.stderr
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith("error: ") and ARTIFACT_FILE in line and done.stdout == ""

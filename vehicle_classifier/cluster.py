@@ -99,8 +99,9 @@ def _spawn(args: list[str], log: Path, env: dict | None = None) -> subprocess.Po
 
 
 def _last_error(log: Path) -> str:
+    """The last `error: ...` line of a log (without the prefix), else its last line."""
     lines = log.read_text(errors="replace").splitlines() if log.exists() else []
-    errors = [line for line in lines if line.startswith("error:")]
+    errors = [line.removeprefix("error:") for line in lines if line.startswith("error:")]
     return (errors or lines or ["(no output)"])[-1].strip()
 
 
@@ -282,7 +283,13 @@ class Cluster:
                     try:  # its workers, orphaned if the master was killed, are stopped after the swap
                         self.replace(index)
                     except UserError as exc:
-                        self.say(f"could not replace it: {exc}")
+                        self.say(f"could not replace it: {exc}; trying again in 10 s")
+                        self._pause(10)
+            time.sleep(POLL)
+
+    def _pause(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not self.stopping:
             time.sleep(POLL)
 
     def stop(self) -> None:
