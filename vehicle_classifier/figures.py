@@ -72,7 +72,7 @@ def attention_banner(predictor: Predictor, paths_by_class: dict[str, list[Path]]
     fig = Figure(figsize=(1.7 * len(photos), 3.7), layout="constrained")
     axes = fig.subplots(2, len(photos), squeeze=False)
     for col, ((name, path, image), prediction) in enumerate(zip(photos, predictions)):
-        overlay = Image.open(io.BytesIO(attention_overlay_png(image, prediction.attention, preprocessing)))
+        overlay = Image.open(io.BytesIO(attention_overlay_png(center_crop(image, preprocessing), prediction.attention)))
         axes[0, col].imshow(center_crop(image, preprocessing))
         axes[0, col].set_title(name, fontsize=10)
         axes[1, col].imshow(overlay)

@@ -13,16 +13,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
-from . import config
-from .artifact import save_artifact
+from . import UserError, config
+from .artifact import encode_artifact, read_metadata
 from .backbone import BackboneSpec, get_spec, load_backbone, preprocessing_for
 from .data import DataError, Sample, file_digest, scan_image_folder, stratified_split
 from .features import FeatureCache, cache_key, extract_features, resolve_precision, runtime_for
-from .fileio import write_json
+from .fileio import clean_temporaries, exclusive, json_bytes, publish, recover
 from .head import MLPHead
-from .metrics import classification_metrics, plot_confusion_matrix, plot_learning_curves
+from .metrics import classification_metrics, confusion_matrix_png, learning_curves_png
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,10 @@ def unique_readable(samples: list[Sample], digests: list[str], features: dict) -
     return kept, duplicates
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM, in train.py): its message says what was kept and what was not."""
+
+
 def run_training(
     data_dir: Path,
     output_dir: Path,
@@ -110,26 +115,56 @@ def run_training(
     fingerprint: str | None = None,
 ) -> dict:
     """Image folder -> cached features -> trained head -> artifact, metrics.json, split.json and
-    plots in `output_dir`. Returns the metrics. Raises DataError or WeightsError with a message
-    fit for one line."""
-    started = time.perf_counter()
-    data_dir, output_dir = Path(data_dir), Path(output_dir)
-    spec = spec or get_spec(cfg.backbone)
-    class_names, samples = scan_image_folder(data_dir)
+    plots in `output_dir`, published as one set (all of them or none; see fileio.publish). Holds
+    the output folder's lock throughout: a second run on it stops at once, naming this one.
+    Returns the metrics. Raises a UserError with a message fit for one line, or RunInterrupted."""
+    output_dir = Path(output_dir)
+    with exclusive(output_dir, "--output-dir", wait=False):
+        if recover(output_dir):
+            log.warning("%s: a killed run's half-published outputs were rolled back to the previous set", output_dir)
+        for stale in clean_temporaries(output_dir):
+            log.info("removed %s, left by a killed run", stale)
+        before = _published_version(output_dir)
+        try:
+            return _run(Path(data_dir), output_dir, cfg, weights, cache_dir, device, spec or get_spec(cfg.backbone),
+                        fingerprint)
+        except KeyboardInterrupt:
+            raise RunInterrupted(_interrupted_outcome(output_dir, before)) from None
 
+
+def _published_version(output_dir: Path) -> str | None:
+    try:
+        return read_metadata(output_dir / config.ARTIFACT_FILE)["model_version"]
+    except UserError:
+        return None
+
+
+def _interrupted_outcome(output_dir: Path, before: str | None) -> str:
+    """What an interrupted run leaves, read from the disk: the publish happened or it did not."""
+    if _published_version(output_dir) != before:
+        return f"the new model was published just before: {output_dir} holds this run's complete outputs"
+    kept = "the previous model and its outputs" if before else "no model (it had none before)"
+    return (f"{output_dir} is unchanged and holds {kept}; the features extracted so far are kept in the "
+            f"cache, so a rerun continues where this one stopped")
+
+
+def _run(data_dir: Path, output_dir: Path, cfg: config.TrainConfig, weights: Path | None, cache_dir: Path,
+         device: str, spec: BackboneSpec, fingerprint: str | None) -> dict:
+    started = time.perf_counter()
+    class_names, samples = scan_image_folder(data_dir)
     backbone, weights_digest = load_backbone(spec, weights)
     preprocessing = preprocessing_for(backbone)
     torch_device = pick_device(device)
     precision = resolve_precision(cfg.precision, torch_device)
     runtime = runtime_for(torch_device)
     key = cache_key(spec.architecture, spec.model_kwargs, weights_digest, preprocessing, precision, runtime)
-    cache = FeatureCache(cache_dir, key)
 
     digests = [file_digest(s.path) for s in samples]
-    features, failures = extract_features(
-        backbone, [s.path for s in samples], digests, preprocessing, cache, torch_device, precision,
-        batch_size=cfg.extract_batch_size,
-    )
+    with FeatureCache(cache_dir, key) as cache:
+        features, failures = extract_features(
+            backbone, [s.path for s in samples], digests, preprocessing, cache, torch_device, precision,
+            batch_size=cfg.extract_batch_size,
+        )
     for path, reason in failures.items():
         log.warning("skipped %s: %s", path, reason)
 
@@ -140,52 +175,55 @@ def run_training(
         raise DataError(f"every class needs at least two readable images; found {counts}")
 
     split = stratified_split(labels, cfg.val_fraction, cfg.test_fraction, cfg.seed)
-    x = torch.stack([features[d] for _, d in kept])
-    y = torch.tensor(labels)
+    head, history, best_epoch, metrics = _fit(torch.stack([features[d] for _, d in kept]), torch.tensor(labels),
+                                              split, class_names, cfg)
+    summary = {
+        "images_found": len(samples), "images_skipped": len(failures), "duplicates_dropped": duplicates,
+        "class_counts": counts, "best_epoch": best_epoch, "epochs_run": len(history), "precision": precision,
+        "runtime": runtime, "device": str(torch_device), "seconds": round(time.perf_counter() - started, 2),
+    }
+    split_doc = {
+        "data_dir": str(data_dir), "seed": cfg.seed, "class_names": class_names,
+        **{name: [str(kept[i][0].path.relative_to(data_dir)) for i in idx] for name, idx in split.items()},
+    }
+    artifact_metadata = {
+        "class_names": class_names,
+        "backbone": {"name": spec.name, "architecture": spec.architecture, "model_kwargs": spec.model_kwargs,
+                     "weights_digest": weights_digest, "weights_source": str(weights) if weights else spec.hub_id},
+        "preprocessing": preprocessing,
+        "training": {**asdict(cfg), "data_dir": str(data_dir), **summary, "fingerprint": fingerprint},
+        "metrics": {name: {"accuracy": m["accuracy"], "roc_auc": m["roc_auc"]} for name, m in metrics.items()},
+    }
+    publish_outputs(output_dir, backbone, head, artifact_metadata, split_doc,
+                    {**metrics, "summary": summary, "history": history})
+    return {**metrics, "summary": summary}
+
+
+def _fit(x: torch.Tensor, y: torch.Tensor, split: dict, class_names: list[str], cfg: config.TrainConfig):
+    """The head trained on the split's features, its history and best epoch, and each part's metrics."""
     part = {name: (x[idx], y[idx]) for name, idx in split.items()}
     head, history, best_epoch = train_head(*part["train"], *part["val"], len(class_names), cfg)
-
     metrics = {
         name: classification_metrics(yy.numpy(), predict_proba(head, xx).numpy(), class_names)
         for name, (xx, yy) in part.items()
     }
-    summary = {
-        "images_found": len(samples),
-        "images_skipped": len(failures),
-        "duplicates_dropped": duplicates,
-        "class_counts": counts,
-        "best_epoch": best_epoch,
-        "epochs_run": len(history),
-        "precision": precision,
-        "runtime": runtime,
-        "device": str(torch_device),
-        "seconds": round(time.perf_counter() - started, 2),
+    return head, history, best_epoch, metrics
+
+
+def publish_outputs(output_dir: Path, backbone: nn.Module, head: MLPHead, artifact_metadata: dict, split_doc: dict,
+                    metrics_doc: dict) -> str:
+    """Render every output in memory, then publish them as one set; metrics.json and split.json
+    carry the artifact's model_version, so a reader can tell they belong to it. Returns it."""
+    artifact, stored = encode_artifact(backbone, head, artifact_metadata)
+    version = stored["model_version"]
+    files = {
+        config.ARTIFACT_FILE: artifact,
+        config.METRICS_FILE: json_bytes({"model_version": version, **metrics_doc}),
+        config.SPLIT_FILE: json_bytes({"model_version": version, **split_doc}),
+        config.HISTORY_PLOT: learning_curves_png(metrics_doc["history"], metrics_doc["summary"]["best_epoch"]),
     }
-    write_json(output_dir / config.SPLIT_FILE, {
-        "data_dir": str(data_dir), "seed": cfg.seed, "class_names": class_names,
-        **{name: [str(kept[i][0].path.relative_to(data_dir)) for i in idx] for name, idx in split.items()},
-    })
-    write_json(output_dir / config.METRICS_FILE, {**metrics, "summary": summary, "history": history})
-    plot_learning_curves(history, best_epoch, output_dir / config.HISTORY_PLOT)
-    if len(split["test"]):
-        plot_confusion_matrix(metrics["test"]["confusion_matrix"], class_names,
-                              output_dir / config.CONFUSION_PLOT, "test split")
-    save_artifact(
-        output_dir / config.ARTIFACT_FILE,
-        backbone,
-        head,
-        {
-            "class_names": class_names,
-            "backbone": {
-                "name": spec.name,
-                "architecture": spec.architecture,
-                "model_kwargs": spec.model_kwargs,
-                "weights_digest": weights_digest,
-                "weights_source": str(weights) if weights else spec.hub_id,
-            },
-            "preprocessing": preprocessing,
-            "training": {**asdict(cfg), "data_dir": str(data_dir), **summary, "fingerprint": fingerprint},
-            "metrics": {name: {"accuracy": m["accuracy"], "roc_auc": m["roc_auc"]} for name, m in metrics.items()},
-        },
-    )
-    return {**metrics, "summary": summary}
+    if metrics_doc["test"]["count"]:
+        files[config.CONFUSION_PLOT] = confusion_matrix_png(
+            metrics_doc["test"]["confusion_matrix"], artifact_metadata["class_names"], "test split")
+    publish(output_dir, files, replaces=config.OUTPUT_FILES)
+    return version
