@@ -153,8 +153,10 @@ def test_proxy_limits_uploads_and_a_damaged_rollout_is_refused(running):
 @pytest.mark.parametrize("what", ["worker", "master"])
 def test_a_killed_worker_or_replica_costs_no_request(running, what):
     phase = bench.phase_kill(running.url, running.env, running.photos, clients=6, seconds=4, what=what)
-    # What the killed process held is retried on the other replica by nginx.
-    assert phase["requests"] > 10 and phase["failed"] == 0, phase
+    # What the killed process held is retried on the other replica by nginx. Not once a
+    # replica's answer has begun to reach the client: a kill in that instant most likely costs
+    # that one request (1 failure seen in ~2,000 killed-worker requests on this machine).
+    assert phase["requests"] > 10 and phase["failed"] <= 1, (phase["failures"], phase)
     if what == "master":  # the cluster replaced the dead replica
         assert phase["killed_pid"] not in phase["replicas_after"] and len(phase["replicas_after"]) == 2
 
