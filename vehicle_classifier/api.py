@@ -244,6 +244,9 @@ def create_app(config: ServiceConfig | None = None, predictor=None) -> Flask:
     def predict():
         _receive_body(config.max_upload_bytes, config.upload_timeout)
         attention = _flag("attention")
+        if attention and not predictor.has_attention:
+            raise BadRequest(f"this model's backbone ({metadata['backbone']['name']}) has no attention maps "
+                             "(it is not a transformer); ask without ?attention=1")
         uploads = _uploads(config.max_batch_files)
         timings = [("read", time.perf_counter())]
         images = []

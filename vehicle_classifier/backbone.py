@@ -1,4 +1,4 @@
-"""The frozen DINO ViT backbones: a registry, strict weight loading, and [CLS] attention maps.
+"""The frozen DINO, DINOv2 and DINOv3 backbones: strict weight loading and [CLS] attention maps.
 
 Weights come from, in order: a local file (`--weights`, the official DINO release format or a
 timm .safetensors/.pth), the local Hugging Face cache, then a hub download. Loading is strict:
@@ -7,8 +7,11 @@ a backbone silently left with random weights is the worst failure this project c
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import socket
+import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -41,7 +44,8 @@ def create_backbone(architecture: str, model_kwargs: dict | None = None) -> nn.M
 def preprocessing_for(model: nn.Module) -> dict:
     """Eval-time preprocessing of the backbone's pretrained config, as plain JSON-able values."""
     cfg = model.pretrained_cfg
-    size = int(model.patch_embed.img_size[-1])
+    patch_embed = getattr(model, "patch_embed", None)  # a ConvNeXt has none: its config says
+    size = int(patch_embed.img_size[-1] if patch_embed is not None else cfg["input_size"][-1])
     return {
         "input_size": size,
         "resize_size": int(size / cfg.get("crop_pct", 0.875)),
@@ -97,12 +101,45 @@ def _unwrap(state, path: Path) -> dict[str, torch.Tensor]:
     return cleaned
 
 
+def _timm_filter(model: nn.Module):
+    """timm's own converter for the model's family (`checkpoint_filter_fn` of
+    timm.models.vision_transformer, eva, convnext...): official DINOv2 and DINOv3 files name
+    their tensors differently (register_tokens, storage_tokens, ls1.gamma, downsample_layers)
+    and carry pretraining-only ones (mask_token, rope periods); timm's own files pass through."""
+    return getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+
+
+def _converted(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    filter_fn = _timm_filter(model)
+    if filter_fn is None:
+        return state
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # eva's filter prints what it skips
+            converted = filter_fn(dict(state), model)
+    except KeyError as exc:  # a foreign layout the converter chokes on
+        raise WeightsError(f"weights from {source} do not fit this backbone: it has no tensor {exc}") from None
+    except Exception as exc:
+        raise WeightsError(f"weights from {source} do not fit this backbone: "
+                           f"{type(exc).__name__}: {(str(exc) or '?').splitlines()[0]}") from None
+    # The converters also resample a patch embedding of another size (ViT-S/8 weights into a
+    # ViT-S/16): a different model, refused. Position embeddings may be resampled: that is
+    # a change of input size (DINOv2's 518 px grid to the 224 px one we run at).
+    reshaped = [f"{k} {tuple(state[k].shape)} != {tuple(converted[k].shape)}" for k in converted
+                if k in state and k != "pos_embed" and converted[k].shape != state[k].shape]
+    if reshaped:
+        raise WeightsError(f"weights from {source} do not fit this backbone: {len(reshaped)} of another "
+                           f"shape (e.g. {'; '.join(reshaped[:2])})")
+    return converted
+
+
 def load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load every parameter or refuse with a message saying what does not fit."""
+    """Load every parameter or refuse with a message saying what does not fit. The file may be
+    timm's or the official release's layout (converted by timm's own filter)."""
     expected = model.state_dict()
     # A DINO projection head ('head.*', in full training checkpoints) is not part of the backbone.
     if not any(k.startswith("head.") for k in expected):
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    state = _converted(model, state, source)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     mismatched = [
@@ -166,23 +203,33 @@ def load_backbone(spec: BackboneSpec, weights: Path | None = None) -> tuple[nn.M
 
 
 # --- attention ------------------------------------------------------------------------------
+def has_attention(model: nn.Module) -> bool:
+    """Whether the backbone is a transformer with [CLS] attention to show (a ConvNeXt has none)."""
+    blocks = getattr(model, "blocks", None)
+    return blocks is not None and len(blocks) > 0 and hasattr(blocks[-1], "attn") and hasattr(model, "patch_embed")
+
+
 def cls_attention(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Features and the last block's [CLS]-to-patch attention, averaged over heads, as a
-    (batch, grid_h, grid_w) map. timm's fused attention does not return its weights, so the
-    last block's input is captured and its attention recomputed from the same projections."""
+    (batch, grid_h, grid_w) map, from the same forward. timm's fused attention does not return
+    its weights, so the last block runs its explicit form, whose softmaxed weights pass through
+    `attn_drop` (an identity in eval): read there, they include whatever the block does to q
+    and k (q/k norms, DINOv3's rotary embeddings) and span the register tokens, which are
+    left out of the map with [CLS] (`num_prefix_tokens`). timm's AttentionExtract does the
+    same but returns no features, which would cost a second forward."""
+    if not has_attention(model):
+        raise ValueError(f"{type(model).__name__} has no attention maps")
     attn = model.blocks[-1].attn
     captured = {}
-    handle = attn.register_forward_pre_hook(lambda _m, args: captured.setdefault("x", args[0]))
+    handle = attn.attn_drop.register_forward_hook(lambda _m, args, _out: captured.setdefault("w", args[0]))
+    fused, attn.fused_attn = attn.fused_attn, False
     try:
         features = model(images)
     finally:
+        attn.fused_attn = fused
         handle.remove()
-    x = captured["x"]
-    batch, tokens, dim = x.shape
-    qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, dim // attn.num_heads).permute(2, 0, 3, 1, 4)
-    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
-    weights = ((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, heads, 1, T)
+    weights = captured["w"]  # (batch, heads, tokens, tokens)
     prefix = getattr(model, "num_prefix_tokens", 1)
     grid = model.patch_embed.grid_size
-    patch_attention = weights[:, :, 0, prefix:].mean(dim=1).reshape(batch, *grid)
+    patch_attention = weights[:, :, 0, prefix:].mean(dim=1).reshape(images.shape[0], *grid)
     return features, patch_attention.float()

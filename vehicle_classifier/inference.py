@@ -22,7 +22,7 @@ from PIL import Image
 
 from . import config
 from .artifact import Model, load_artifact
-from .backbone import cls_attention
+from .backbone import cls_attention, has_attention
 from .features import autocast, resolve_precision, runtime_for
 from .images import center_crop, open_image, preprocess
 from .runtime import OpenVINOBackbone
@@ -101,6 +101,7 @@ class Predictor:
         self.max_image_pixels = max_image_pixels
         self.backbone = model.backbone.to(self.device).eval()
         self.head = model.head.to(self.device).eval()
+        self.has_attention = has_attention(self.backbone)  # a ConvNeXt has no attention maps
         self.fast_backbone = None
         if self.runtime == "openvino":
             self.fast_backbone = OpenVINOBackbone(self.backbone, model.preprocessing["input_size"], self.precision,
@@ -136,12 +137,13 @@ class Predictor:
         size = self.model.preprocessing["input_size"]
         blank = torch.zeros(1, 3, size, size)
         self.predict_tensors(blank)
-        maps = self.predict_tensors(blank, attention=True)[0].attention
+        if self.has_attention:
+            maps = self.predict_tensors(blank, attention=True)[0].attention
         # Other batch sizes need no warm-up: OpenVINO's first call at a new shape costs ~5 ms
         # more, and every warm-up forward delays a replacement worker's first answer.
         self.predict_tensors(blank)
-        # The overlay's first call imports matplotlib's colormaps: pay for that here too.
-        attention_overlay_png(Image.new("RGB", (size, size)), maps, self.model.preprocessing)
+        if self.has_attention:  # the overlay's first call imports matplotlib's colormaps: here too
+            attention_overlay_png(Image.new("RGB", (size, size)), maps, self.model.preprocessing)
 
     def load_image(self, source: bytes | str | Path) -> Image.Image:
         """Decode an upload (raises images.ImageError with a message fit for the user)."""
