@@ -72,15 +72,16 @@ def show_sidebar(url: str, status: dict) -> None:
             st.markdown("  \n".join(lines))
 
 
-def show_prediction(answer: dict, image: bytes, filename: str, key: str) -> None:
-    """One photo: the image (or its attention overlay), the answer and the probability chart."""
+def show_prediction(answer: dict, image: bytes, filename: str, key: str, attention_maps: bool = True) -> None:
+    """One photo: the image (or its attention overlay, where the backbone has attention maps),
+    the answer and the probability chart."""
     left, right = st.columns(2)
     with right:
         st.subheader(f"{answer['label']} · {answer['confidence']:.1%}")
         if answer["confidence"] < UNSURE_BELOW:
             st.caption("The model is unsure about this one.")
         st.altair_chart(probability_chart(answer), width="stretch", height=50 + 36 * len(answer["probabilities"]))
-        show_attention = st.toggle("Show where the model looked", key=f"attention-{key}")
+        show_attention = attention_maps and st.toggle("Show where the model looked", key=f"attention-{key}")
     with left:
         if show_attention and "attention_png" in answer:
             st.image(base64.b64decode(answer["attention_png"]), caption=f"{filename}: attention overlay",
@@ -118,11 +119,13 @@ def main() -> None:
         return
 
     model_version = (status.get("ready") or {}).get("model_version")
+    serving = (status.get("metadata") or {}).get("serving") or {}
+    attention_maps = serving.get("attention_maps", True)  # a ConvNeXt backbone has none
     for upload in uploads:
         with st.container(border=True):
             data = upload.getvalue()
             key = upload.file_id
-            attention = bool(st.session_state.get(f"attention-{key}"))
+            attention = attention_maps and bool(st.session_state.get(f"attention-{key}"))
             try:
                 with st.spinner(f"Asking about {upload.name}…"):
                     answer = predict(url, model_version, data, upload.name, attention)
@@ -133,7 +136,7 @@ def main() -> None:
                     st.warning("Start the service, or check PREDICT_URL, then press “Check again” in the sidebar.")
                     return
                 continue
-            show_prediction(answer, data, upload.name, key)
+            show_prediction(answer, data, upload.name, key, attention_maps)
 
 
 main()

@@ -265,6 +265,7 @@ def test_each_trains_and_serves_from_its_official_file(tmp_path, monkeypatch, sm
     synthetic_image("Car", np.random.default_rng(0)).save(photo, "JPEG")
     answer = client.post("/predict", data=photo.getvalue(), content_type="image/jpeg")
     assert answer.status_code == 200 and answer.get_json()["label"] in ("Bike", "Car")
+    assert client.get("/metadata").get_json()["serving"]["attention_maps"] == ("convnext" not in name)
     with_attention = client.post("/predict?attention=1", data=photo.getvalue(), content_type="image/jpeg")
     if "convnext" in name:
         assert with_attention.status_code == 400 and "no attention maps" in with_attention.get_json()["error"]

@@ -302,6 +302,7 @@ def create_app(config: ServiceConfig | None = None, predictor=None) -> Flask:
             package_version=__version__,
             serving={"precision": predictor.precision, "runtime": predictor.runtime,
                      "openvino_mode": predictor.fast_backbone.mode if predictor.fast_backbone else None,
+                     "attention_maps": predictor.has_attention,  # False for a ConvNeXt backbone
                      "max_upload_bytes": config.max_upload_bytes,
                      "max_batch_files": config.max_batch_files,
                      "max_image_pixels": config.max_image_pixels},
@@ -360,7 +361,8 @@ def openapi_spec(config: ServiceConfig, class_names: list[str]) -> dict:
             "/predict": {"post": {
                 "summary": "Classify one image, or a batch (several multipart 'file' parts)",
                 "parameters": [{"name": "attention", "in": "query", "schema": {"type": "integer", "enum": [0, 1]},
-                                "description": "1: add the attention overlay to each prediction"}],
+                                "description": "1: add the attention overlay to each prediction "
+                                               "(400 for a backbone without attention maps: ConvNeXt)"}],
                 "requestBody": {"required": True, "content": {
                     "multipart/form-data": {"schema": {"type": "object", "properties": {"file": {
                         "type": "array", "maxItems": config.max_batch_files,
