@@ -163,6 +163,18 @@ def test_dinov2_file_at_518px_grid_is_resampled_to_the_grid_we_run_at(tmp_path, 
     assert all(torch.equal(model.state_dict()[k], v) for k, v in others.items())
 
 
+def test_real_dinov2_release_file_at_518px_loads_into_the_224px_registry_model(tmp_path):
+    """The registry's own ViT-S/14 (not shrunk): the release file's 37x37 position grid, its
+    mask_token, loaded strictly into the 16x16 grid we run at."""
+    spec = config.BACKBONES["dinov2-vits14"]
+    release = create_backbone(spec.architecture, {}).state_dict()  # timm's 518 px layout
+    assert release["pos_embed"].shape == (1, 1 + 37 * 37, 384)
+    torch.save({**release, "mask_token": torch.zeros(1, 384)}, tmp_path / spec.official_file)
+    model, _ = load_backbone(spec, tmp_path / spec.official_file)
+    assert model.pos_embed.shape == (1, 1 + 16 * 16, 384)
+    assert torch.equal(model.state_dict()["blocks.11.mlp.fc2.weight"], release["blocks.11.mlp.fc2.weight"])
+
+
 @pytest.mark.parametrize("name, other, words", [
     ("dinov2-vits14", tiny("dinov2-vitb14", embed_dim=64), "another shape"),     # ViT-B weights into ViT-S
     ("dinov2-vits14-reg", tiny("dinov2-vits14"), "missing"),                     # no registers in the file
