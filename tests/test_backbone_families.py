@@ -126,7 +126,8 @@ def test_each_has_its_own_preprocessing():
     sizes = {}
     for name in ("dinov2-vits14", "dinov3-vits16", "dinov3-convnext-tiny"):
         spec = config.BACKBONES[name]
-        sizes[name] = preprocessing_for(create_backbone(spec.architecture, spec.model_kwargs))
+        shallow = {"depths": [1, 1, 1, 1]} if "convnext" in name else {"depth": 1}  # depth: no bearing on it
+        sizes[name] = preprocessing_for(create_backbone(spec.architecture, {**spec.model_kwargs, **shallow}))
     # DINOv2 at 224 px from a 256 px resize, as its linear evaluation (not its 518 px grid).
     assert (sizes["dinov2-vits14"]["input_size"], sizes["dinov2-vits14"]["resize_size"]) == (224, 256)
     assert sizes["dinov3-vits16"]["input_size"] == 256 and sizes["dinov3-vits16"]["resize_size"] == 256
@@ -164,15 +165,16 @@ def test_dinov2_file_at_518px_grid_is_resampled_to_the_grid_we_run_at(tmp_path, 
 
 
 def test_real_dinov2_release_file_at_518px_loads_into_the_224px_registry_model(tmp_path):
-    """The registry's own ViT-S/14 (not shrunk): the release file's 37x37 position grid, its
-    mask_token, loaded strictly into the 16x16 grid we run at."""
+    """The registry's own ViT-S/14 (one block deep, to be quick): the release file's 37x37
+    position grid, its mask_token, loaded strictly into the 16x16 grid we run at."""
     spec = config.BACKBONES["dinov2-vits14"]
-    release = create_backbone(spec.architecture, {}).state_dict()  # timm's 518 px layout
+    spec = replace(spec, model_kwargs={**spec.model_kwargs, "depth": 1})
+    release = create_backbone(spec.architecture, {"depth": 1}).state_dict()  # timm's 518 px layout
     assert release["pos_embed"].shape == (1, 1 + 37 * 37, 384)
     torch.save({**release, "mask_token": torch.zeros(1, 384)}, tmp_path / spec.official_file)
     model, _ = load_backbone(spec, tmp_path / spec.official_file)
     assert model.pos_embed.shape == (1, 1 + 16 * 16, 384)
-    assert torch.equal(model.state_dict()["blocks.11.mlp.fc2.weight"], release["blocks.11.mlp.fc2.weight"])
+    assert torch.equal(model.state_dict()["blocks.0.mlp.fc2.weight"], release["blocks.0.mlp.fc2.weight"])
 
 
 @pytest.mark.parametrize("name, other, words", [
