@@ -1,8 +1,9 @@
 """The frozen DINO, DINOv2 and DINOv3 backbones: strict weight loading and [CLS] attention maps.
 
-Weights come from, in order: a local file (`--weights`, the official DINO release format or a
-timm .safetensors/.pth), the local Hugging Face cache, then a hub download. Loading is strict:
-a backbone silently left with random weights is the worst failure this project can have.
+Weights come from, in order: a local file (`--weights`, the official DINO, DINOv2 or DINOv3
+release format or a timm .safetensors/.pth), the local Hugging Face cache, then a hub download.
+Loading is strict: a backbone silently left with random weights is the worst failure this
+project can have.
 """
 
 from __future__ import annotations

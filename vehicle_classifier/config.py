@@ -47,7 +47,7 @@ class BackboneSpec:
 
 # DINOv2 runs at 224 px, resized to 256 and centre-cropped as its linear evaluation does (the
 # ImageNet figures its paper reports), not at the 518 px its weights' position grid was trained
-# at: that costs several times as much per image (benchmarks/bench_backbones.py, README).
+# at: that measured 8x the cost per image of 224 px (benchmarks/bench_backbones.py, README).
 # timm resamples the position embeddings to the 16x16 grid when loading (backbone.load_strict).
 DINOV2_AT_224 = {"pretrained_cfg_overlay": {"input_size": [3, 224, 224], "crop_pct": 0.875}}
 # DINOv3: [CLS] pooling, as upstream and as the other backbones (timm's Eva default is the mean
