@@ -274,6 +274,8 @@ def test_each_trains_and_serves_from_its_official_file(tmp_path, monkeypatch, sm
     app = create_app(ServiceConfig(model_dir=tmp_path / "out"))  # as served: bf16 where the CPU has it
     predictor = app.extensions["vehicle_classifier"]["predictor"]
     assert predictor.runtime == "openvino"  # the fast CPU path, not the torch fallback
+    assert predictor.metadata["backbone"]["name"] == spec.name
+    assert_loaded(predictor.backbone, state)  # the release file's weights, through the artifact
     client = app.test_client()
     photo = io.BytesIO()
     synthetic_image("Car", np.random.default_rng(0)).save(photo, "JPEG")
