@@ -14,7 +14,8 @@ from pathlib import Path
 from vehicle_classifier import config
 
 HELP = {
-    "backbone": "DINO backbone (ViT-S/16, ViT-S/8, ViT-B/16, ViT-B/8)",
+    "backbone": f"one of {', '.join(config.BACKBONES)} (DINO ViT-S/16, ViT-S/8, ViT-B/16, ViT-B/8), or "
+                f"{config.TIMM_PREFIX}<model name> for any timm model (e.g. {config.TIMM_PREFIX}tf_efficientnet_lite0)",
     "val_fraction": "fraction of each class held out for validation (early stopping)",
     "test_fraction": "fraction of each class held out for the final test metrics",
     "seed": "seed of the split and of head training; the same seed gives the same model",
@@ -27,9 +28,11 @@ HELP = {
     "patience": "stop after this many epochs without a better validation loss",
     "extract_batch_size": "images per backbone batch during feature extraction",
     "precision": "backbone precision: auto (bf16 where the hardware has it), bf16 or fp32",
+    "ood_acceptance": "share of validation photos the 'neither a car nor a bike' threshold accepts",
+    "neither_dir": "images that are neither class, for the flagged share in metrics.json (skipped when absent)",
 }
 
-CHOICES = {"backbone": sorted(config.BACKBONES), "precision": ["auto", "bf16", "fp32"]}
+CHOICES = {"precision": ["auto", "bf16", "fp32"]}  # backbone names are checked by backbone.get_spec
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="model to draw from; trained here first unless it is up to date (default: out/figures)")
     parser.add_argument("--out-dir", type=Path, default=REPO / "imgs", help="where the PNGs go (default: imgs/)")
     parser.add_argument("--backbone", default=config.TrainConfig.backbone,
-                        help=f"backbone, one of {', '.join(config.BACKBONES)} (default: %(default)s)")
+                        help=f"backbone, one of {', '.join(config.BACKBONES)} or {config.TIMM_PREFIX}<model name> "
+                             "(default: %(default)s)")
     parser.add_argument("--cache-dir", type=Path, default=config.FEATURE_CACHE_DIR, help="feature cache directory")
     parser.add_argument("--per-class", type=int, default=6, help="photos per class in the sample grid")
     parser.add_argument("--banner-per-class", type=int, default=3, help="photos per class in the attention banner")
@@ -80,8 +81,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     try:
-        if args.backbone not in config.BACKBONES:
-            raise UserError(f"unknown backbone {args.backbone!r}; choose one of: {', '.join(config.BACKBONES)}")
+        from vehicle_classifier.backbone import get_spec
+
+        get_spec(args.backbone)  # an unknown name stops here, in one line
         cfg = config.TrainConfig(backbone=args.backbone)
         ensure_model(args, cfg)
 

@@ -181,7 +181,7 @@ def create_app(config: ServiceConfig | None = None, predictor=None) -> Flask:
 
         predictor = Predictor.from_dir(config.model_dir, precision=config.precision, runtime=config.runtime,
                                        openvino_mode=config.openvino_mode, warm_up=not config.prefork,
-                                       max_image_pixels=config.max_image_pixels)
+                                       max_image_pixels=config.max_image_pixels, ood_check=config.ood_check)
     from .inference import attention_overlay_png
     from .images import ImageError
 
@@ -244,6 +244,9 @@ def create_app(config: ServiceConfig | None = None, predictor=None) -> Flask:
     def predict():
         _receive_body(config.max_upload_bytes, config.upload_timeout)
         attention = _flag("attention")
+        if attention and not predictor.attention_available:
+            raise BadRequest(f"attention maps are not available for this backbone "
+                             f"({metadata['backbone'].get('architecture')}); ask without attention=1")
         uploads = _uploads(config.max_batch_files)
         timings = [("read", time.perf_counter())]
         images = []
@@ -296,12 +299,16 @@ def create_app(config: ServiceConfig | None = None, predictor=None) -> Flask:
             training=metadata.get("training", {}),
             preprocessing=preprocessing,
             head=metadata.get("head"),
+            calibration=metadata.get("calibration"),
+            ood=metadata.get("ood"),
+            attention_maps=predictor.attention_available,
             package_version=__version__,
             serving={"precision": predictor.precision, "runtime": predictor.runtime,
                      "openvino_mode": predictor.fast_backbone.mode if predictor.fast_backbone else None,
                      "max_upload_bytes": config.max_upload_bytes,
                      "max_batch_files": config.max_batch_files,
-                     "max_image_pixels": config.max_image_pixels},
+                     "max_image_pixels": config.max_image_pixels,
+                     "ood_check": predictor.ood_threshold is not None},
         )
 
     @app.get("/metrics")
@@ -340,9 +347,17 @@ def openapi_spec(config: ServiceConfig, class_names: list[str]) -> dict:
             "label": {"type": "string", "enum": class_names},
             "confidence": {"type": "number", "minimum": 0, "maximum": 1},
             "probabilities": probabilities,
+            "in_distribution": {"type": "boolean", "nullable": True,
+                                "description": "false: the photo lies farther from the training photos than the "
+                                               "threshold in /metadata's ood (neither a car nor a bike?); null "
+                                               "when the check is off (OOD_CHECK=off) or the model has none"},
+            "ood_score": {"type": "number", "nullable": True,
+                          "description": "mean cosine distance of the photo's features to the nearest "
+                                         "training photos' (higher: less like them)"},
             "attention_png": {"type": "string", "format": "byte",
                               "description": "with ?attention=1: the backbone's last-layer [CLS] attention "
-                                             "over the centre crop, as a base64 PNG"},
+                                             "over the centre crop, as a base64 PNG (ViT backbones; others "
+                                             "answer 400, and /metadata says attention_maps: false)"},
         },
     }
 

@@ -1,4 +1,5 @@
-"""The frozen DINO ViT backbones: a registry, strict weight loading, and [CLS] attention maps.
+"""The frozen backbones: the DINO ViT registry or any timm model (`timm:<model name>`), strict
+weight loading, timm's eval preprocessing, and [CLS] attention maps where the model has them.
 
 Weights come from, in order: a local file (`--weights`, the official DINO release format or a
 timm .safetensors/.pth), the local Hugging Face cache, then a hub download. Loading is strict:
@@ -8,6 +9,7 @@ a backbone silently left with random weights is the worst failure this project c
 from __future__ import annotations
 
 import hashlib
+import math
 import socket
 from pathlib import Path
 from urllib.parse import urlparse
@@ -17,8 +19,8 @@ import torch
 from torch import nn
 
 from . import UserError
-from .config import BACKBONES, HUB_WEIGHTS_FILE, BackboneSpec
-
+from .config import BACKBONES, HUB_WEIGHTS_FILE, TIMM_PREFIX, BackboneSpec
+from .images import CROP_MODES, RESAMPLING
 
 
 class WeightsError(UserError):
@@ -26,10 +28,29 @@ class WeightsError(UserError):
 
 
 def get_spec(name: str) -> BackboneSpec:
+    if name.startswith(TIMM_PREFIX):
+        return timm_spec(name)
     try:
         return BACKBONES[name]
     except KeyError:
-        raise WeightsError(f"unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}") from None
+        raise WeightsError(f"unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}, "
+                           f"or {TIMM_PREFIX}<model name> for any timm model") from None
+
+
+def timm_spec(name: str) -> BackboneSpec:
+    """`timm:<model>[.<tag>]`: the model with its default pretrained tag unless one is given. The
+    tag is part of the architecture because it decides the weights' hub repository and the
+    preprocessing (timm's data config)."""
+    model_name = name.removeprefix(TIMM_PREFIX)
+    if not timm.is_model(model_name):
+        raise WeightsError(f"unknown timm model {model_name!r} (timm.list_models() names them all)")
+    try:
+        cfg = timm.models.get_pretrained_cfg(model_name)
+    except RuntimeError as exc:  # an unknown pretrained tag
+        raise WeightsError(str(exc)) from None
+    base, tag = timm.models.split_model_name_tag(model_name)
+    tag = tag or getattr(cfg, "tag", "") or ""
+    return BackboneSpec(name, f"{base}.{tag}" if tag else base)
 
 
 def create_backbone(architecture: str, model_kwargs: dict | None = None) -> nn.Module:
@@ -39,15 +60,28 @@ def create_backbone(architecture: str, model_kwargs: dict | None = None) -> nn.M
 
 
 def preprocessing_for(model: nn.Module) -> dict:
-    """Eval-time preprocessing of the backbone's pretrained config, as plain JSON-able values."""
-    cfg = model.pretrained_cfg
-    size = int(model.patch_embed.img_size[-1])
+    """Eval-time preprocessing from timm's data config for the model (its pretrained tag's input
+    size, crop fraction, crop mode, interpolation, mean and std), as plain JSON-able values: the
+    shorter side resized to `resize_size` (`input_size / crop_pct`, rounded down as timm does),
+    then the centre `input_size` square ("squash": each side scaled on its own)."""
+    data = timm.data.resolve_model_data_config(model)
+    _, height, width = data["input_size"]
+    # A ViT built at another size than its pretrained config's (img_size=...) only takes its own.
+    built = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if built is not None:
+        height, width = built
+    if height != width:
+        raise WeightsError(f"backbones with a non-square input ({height}x{width}) are not supported")
+    if data["crop_mode"] not in CROP_MODES or data["interpolation"] not in RESAMPLING:
+        raise WeightsError(f"timm's preprocessing for this backbone ({data['crop_mode']} crop, "
+                           f"{data['interpolation']} interpolation) is not supported")
     return {
-        "input_size": size,
-        "resize_size": int(size / cfg.get("crop_pct", 0.875)),
-        "interpolation": cfg.get("interpolation", "bicubic"),
-        "mean": [float(v) for v in cfg["mean"]],
-        "std": [float(v) for v in cfg["std"]],
+        "input_size": int(width),
+        "resize_size": math.floor(width / data["crop_pct"]),
+        "crop_mode": data["crop_mode"],
+        "interpolation": data["interpolation"],
+        "mean": [float(v) for v in data["mean"]],
+        "std": [float(v) for v in data["std"]],
     }
 
 
@@ -58,7 +92,7 @@ def state_dict_digest(state_dict: dict[str, torch.Tensor]) -> str:
     for key in sorted(state_dict):
         tensor = state_dict[key].detach().contiguous().cpu()
         digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")  # 0-d too (BatchNorm counters)
     return digest.hexdigest()
 
 
@@ -100,9 +134,12 @@ def _unwrap(state, path: Path) -> dict[str, torch.Tensor]:
 def load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Load every parameter or refuse with a message saying what does not fit."""
     expected = model.state_dict()
-    # A DINO projection head ('head.*', in full training checkpoints) is not part of the backbone.
-    if not any(k.startswith("head.") for k in expected):
-        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    # A classifier (timm's pretrained 'head.*', 'fc.*', 'classifier.*'; a DINO projection head in
+    # full training checkpoints) is not part of the frozen feature extractor.
+    classifier = model.pretrained_cfg.get("classifier") or "head"
+    for prefix in {"head", *([classifier] if isinstance(classifier, str) else classifier)}:
+        if not any(k.startswith(prefix + ".") for k in expected):
+            state = {k: v for k, v in state.items() if not k.startswith(prefix + ".")}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     mismatched = [
@@ -144,10 +181,11 @@ def find_pretrained_weights(spec: BackboneSpec) -> Path:
     cached = try_to_load_from_cache(spec.hub_id, HUB_WEIGHTS_FILE)
     if isinstance(cached, str):
         return Path(cached)
+    official = f"the official DINO checkpoint ({spec.official_file}) or " if spec.official_file else ""
     hint = (
         f"no pretrained weights for {spec.name}: not in the Hugging Face cache and the hub "
-        f"({spec.hub_id}) is unreachable. Pass --weights FILE with the official DINO checkpoint "
-        f"({spec.official_file}) or timm's {HUB_WEIGHTS_FILE} from {spec.hub_id}."
+        f"({spec.hub_id}) is unreachable. Pass --weights FILE with {official}timm's {HUB_WEIGHTS_FILE} "
+        f"from {spec.hub_id}."
     )
     if not _hub_reachable():
         raise WeightsError(hint)
@@ -166,6 +204,14 @@ def load_backbone(spec: BackboneSpec, weights: Path | None = None) -> tuple[nn.M
 
 
 # --- attention ------------------------------------------------------------------------------
+def has_cls_attention(model: nn.Module) -> bool:
+    """Whether `cls_attention` can draw a map for this model: a ViT whose last block has
+    self-attention over a patch grid. Convolutional networks (EfficientNet, ResNet...) have none."""
+    blocks = getattr(model, "blocks", None)
+    attn = getattr(blocks[-1], "attn", None) if isinstance(blocks, nn.Sequential) and len(blocks) else None
+    return attn is not None and hasattr(attn, "qkv") and hasattr(getattr(model, "patch_embed", None), "grid_size")
+
+
 def cls_attention(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Features and the last block's [CLS]-to-patch attention, averaged over heads, as a
     (batch, grid_h, grid_w) map. timm's fused attention does not return its weights, so the

@@ -14,6 +14,9 @@ from pathlib import Path
 DATA_DIR = Path("data/Car-Bike-Dataset")
 OUTPUT_DIR = Path("models")
 FEATURE_CACHE_DIR = Path(".cache/features")
+# Images that are neither a car nor a bike (scripts/make_neither_set.py, committed): train.py
+# reports how many of them the model flags as out of distribution.
+NEITHER_DIR = Path("data/neither")
 # Real photos for tests, benchmarks and demos: this workplace keeps them beside the repository.
 SAMPLE_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "car-bike-sample"
 
@@ -23,10 +26,14 @@ METRICS_FILE = "metrics.json"
 SPLIT_FILE = "split.json"
 HISTORY_PLOT = "learning_curves.png"
 CONFUSION_PLOT = "confusion_matrix.png"
+RELIABILITY_PLOT = "reliability.png"
 ARTIFACT_METADATA_KEY = "vehicle_classifier"  # the artifact header entry holding its JSON metadata
 
 # --- backbones ------------------------------------------------------------------------------
 HUB_WEIGHTS_FILE = "model.safetensors"  # timm's weights file in each hub repository
+# `--backbone timm:<model name>`: any timm model (with or without its pretrained tag) besides the
+# registry below; backbone.get_spec builds its spec.
+TIMM_PREFIX = "timm:"
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,11 @@ BACKBONES: dict[str, BackboneSpec] = {
 }
 
 
+# --- "neither a car nor a bike" and calibration (ood.py, training.fit_temperature) -----------
+OOD_NEIGHBOURS = 5  # the score: mean cosine distance to this many nearest training features
+OOD_MAX_REFERENCES = 1024  # training features kept in the artifact (1024 x 1280 float16: 2.6 MB)
+CALIBRATION_BINS = 15  # confidence bins of the expected calibration error and reliability diagram
+
 # --- data -----------------------------------------------------------------------------------
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # Pixel limit checked from the header, before decoding: a 48 MP phone photo passes, a
@@ -81,6 +93,10 @@ class TrainConfig:
     # Feature extraction.
     extract_batch_size: int = 16
     precision: str = "auto"  # auto | bf16 | fp32
+    # "Neither": the share of validation photos the out-of-distribution threshold accepts, and
+    # the images that are neither class whose flagged share metrics.json reports.
+    ood_acceptance: float = 0.975
+    neither_dir: str = str(NEITHER_DIR)
 
 
 # --- service --------------------------------------------------------------------------------
@@ -129,6 +145,9 @@ class ServiceConfig:
     # Seconds an upload may take to arrive, whole: a trickling or stalled client is cut off
     # (408) instead of holding a request thread.
     upload_timeout: float = 10.0
+    # Whether answers say if the photo is like the training photos ("in_distribution"); off,
+    # both fields are null and the label stands alone.
+    ood_check: bool = True
 
     @classmethod
     def from_env(cls) -> "ServiceConfig":
@@ -142,4 +161,5 @@ class ServiceConfig:
             openvino_mode=_env_choice("OPENVINO_MODE", ("adaptive", "throughput", "latency")),
             prefork=os.environ.get("VEHICLE_CLASSIFIER_PREFORK") == "1",
             upload_timeout=_env_int("UPLOAD_TIMEOUT", 10),
+            ood_check=_env_choice("OOD_CHECK", ("on", "off")) == "on",
         )

@@ -16,13 +16,20 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import config
-from .artifact import save_artifact
+from .artifact import OOD_REFERENCES, save_artifact
 from .backbone import BackboneSpec, get_spec, load_backbone, preprocessing_for
 from .data import DataError, Sample, file_digest, scan_image_folder, stratified_split
 from .features import FeatureCache, cache_key, extract_features, resolve_precision, runtime_for
 from .fileio import write_json
 from .head import MLPHead
-from .metrics import classification_metrics, plot_confusion_matrix, plot_learning_curves
+from .metrics import (
+    calibration_error,
+    classification_metrics,
+    plot_confusion_matrix,
+    plot_learning_curves,
+    plot_reliability_diagram,
+)
+from .ood import choose_threshold, flagged_rate, ood_scores, reference_features
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +41,72 @@ def seed_everything(seed: int) -> None:
 
 
 @torch.no_grad()
-def predict_proba(head: MLPHead, features: torch.Tensor) -> torch.Tensor:
+def predict_proba(head: MLPHead, features: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     head.eval()
-    return head(features).softmax(dim=1)
+    return (head(features) / temperature).softmax(dim=1)
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Temperature scaling (Guo et al., 2017): the T that minimises the negative log-likelihood
+    of softmax(logits / T) on these (validation) labels, under a log-normal prior centred on
+    T = 1 (sigma 1). Without the prior, a validation split the head gets all right drives T
+    towards 0, which would answer 0 % or 100 % for every photo, wrong ones included."""
+    log_t = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp(), labels, reduction="sum") + log_t.pow(2).sum() / 2
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return float(log_t.detach().exp())
+
+
+def calibrate(head: MLPHead, part: dict, plot_path: Path) -> tuple[float, dict]:
+    """The temperature fitted on validation, and the expected calibration error before and
+    after it on validation and test; the test split's reliability diagram goes to `plot_path`."""
+    bins = config.CALIBRATION_BINS
+    with torch.no_grad():
+        logits = {name: head.eval()(x) for name, (x, _) in part.items()}
+    temperature = fit_temperature(logits["val"], part["val"][1]) if len(part["val"][1]) else 1.0
+    report = {"method": "temperature scaling on val", "temperature": temperature, "bins": bins}
+    for name in ("val", "test"):
+        if not len(part[name][1]):
+            continue
+        labels = part[name][1].numpy()
+        before = calibration_error(labels, logits[name].softmax(dim=1).numpy(), bins)
+        after = calibration_error(labels, (logits[name] / temperature).softmax(dim=1).numpy(), bins)
+        report[name] = {"ece_before": before["ece"], "ece_after": after["ece"]}
+        if name == "test":
+            plot_reliability_diagram(before, after, bins, temperature, plot_path, "reliability on the test split")
+    return temperature, report
+
+
+def fit_ood(part: dict, neither: list[torch.Tensor], acceptance: float, seed: int) -> tuple[torch.Tensor | None, dict | None]:
+    """The reference features the artifact keeps and the 'neither' threshold, at `acceptance`
+    of the validation photos; with the share of test photos accepted and of the 'neither'
+    images flagged. None without a validation split to choose the threshold on."""
+    if not len(part["val"][1]):
+        log.warning("no validation split: answers will not say whether a photo is like the training photos")
+        return None, None
+    references = reference_features(part["train"][0], seed)
+    scores = {name: ood_scores(x, references) for name, (x, _) in part.items()}
+    threshold = choose_threshold(scores["val"], acceptance)
+    accepted = {name: 1 - flagged_rate(scores[name], threshold) for name in ("val", "test") if len(scores[name])}
+    neither_flagged = flagged_rate(ood_scores(torch.stack(neither), references), threshold) if neither else None
+    return references, {
+        "method": "knn-cosine", "k": config.OOD_NEIGHBOURS, "references": len(references),
+        "acceptance_target": acceptance, "threshold": threshold, "accepted": accepted,
+        "neither": {"count": len(neither), "flagged": neither_flagged},
+    }
+
+
+def neither_paths(folder: Path) -> list[Path]:
+    """The images that are neither class (any file under `folder`; none when it is absent)."""
+    folder = Path(folder)
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")) if folder.is_dir() else []
 
 
 def train_head(
@@ -126,12 +196,16 @@ def run_training(
     cache = FeatureCache(cache_dir, key)
 
     digests = [file_digest(s.path) for s in samples]
-    features, failures = extract_features(
-        backbone, [s.path for s in samples], digests, preprocessing, cache, torch_device, precision,
-        batch_size=cfg.extract_batch_size,
+    others = neither_paths(cfg.neither_dir)
+    other_digests = [file_digest(p) for p in others]
+    features, failures = extract_features(  # the dataset and the 'neither' images, in one pass
+        backbone, [s.path for s in samples] + others, digests + other_digests, preprocessing, cache, torch_device,
+        precision, batch_size=cfg.extract_batch_size,
     )
     for path, reason in failures.items():
         log.warning("skipped %s: %s", path, reason)
+    failures = {p: r for p, r in failures.items() if p not in set(others)}
+    neither = [features[d] for d in other_digests if d in features]
 
     kept, duplicates = unique_readable(samples, digests, features)
     labels = [s.label for s, _ in kept]
@@ -144,9 +218,13 @@ def run_training(
     y = torch.tensor(labels)
     part = {name: (x[idx], y[idx]) for name, idx in split.items()}
     head, history, best_epoch = train_head(*part["train"], *part["val"], len(class_names), cfg)
+    temperature, calibration = calibrate(head, part, output_dir / config.RELIABILITY_PLOT)
+    references, ood = fit_ood(part, neither, cfg.ood_acceptance, cfg.seed)
+    if ood:
+        ood["neither"]["dir"] = str(cfg.neither_dir)
 
     metrics = {
-        name: classification_metrics(yy.numpy(), predict_proba(head, xx).numpy(), class_names)
+        name: classification_metrics(yy.numpy(), predict_proba(head, xx, temperature).numpy(), class_names)
         for name, (xx, yy) in part.items()
     }
     summary = {
@@ -165,7 +243,8 @@ def run_training(
         "data_dir": str(data_dir), "seed": cfg.seed, "class_names": class_names,
         **{name: [str(kept[i][0].path.relative_to(data_dir)) for i in idx] for name, idx in split.items()},
     })
-    write_json(output_dir / config.METRICS_FILE, {**metrics, "summary": summary, "history": history})
+    write_json(output_dir / config.METRICS_FILE, {**metrics, "calibration": calibration, "ood": ood,
+                                                  "summary": summary, "history": history})
     plot_learning_curves(history, best_epoch, output_dir / config.HISTORY_PLOT)
     if len(split["test"]):
         plot_confusion_matrix(metrics["test"]["confusion_matrix"], class_names,
@@ -186,6 +265,9 @@ def run_training(
             "preprocessing": preprocessing,
             "training": {**asdict(cfg), "data_dir": str(data_dir), **summary, "fingerprint": fingerprint},
             "metrics": {name: {"accuracy": m["accuracy"], "roc_auc": m["roc_auc"]} for name, m in metrics.items()},
+            "calibration": {"temperature": temperature},
+            "ood": ood and {key: ood[key] for key in ("method", "k", "references", "acceptance_target", "threshold")},
         },
+        extra_tensors={OOD_REFERENCES: references} if references is not None else None,
     )
-    return {**metrics, "summary": summary}
+    return {**metrics, "calibration": calibration, "ood": ood, "summary": summary}
