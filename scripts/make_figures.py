@@ -3,6 +3,14 @@
     imgs/sample_grid.png        photos of each class, as the centre crop the backbone sees
     imgs/attention_banner.png   held-out test photos with the backbone's [CLS] attention and the model's answer
     imgs/learning_curves.png    the head's loss and accuracy per epoch
+    imgs/confusion_matrix.png   the test split's confusion matrix
+    imgs/reliability.png        the test split's reliability diagram, before and after temperature scaling
+
+With real pretrained features on this project's offline machines (README, "Figures"):
+
+    .venv/bin/python scripts/lite0_weights.py out/tf_efficientnet_lite0.safetensors
+    .venv/bin/python scripts/make_figures.py --backbone timm:tf_efficientnet_lite0 \
+        --weights out/tf_efficientnet_lite0.safetensors
 
     .venv/bin/python scripts/make_figures.py --weights path/to/dino_deitsmall16_pretrain.pth
 
@@ -16,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -25,7 +34,7 @@ sys.path.insert(0, str(REPO))  # run as a plain script from any directory
 from vehicle_classifier import UserError, config
 
 SAMPLE_DIR = config.SAMPLE_DIR
-FIGURES = ("sample_grid.png", "attention_banner.png", "learning_curves.png")
+FIGURES = ("sample_grid.png", "attention_banner.png", "learning_curves.png", "confusion_matrix.png", "reliability.png")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,7 +104,8 @@ def main(argv=None) -> int:
             shuffled_by_class,
         )
         from vehicle_classifier.inference import Predictor
-        from vehicle_classifier.metrics import plot_learning_curves
+        from vehicle_classifier.fileio import atomic_path
+        from vehicle_classifier.metrics import plot_confusion_matrix, plot_learning_curves
 
         predictor = Predictor.from_dir(args.model_dir)
         out = args.out_dir
@@ -109,6 +119,10 @@ def main(argv=None) -> int:
 
         metrics = json.loads((args.model_dir / config.METRICS_FILE).read_text())
         plot_learning_curves(metrics["history"], metrics["summary"]["best_epoch"], out / FIGURES[2])
+        plot_confusion_matrix(metrics["test"]["confusion_matrix"], class_names, out / FIGURES[3],
+                              f"test split ({metrics['test']['count']} photos)")
+        with atomic_path(out / FIGURES[4]) as tmp:  # drawn by training, which has every bin
+            shutil.copyfile(args.model_dir / config.RELIABILITY_PLOT, tmp)
     except (UserError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
