@@ -82,8 +82,12 @@ def attention_banner(predictor: Predictor, paths_by_class: dict[str, list[Path]]
         answer = f"{prediction.label} {prediction.confidence:.2f}"
         if prediction.in_distribution is False:
             answer = f"neither? ({answer})"
-        axes[-1, col].set_title(f"predicted {answer}", fontsize=9, y=1.0 if attention else -0.18,
-                                color="black" if prediction.label == name else "red")
+        color = "black" if prediction.label == name else "red"
+        if attention:
+            axes[1, col].set_title(f"predicted {answer}", fontsize=9, color=color)
+        else:  # one row: the answer under the photo
+            axes[0, col].text(0.5, -0.04, f"predicted {answer}", transform=axes[0, col].transAxes, ha="center",
+                              va="top", fontsize=9, color=color)
         for ax in axes[:, col]:
             ax.set_axis_off()
     return fig
