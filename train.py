@@ -29,7 +29,7 @@ HELP = {
     "extract_batch_size": "images per backbone batch during feature extraction",
     "precision": "backbone precision: auto (bf16 where the hardware has it), bf16 or fp32",
     "ood_acceptance": "share of validation photos the 'neither a car nor a bike' threshold accepts",
-    "neither_dir": "images that are neither class, for the flagged share in metrics.json (skipped when absent)",
+    "neither_dir": "images that are neither class, for the flagged share in metrics.json (skipped when absent or '')",
 }
 
 CHOICES = {"precision": ["auto", "bf16", "fp32"]}  # backbone names are checked by backbone.get_spec

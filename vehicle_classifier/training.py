@@ -103,10 +103,12 @@ def fit_ood(part: dict, neither: list[torch.Tensor], acceptance: float, seed: in
     }
 
 
-def neither_paths(folder: Path) -> list[Path]:
-    """The images that are neither class (any file under `folder`; none when it is absent)."""
-    folder = Path(folder)
-    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")) if folder.is_dir() else []
+def neither_paths(folder: Path | str) -> list[Path]:
+    """The images that are neither class (any file under `folder`; none when it is absent, or
+    '' to skip them)."""
+    if not str(folder) or not Path(folder).is_dir():
+        return []
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and not p.name.startswith("."))
 
 
 def train_head(
