@@ -117,7 +117,7 @@ def load_make_figures():
     return module
 
 
-def test_make_figures_trains_then_reuses_and_writes_three_pngs(tmp_path, synthetic_dataset, tiny_weights, capsys):
+def test_make_figures_trains_then_reuses_and_writes_every_png(tmp_path, synthetic_dataset, tiny_weights, capsys):
     make_figures = load_make_figures()
     model_dir, out = tmp_path / "model", tmp_path / "imgs"
     argv = ["--data-dir", str(synthetic_dataset), "--weights", str(tiny_weights), "--backbone", TINY_SPEC.name,

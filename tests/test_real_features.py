@@ -134,6 +134,24 @@ def test_the_command_line_client_says_neither(real_model_dir):
     assert lines[1].startswith(f"{NEITHER_DIR / 'document.jpg'}: neither a car nor a bike? (out of distribution")
 
 
+def test_the_neither_set_is_what_its_script_writes(tmp_path):
+    from conftest import load_script
+
+    written = load_script("make_neither_set").write_set(tmp_path)
+    assert sorted(p.name for p in written) == [p.name for p in neither_images()]
+    for path in written:
+        assert path.read_bytes() == (NEITHER_DIR / path.name).read_bytes(), path.name
+
+
+def test_an_acceptance_rate_out_of_range_is_one_line(tmp_path, synthetic_dataset, tiny_weights, capsys):
+    import train
+
+    code = train.main(["--data-dir", str(synthetic_dataset), "--output-dir", str(tmp_path / "out"),
+                       "--backbone", "test-tiny", "--ood-acceptance", "1.5", "--weights", str(tiny_weights)])
+    assert code == 2 and capsys.readouterr().err == "error: --ood-acceptance must be in (0, 1], not 1.5\n"
+    assert not (tmp_path / "out").exists()
+
+
 # --- timm: backbones ------------------------------------------------------------------------
 def test_timm_spec_takes_the_default_pretrained_tag_and_timms_preprocessing():
     spec = get_spec(LITE0_BACKBONE)

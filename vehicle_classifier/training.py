@@ -185,6 +185,8 @@ def run_training(
     plots in `output_dir`. Returns the metrics. Raises DataError or WeightsError with a message
     fit for one line."""
     started = time.perf_counter()
+    if not 0 < cfg.ood_acceptance <= 1:  # before any work
+        raise DataError(f"--ood-acceptance must be in (0, 1], not {cfg.ood_acceptance}")
     data_dir, output_dir = Path(data_dir), Path(output_dir)
     spec = spec or get_spec(cfg.backbone)
     class_names, samples = scan_image_folder(data_dir)
