@@ -49,7 +49,8 @@ def describe(answer: dict) -> str:
     """`Car (97.1%)`; for a photo out of distribution, what the page says, with the closer class."""
     label = f"{answer['label']} ({answer['confidence']:.1%})"
     if answer.get("in_distribution") is False:  # None: the service's check is off
-        return f"neither a car nor a bike? (out of distribution: distance {answer['ood_score']:.2f}; closer class {label})"
+        distance = f"distance {answer['ood_score']:.2f}"
+        return f"neither a car nor a bike? (out of distribution: {distance}; closer class {label})"
     return label
 
 

@@ -72,12 +72,13 @@ def packaged_photos() -> Iterator[tuple[str, Image.Image]]:
     with gzip.open(_sample_data("s1045.ima.gz")) as f:
         mri = np.frombuffer(f.read(), np.uint16).astype(np.float32).reshape(256, 256)
     yield "mri_slice", _colormapped(mri, "gray")
+    from matplotlib import colormaps
+    from matplotlib.colors import LightSource
+
     for name in ("topobathy.npz", "jacksboro_fault_dem.npz"):
         with np.load(_sample_data(name)) as dem:
             elevation = dem["topo" if "topo" in dem else "elevation"].astype(np.float32)
-        from matplotlib.colors import LightSource
-
-        shaded = LightSource(azdeg=315, altdeg=45).shade(elevation, cmap=__import__("matplotlib").colormaps["gist_earth"])
+        shaded = LightSource(azdeg=315, altdeg=45).shade(elevation, cmap=colormaps["gist_earth"])
         yield f"relief_{name.split('.')[0]}", Image.fromarray((shaded[..., :3] * 255).astype(np.uint8))
 
 
@@ -102,7 +103,8 @@ def generated_scenes(rng: np.random.Generator) -> Iterator[tuple[str, Image.Imag
     yield "line_chart", _figure_image(lambda fig: fig.subplots().plot(np.cumsum(rng.normal(size=(200, 3)), 0)))
     yield "bar_chart", _figure_image(lambda fig: fig.subplots().bar(list("ABCDEFG"), rng.uniform(1, 9, 7)))
     yield "noise", Image.fromarray(rng.integers(0, 256, (240, 320, 3), dtype=np.uint8))
-    yield "checkerboard", Image.fromarray(((((xx * 8).astype(int) + (yy * 8).astype(int)) % 2) * 255).astype(np.uint8)).convert("RGB")
+    squares = ((xx * 8).astype(int) + (yy * 8).astype(int)) % 2
+    yield "checkerboard", Image.fromarray((squares * 255).astype(np.uint8)).convert("RGB")
     rings = np.sin(40 * np.hypot(xx - 0.3, yy - 0.2) + 3 * np.sin(7 * yy))
     yield "wood", _colormapped(rings + rng.normal(0, 0.2, rings.shape), "copper")
     bricks = Image.new("RGB", (320, 240), (180, 180, 170))
@@ -110,7 +112,8 @@ def generated_scenes(rng: np.random.Generator) -> Iterator[tuple[str, Image.Imag
     for row in range(12):
         for col in range(-1, 9):
             x = col * 40 + (20 if row % 2 else 0)
-            draw.rectangle((x + 2, row * 20 + 2, x + 38, row * 20 + 18), fill=tuple(int(v) for v in rng.integers(120, 180, 3)))
+            colour = tuple(int(v) for v in rng.integers(120, 180, 3))
+            draw.rectangle((x + 2, row * 20 + 2, x + 38, row * 20 + 18), fill=colour)
     yield "brick_wall", bricks
     c = (xx * 1.6 - 1.2) * 1.3 + 1j * (yy - 0.5) * 1.6
     z, escape = np.zeros_like(c), np.zeros(c.shape)

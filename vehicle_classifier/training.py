@@ -84,7 +84,8 @@ def calibrate(head: MLPHead, part: dict, plot_path: Path) -> tuple[float, dict]:
     return temperature, report
 
 
-def fit_ood(part: dict, neither: list[torch.Tensor], acceptance: float, seed: int) -> tuple[torch.Tensor | None, dict | None]:
+def fit_ood(part: dict, neither: list[torch.Tensor], acceptance: float,
+            seed: int) -> tuple[torch.Tensor | None, dict | None]:
     """The reference features the artifact keeps and the 'neither' threshold, at `acceptance`
     of the validation photos; with the share of test photos accepted and of the 'neither'
     images flagged. None without a validation split to choose the threshold on."""
@@ -208,7 +209,7 @@ def run_training(
     )
     for path, reason in failures.items():
         log.warning("skipped %s: %s", path, reason)
-    failures = {p: r for p, r in failures.items() if p not in set(others)}
+    failures = {p: r for p, r in failures.items() if p not in set(others)}  # the summary counts the dataset's
     neither = [features[d] for d in other_digests if d in features]
 
     kept, duplicates = unique_readable(samples, digests, features)
