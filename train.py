@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -32,7 +33,7 @@ HELP = {
     "neither_dir": "images that are neither class, for the flagged share in metrics.json (skipped when absent or '')",
 }
 
-CHOICES = {"precision": ["auto", "bf16", "fp32"]}  # backbone names are checked by backbone.get_spec
+CHOICES = {"precision": list(config.PRECISIONS)}  # backbone names are checked by backbone.get_spec
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,8 +64,13 @@ class _TqdmHandler(logging.Handler):
         tqdm.write(self.format(record), file=sys.stderr)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # `docker stop`, `kill`: wind down as Ctrl-C does
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)
     handler = _TqdmHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler])
@@ -87,8 +93,8 @@ def main(argv=None) -> int:
     except (UserError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: the previous artifact, if any, is untouched", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # the run's message says what was kept (training.RunInterrupted)
+        print(f"interrupted: {exc}" if str(exc) else "interrupted", file=sys.stderr)
         return 130
     s = metrics["summary"]
     print(f"{s['images_found']} images ({s['images_skipped']} skipped, {s['duplicates_dropped']} duplicates), "

@@ -77,7 +77,7 @@ def test_predictor_answers_calibrated_probabilities_and_in_distribution(predicto
     # The probabilities are the head's softmax at the fitted temperature, not at 1.
     image = predictor.load_image(photos[0])
     with torch.no_grad():
-        logits = predictor.head(predictor.backbone(predictor.to_tensor(image)[None]))[0]
+        logits = predictor.head(predictor.model.backbone(predictor.to_tensor(image)[None]))[0]
     served = predictor.predict([image])[0].probabilities
     calibrated = (logits / predictor.temperature).softmax(0).tolist()
     assert predictor.temperature == metrics["calibration"]["temperature"]

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
 from . import UserError, __version__, config
 from .backbone import create_backbone, load_strict
-from .fileio import atomic_path, read_safetensors_metadata
+from .fileio import read_safetensors_metadata, write_file
 from .head import MLPHead
 
 FORMAT_VERSION = 1
@@ -48,6 +48,15 @@ class Model:
 def save_artifact(path: Path, backbone: nn.Module, head: MLPHead, metadata: dict,
                   extra_tensors: dict[str, torch.Tensor] | None = None) -> dict:
     """Write the artifact; returns the metadata as stored (with version and creation time)."""
+    data, metadata = encode_artifact(backbone, head, metadata, extra_tensors)
+    write_file(path, data)
+    return metadata
+
+
+def encode_artifact(backbone: nn.Module, head: MLPHead, metadata: dict,
+                    extra_tensors: dict[str, torch.Tensor] | None = None) -> tuple[bytes, dict]:
+    """The artifact file's bytes and the metadata they store (with version and creation time);
+    `extra_tensors` (e.g. OOD_REFERENCES) are stored under their own names."""
     tensors = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
     tensors.update({f"head.{k}": v for k, v in head.state_dict().items()})
     tensors.update(extra_tensors or {})
@@ -60,9 +69,7 @@ def save_artifact(path: Path, backbone: nn.Module, head: MLPHead, metadata: dict
         "model_version": _version(tensors),
         "head": head.config,
     }
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={config.ARTIFACT_METADATA_KEY: json.dumps(metadata)})
-    return metadata
+    return save(tensors, metadata={config.ARTIFACT_METADATA_KEY: json.dumps(metadata)}), metadata
 
 
 def _version(tensors: dict[str, torch.Tensor]) -> str:

@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import math
-import socket
 from pathlib import Path
-from urllib.parse import urlparse
 
 import timm
 import torch
 from torch import nn
 
 from . import UserError
-from .config import BACKBONES, HUB_WEIGHTS_FILE, TIMM_PREFIX, BackboneSpec
+from .config import BACKBONES, HUB_TIMEOUT, HUB_WEIGHTS_FILE, TIMM_PREFIX, BackboneSpec
 from .images import CROP_MODES, RESAMPLING
 
 
@@ -161,18 +159,23 @@ def load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -
 
 
 # --- finding pretrained weights -------------------------------------------------------------
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """A quick TCP probe: offline, huggingface_hub retries for the better part of a minute."""
-    from huggingface_hub import constants
+def _hub_unreachable(spec: BackboneSpec, timeout: float = HUB_TIMEOUT) -> str | None:
+    """Why the hub cannot serve the weights file now, or None if it can. One metadata request
+    through huggingface_hub itself, so its offline mode (HF_HUB_OFFLINE), endpoint (HF_ENDPOINT),
+    proxies (HTTPS_PROXY, ...) and token apply, without retries: a missing network costs
+    `timeout` seconds, where hf_hub_download alone retries for over a minute."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url, is_offline_mode
+    from huggingface_hub.errors import HfHubHTTPError
 
-    if constants.HF_HUB_OFFLINE:
-        return False
-    url = urlparse(constants.ENDPOINT)
+    if is_offline_mode():
+        return "offline mode is on (HF_HUB_OFFLINE)"
     try:
-        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
+        get_hf_file_metadata(hf_hub_url(spec.hub_id, HUB_WEIGHTS_FILE), timeout=timeout)
+    except HfHubHTTPError:
+        return None  # the hub answered: the download reports what it said
+    except Exception as exc:  # connection refused, DNS, timeout, proxy error: no answer at all
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no answer'}"
+    return None
 
 
 def find_pretrained_weights(spec: BackboneSpec) -> Path:
@@ -188,8 +191,9 @@ def find_pretrained_weights(spec: BackboneSpec) -> Path:
         f"({spec.hub_id}) is unreachable. Pass --weights FILE with {official}timm's {HUB_WEIGHTS_FILE} "
         f"from {spec.hub_id}."
     )
-    if not _hub_reachable():
-        raise WeightsError(hint)
+    reason = _hub_unreachable(spec)
+    if reason:
+        raise WeightsError(f"{hint} ({reason})")
     try:
         return Path(hf_hub_download(spec.hub_id, HUB_WEIGHTS_FILE))
     except Exception as exc:

@@ -77,8 +77,8 @@ def attention_banner(predictor: Predictor, paths_by_class: dict[str, list[Path]]
         axes[0, col].imshow(center_crop(image, preprocessing))
         axes[0, col].set_title(name, fontsize=10)
         if attention:
-            axes[1, col].imshow(Image.open(io.BytesIO(attention_overlay_png(image, prediction.attention,
-                                                                             preprocessing))))
+            overlay = attention_overlay_png(center_crop(image, preprocessing), prediction.attention)
+            axes[1, col].imshow(Image.open(io.BytesIO(overlay)))
         answer = f"{prediction.label} {prediction.confidence:.2f}"
         if prediction.in_distribution is False:
             answer = f"neither? ({answer})"

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 
-from .fileio import atomic_path
+from .fileio import write_file
 
 
 def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, class_names: list[str]) -> dict:
@@ -85,7 +86,22 @@ def _figure():
     return plt
 
 
+def _png(plt, fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
 def plot_learning_curves(history: list[dict], best_epoch: int, path: Path) -> None:
+    write_file(path, learning_curves_png(history, best_epoch))
+
+
+def plot_confusion_matrix(matrix: list[list[int]], class_names: list[str], path: Path, title: str) -> None:
+    write_file(path, confusion_matrix_png(matrix, class_names, title))
+
+
+def learning_curves_png(history: list[dict], best_epoch: int) -> bytes:
     plt = _figure()
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
@@ -98,13 +114,10 @@ def plot_learning_curves(history: list[dict], best_epoch: int, path: Path) -> No
         ax.set_title(title)
         ax.legend()
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    return _png(plt, fig)
 
 
-def plot_reliability_diagram(before: dict, after: dict, bins: int, temperature: float, path: Path,
-                             title: str) -> None:
+def reliability_diagram_png(before: dict, after: dict, bins: int, temperature: float, title: str) -> bytes:
     """Accuracy against confidence per bin, before and after temperature scaling; the diagonal is
     perfect calibration. Marker area shows how many photos a bin holds."""
     plt = _figure()
@@ -119,12 +132,10 @@ def plot_reliability_diagram(before: dict, after: dict, bins: int, temperature: 
     ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), xlabel=f"confidence ({bins} bins)", ylabel="accuracy", title=title)
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    return _png(plt, fig)
 
 
-def plot_confusion_matrix(matrix: list[list[int]], class_names: list[str], path: Path, title: str) -> None:
+def confusion_matrix_png(matrix: list[list[int]], class_names: list[str], title: str) -> bytes:
     plt = _figure()
     matrix = np.asarray(matrix)
     fig, ax = plt.subplots(figsize=(4.5, 4))
@@ -138,6 +149,4 @@ def plot_confusion_matrix(matrix: list[list[int]], class_names: list[str], path:
         ax.text(col, row, str(count), ha="center", va="center",
                 color="white" if count > matrix.max() / 2 else "black")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    return _png(plt, fig)
