@@ -8,56 +8,59 @@ app is preloaded in the master, so a missing artifact stops gunicorn at once wit
 a replacement worker (after a crash or SIGKILL) forks with the model already in memory, compiles
 it and serves again in about a second.
 
-Environment: GUNICORN_WORKERS, GUNICORN_THREADS, GUNICORN_TIMEOUT, GUNICORN_BACKLOG, TORCH_THREADS (per worker,
-default: cores / workers), PROMETHEUS_MULTIPROC_DIR (default: a fresh temporary directory).
+Settings come from the environment through vehicle_classifier.config.ServiceConfig (the one
+list of them, checked once): GUNICORN_BIND, GUNICORN_WORKERS, GUNICORN_THREADS,
+GUNICORN_TIMEOUT, GUNICORN_BACKLOG, GUNICORN_ACCESSLOG, TORCH_THREADS (per worker, default:
+cores / workers); PROMETHEUS_MULTIPROC_DIR (prometheus_client's own; default: a fresh
+temporary directory).
 """
 
 import glob
 import os
+import sys
 import tempfile
 
+from vehicle_classifier.config import ServiceConfig
 
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name, "")
-    return int(value) if value.strip() else default
-
+try:
+    settings = ServiceConfig.from_env()
+except ValueError as exc:  # a bad setting: one line, as predict.py does
+    print(f"error: {exc}", file=sys.stderr, flush=True)
+    sys.exit(1)
 
 cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
-bind = os.environ.get("GUNICORN_BIND", "0.0.0.0:9696")  # --bind on the command line wins
-workers = _env_int("GUNICORN_WORKERS", 1)
+bind = settings.bind
+workers = settings.workers
 # gthread: request threads read uploads and decode photos, so a slow or stalled upload holds one
-# thread, not the worker (forwards run in OpenVINO's threads; with RUNTIME=torch, in the worker's
-# main thread: post_worker_init).
+# thread, not the worker (forwards run in OpenVINO's threads, or in the predictor's one torch
+# forward thread with RUNTIME=torch).
 worker_class = "gthread"
-threads = _env_int("GUNICORN_THREADS", 6)
+threads = settings.threads
 # A worker takes on no more connections than it has threads: requests beyond that wait in the
 # kernel's listen queue, where a worker that dies (SIGKILL, OOM) cannot lose them; only the
 # ones it was already handling fail. Hence no keep-alive either (an idle kept-alive
 # connection would hold a thread's place).
 worker_connections = threads
 keepalive = 0
-backlog = _env_int("GUNICORN_BACKLOG", 256)  # bounded: beyond it, connections are refused
-timeout = _env_int("GUNICORN_TIMEOUT", 60)
+backlog = settings.backlog  # bounded: beyond it, connections are refused
+timeout = settings.timeout
 graceful_timeout = 15
 preload_app = True
-torch_threads = _env_int("TORCH_THREADS", max(1, cores // max(1, workers)))
-accesslog = os.environ.get("GUNICORN_ACCESSLOG")  # e.g. "-" for stdout; off by default
+torch_threads = settings.torch_threads or max(1, cores // max(1, workers))
+accesslog = settings.accesslog
 
-# Prometheus counters shared by all workers: the directory must exist, and be set, before
-# prometheus_client is imported anywhere.
+# Prometheus counters shared by all workers: prometheus_client reads PROMETHEUS_MULTIPROC_DIR,
+# which must exist, and be set, before it is imported anywhere.
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="vehicle-classifier-metrics-")
 os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
 for stale in glob.glob(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "*.db")):
     os.remove(stale)  # counts of a previous run
 
-# The master loads the model (preload) but must not compile it: OpenVINO's thread pool does not
-# survive fork(). Each worker compiles and warms up in post_worker_init.
-os.environ["VEHICLE_CLASSIFIER_PREFORK"] = "1"
-
 # torch in the master runs single-threaded: an OpenMP thread pool started before fork()
-# makes forked workers hang. Each worker sets its own thread count in post_fork.
+# makes forked workers hang. Each worker sets its own thread count in post_fork. (The app
+# loaded in the master compiles nothing: OpenVINO compiles in each worker, post_worker_init.)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
@@ -69,23 +72,11 @@ def post_fork(server, worker):
 
 
 def post_worker_init(worker):
-    app = worker.wsgi
-    predictor = getattr(app, "extensions", {}).get("vehicle_classifier", {}).get("predictor")
-    if predictor is None:
-        return
-    # Compile and warm up with this worker's thread count, here in the main thread, before the
-    # first request.
-    predictor.warm_up()
-    # With the torch runtime (RUNTIME=torch): torch's OpenMP pool runs a forward ~1.5x faster
-    # from the process's main thread than from any other (measured: 40 vs 60 ms for ViT-S/16
-    # bf16), so the request threads hand each forward to the worker's main thread through
-    # gthread's own wake-up queue.
-    # OpenVINO's forwards run in its own threads, one per stream, called from the request
-    # threads: the main thread stays free to accept connections while they run.
-    if hasattr(worker, "method_queue") and predictor.fast_backbone is None:
-        from vehicle_classifier.inference import run_in_main_thread
-
-        predictor.run_forward = run_in_main_thread(worker.method_queue.defer)
+    # Compile and warm up with this worker's thread count before the worker takes its first
+    # request, so that /ready answering means a forward has run in this worker.
+    predictor = getattr(worker.wsgi, "extensions", {}).get("vehicle_classifier", {}).get("predictor")
+    if predictor is not None:
+        predictor.warm_up()
 
 
 def when_ready(server):

@@ -9,13 +9,14 @@ A missing or damaged artifact, or a bad setting, stops the process with one line
 import sys
 
 from vehicle_classifier import UserError
-from vehicle_classifier.api import create_app
+from vehicle_classifier.api import EXTENSION, create_app
 
 try:
     app = create_app()
-except (UserError, ValueError) as exc:  # ArtifactError, a bad MAX_UPLOAD_MB or PRECISION, ...
+except (UserError, ValueError) as exc:  # ArtifactError, a bad setting (ServiceConfig.from_env), ...
     print(f"error: {exc}", file=sys.stderr, flush=True)
     sys.exit(1)
 
 if __name__ == "__main__":  # development server; use gunicorn for anything else
+    app.extensions[EXTENSION]["predictor"].warm_up()  # as gunicorn.conf.py does in each worker
     app.run(host="0.0.0.0", port=9696)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -14,8 +15,9 @@ from pathlib import Path
 from vehicle_classifier import config
 
 HELP = {
-    "backbone": "frozen backbone: DINO ViTs, DINOv2 (ViT-S/14, B/14, -reg: with registers) or DINOv3 "
-                "(ViT-S/16, S+/16, B/16, ConvNeXt); costs and quality in README's Backbones table",
+    "backbone": f"one of {', '.join(config.BACKBONES)} (DINO ViTs; DINOv2 ViT-S/14, B/14, -reg: with registers; "
+                f"DINOv3 ViT-S/16, S+/16, B/16, ConvNeXt: costs and quality in README's Backbones table), or "
+                f"{config.TIMM_PREFIX}<model name> for any timm model (e.g. {config.TIMM_PREFIX}tf_efficientnet_lite0)",
     "val_fraction": "fraction of each class held out for validation (early stopping)",
     "test_fraction": "fraction of each class held out for the final test metrics",
     "seed": "seed of the split and of head training; the same seed gives the same model",
@@ -28,9 +30,11 @@ HELP = {
     "patience": "stop after this many epochs without a better validation loss",
     "extract_batch_size": "images per backbone batch during feature extraction",
     "precision": "backbone precision: auto (bf16 where the hardware has it), bf16 or fp32",
+    "ood_acceptance": "share of validation photos the 'neither a car nor a bike' threshold accepts",
+    "neither_dir": "images that are neither class, for the flagged share in metrics.json (skipped when absent or '')",
 }
 
-CHOICES = {"backbone": sorted(config.BACKBONES), "precision": ["auto", "bf16", "fp32"]}
+CHOICES = {"precision": list(config.PRECISIONS)}  # backbone names are checked by backbone.get_spec
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,8 +65,13 @@ class _TqdmHandler(logging.Handler):
         tqdm.write(self.format(record), file=sys.stderr)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # `docker stop`, `kill`: wind down as Ctrl-C does
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)
     handler = _TqdmHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler])
@@ -85,8 +94,8 @@ def main(argv=None) -> int:
     except (UserError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: the previous artifact, if any, is untouched", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # the run's message says what was kept (training.RunInterrupted)
+        print(f"interrupted: {exc}" if str(exc) else "interrupted", file=sys.stderr)
         return 130
     s = metrics["summary"]
     print(f"{s['images_found']} images ({s['images_skipped']} skipped, {s['duplicates_dropped']} duplicates), "

@@ -11,7 +11,8 @@ Every loop is bounded in count and time and the script stops by itself. Phases:
   3. slow clients: uploads trickled a byte at a time, and uploads that never finish, while
      normal clients run; their latency against the same clients without the slow ones;
   4. a storm: many concurrent requests over the batch limit (fast 4xx expected), and a valid
-     storm of more clients than the service has slots (bounded queue: 503s, not a growing wait);
+     storm of more clients than the service has slots (they wait in the kernel's bounded
+     listen queue, GUNICORN_BACKLOG: all answered, none refused while it has room);
   5. memory: worker RSS after warm-up and after thousands of requests.
 Prints figures; with --json also writes them to a file (the test suite runs a reduced version).
 Asserts nothing.
@@ -208,7 +209,7 @@ def main() -> None:
     parser.add_argument("--kill-after", type=float, default=15, help="seconds into the load phase; <0: no kill")
     parser.add_argument("--model-dir", type=Path, help="serve this model (default: build a ViT-S/16 one)")
     parser.add_argument("--naive-images", type=int, default=40, help="images for the fp32 yardstick; 0 skips it")
-    parser.add_argument("--slow-clients", type=int, default=3, help="slow uploads (default: threads - 1)")
+    parser.add_argument("--slow-clients", type=int, default=3, help="slow uploads (fewer than the worker's 6 threads, so normal clients still get one)")
     parser.add_argument("--slow-seconds", type=float, default=12)
     parser.add_argument("--storm-clients", type=int, default=64)
     parser.add_argument("--storm-seconds", type=float, default=6)

@@ -224,6 +224,8 @@ def test_batch_answers_each_file_in_order(client):
 def test_attention_overlay(client, query):
     answer = predict_raw(client, good_jpeg(), query=query).get_json()
     assert_prediction(answer)
+    # Asking for the overlay does not change the answer (the map comes from a second forward).
+    assert answer["probabilities"] == predict_raw(client, good_jpeg()).get_json()["probabilities"]
     overlay = Image.open(io.BytesIO(base64.b64decode(answer["attention_png"])))
     assert overlay.format == "PNG" and overlay.size == (32, 32)  # the tiny model's input crop
     assert np.asarray(overlay).std() > 0  # a heat map, not a blank square
@@ -338,7 +340,7 @@ def test_too_many_files(client):
 
 
 def test_bad_attention_flag(client):
-    assert_error(predict_raw(client, good_jpeg(), query="?attention=maybe"), 400, "must be 1 or 0")
+    assert_error(predict_raw(client, good_jpeg(), query="?attention=maybe"), 400, "must be one of 1, true")
 
 
 @pytest.mark.parametrize("method,path,status,words", [
@@ -362,6 +364,9 @@ def test_a_bug_is_a_logged_json_500_and_the_service_goes_on(tiny_model_dir, capl
     try:
         assert_error(predict_raw(client, good_jpeg()), 500, "internal error")
         assert "ZeroDivisionError" in caplog.text
+        # The same bug again: one line, no second traceback (a repeated request cannot flood the log).
+        assert_error(predict_raw(client, good_jpeg()), 500, "internal error")
+        assert caplog.text.count("Traceback") == 1 and "seen 2 times" in caplog.text
     finally:
         predictor.to_tensor = original
     assert_still_serving(client)
@@ -411,15 +416,37 @@ def test_metrics_count_requests_by_status(tiny_model_dir):
 def test_openapi_documents_every_endpoint(client, app):
     spec = client.get("/openapi.json").get_json()
     assert spec["openapi"].startswith("3.")
-    routes = {rule.rule for rule in app.url_map.iter_rules() if rule.endpoint not in ("static", "index")}
-    assert routes == set(spec["paths"])
+    assert client.get("/docs/openapi.json").get_json() == spec
+    docs = client.get("/docs", follow_redirects=True)
+    assert docs.status_code == 200 and b"swagger" in docs.data.lower()
+    api_routes = {rule.rule for rule in app.url_map.iter_rules()
+                  if rule.endpoint != "static" and not rule.rule.startswith(("/docs", "/openapi.json"))}
+    assert api_routes == set(spec["paths"])
     for rule in app.url_map.iter_rules():
         if rule.rule in spec["paths"]:
             assert set(spec["paths"][rule.rule]) == {m.lower() for m in rule.methods - {"HEAD", "OPTIONS"}}
     predict = spec["paths"]["/predict"]["post"]
     assert set(predict["requestBody"]["content"]) == {"multipart/form-data", "image/*", "application/json"}
-    assert {"200", "400", "413", "415"} <= set(predict["responses"])
-    assert predict["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]["file"]["maxItems"] == MAX_FILES
+    assert set(predict["responses"]) == {"200", "400", "408", "413", "415", "500"}
+    assert all(set(op["responses"]) == {"200"} for path, ops in spec["paths"].items() if path != "/predict"
+               for op in ops.values())
+    form = predict["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"].rsplit("/", 1)[-1]
+    assert spec["components"]["schemas"][form]["properties"]["file"]["maxItems"] == MAX_FILES
+
+
+def test_one_answer_matches_one_branch_of_the_documented_200(client):
+    import jsonschema
+
+    spec = client.get("/openapi.json").get_json()
+    answer_ref = spec["paths"]["/predict"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+    branches = spec["components"]["schemas"][answer_ref["$ref"].rsplit("/", 1)[-1]]["anyOf"]
+    single = predict_raw(client, good_jpeg()).get_json()
+    batch = predict_files(client, [(good_jpeg(), "a.jpg"), (good_jpeg(), "b.jpg")]).get_json()
+    for answer in (single, batch):
+        # Each branch checked with the document's components beside it, where its $refs point.
+        matches = [jsonschema.Draft202012Validator({**branch, "components": spec["components"]}).is_valid(answer)
+                   for branch in branches]
+        assert matches.count(True) == 1, answer
 
 
 def test_index_points_to_the_endpoints(client):

@@ -21,7 +21,7 @@ from vehicle_classifier import backbone as backbone_mod
 from vehicle_classifier import config
 from vehicle_classifier.api import create_app
 from vehicle_classifier.backbone import (
-    WeightsError, cls_attention, create_backbone, has_attention, load_backbone, preprocessing_for,
+    WeightsError, cls_attention, create_backbone, has_cls_attention, load_backbone, preprocessing_for,
 )
 from vehicle_classifier.config import ServiceConfig, TrainConfig
 from vehicle_classifier.runtime import OpenVINOBackbone
@@ -116,10 +116,11 @@ def assert_loaded(model, state):
 
 # --- registry --------------------------------------------------------------------------------
 def test_backbone_flag_lists_dinov2_and_dinov3():
-    choices = next(a.choices for a in train.build_parser()._actions if "--backbone" in a.option_strings)
     for name in ("dinov2-vits14", "dinov2-vits14-reg", "dinov2-vitb14", "dinov2-vitb14-reg", "dinov3-vits16",
                  "dinov3-vits16plus", "dinov3-vitb16", "dinov3-convnext-tiny", "dinov3-convnext-small"):
-        assert name in choices
+        assert name in train.HELP["backbone"]  # what --help says
+        assert train.build_parser().parse_args(["--backbone", name]).backbone == name
+        assert backbone_mod.get_spec(name) is config.BACKBONES[name]
 
 
 def test_each_has_its_own_preprocessing():
@@ -231,7 +232,7 @@ def test_dinov2_register_attention_leaves_registers_out():
 def test_convnext_has_no_attention_maps():
     spec = tiny("dinov3-convnext-tiny")
     model = create_backbone(spec.architecture, spec.model_kwargs)
-    assert not has_attention(model)
+    assert not has_cls_attention(model)
     with pytest.raises(ValueError, match="no attention"):
         cls_attention(model, torch.zeros(1, 3, 32, 32))
 
@@ -275,16 +276,16 @@ def test_each_trains_and_serves_from_its_official_file(tmp_path, monkeypatch, sm
     predictor = app.extensions["vehicle_classifier"]["predictor"]
     assert predictor.runtime == "openvino"  # the fast CPU path, not the torch fallback
     assert predictor.metadata["backbone"]["name"] == spec.name
-    assert_loaded(predictor.backbone, state)  # the release file's weights, through the artifact
+    assert_loaded(predictor.model.backbone, state)  # the release file's weights, through the artifact
     client = app.test_client()
     photo = io.BytesIO()
     synthetic_image("Car", np.random.default_rng(0)).save(photo, "JPEG")
     answer = client.post("/predict", data=photo.getvalue(), content_type="image/jpeg")
     assert answer.status_code == 200 and answer.get_json()["label"] in ("Bike", "Car")
-    assert client.get("/metadata").get_json()["serving"]["attention_maps"] == ("convnext" not in name)
+    assert client.get("/metadata").get_json()["attention_maps"] == ("convnext" not in name)
     with_attention = client.post("/predict?attention=1", data=photo.getvalue(), content_type="image/jpeg")
     if "convnext" in name:
-        assert with_attention.status_code == 400 and "no attention maps" in with_attention.get_json()["error"]
+        assert with_attention.status_code == 400 and "not available" in with_attention.get_json()["error"]
     else:
         assert with_attention.status_code == 200
         assert Image.open(io.BytesIO(base64.b64decode(with_attention.get_json()["attention_png"])))
@@ -293,6 +294,6 @@ def test_each_trains_and_serves_from_its_official_file(tmp_path, monkeypatch, sm
     size = predictor.model.preprocessing["input_size"]
     x = torch.randn(3, 3, size, size)
     with torch.no_grad():
-        reference = predictor.backbone(x)
-    assert isinstance(predictor.fast_backbone, OpenVINOBackbone)
-    assert torch.nn.functional.cosine_similarity(predictor.fast_backbone(x), reference).min() > 0.999
+        reference = predictor.model.backbone(x)
+    assert isinstance(predictor.openvino, OpenVINOBackbone)
+    assert torch.nn.functional.cosine_similarity(predictor.openvino(x), reference).min() > 0.999

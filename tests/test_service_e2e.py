@@ -129,6 +129,8 @@ def test_bad_artifact_stops_gunicorn_with_one_line(tiny_model_dir, tmp_path, dam
     ("PRECISION", "fp16", "PRECISION must be one of auto, bf16, fp32, not 'fp16'"),
     ("RUNTIME", "tensorrt", "RUNTIME must be one of auto, openvino, torch, not 'tensorrt'"),
     ("OPENVINO_MODE", "fast", "OPENVINO_MODE must be one of adaptive, throughput, latency, not 'fast'"),
+    ("GUNICORN_THREADS", "zero", "GUNICORN_THREADS must be a whole number, not 'zero'"),
+    ("MAX_REQUEST_PIXELS", "0", "MAX_REQUEST_PIXELS must be at least 1, not 0"),
 ])
 def test_bad_setting_stops_with_one_line(tiny_model_dir, name, value, message):
     env = {**os.environ, "MODEL_DIR": str(tiny_model_dir), name: value}
@@ -136,3 +138,13 @@ def test_bad_setting_stops_with_one_line(tiny_model_dir, name, value, message):
                          text=True, timeout=120)
     assert out.returncode != 0
     assert out.stderr.strip() == f"error: {message}"
+
+
+def test_bad_gunicorn_setting_stops_gunicorn_with_one_line(tiny_model_dir):
+    proc = gunicorn(tiny_model_dir, free_port(), GUNICORN_THREADS="zero")  # read in gunicorn.conf.py
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        stop(proc)
+    assert proc.returncode != 0
+    assert err.strip() == "error: GUNICORN_THREADS must be a whole number, not 'zero'"

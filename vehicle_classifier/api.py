@@ -3,398 +3,174 @@
     app = create_app()            # ServiceConfig.from_env(): MODEL_DIR, MAX_UPLOAD_MB, ...
     gunicorn --bind=0.0.0.0:9696 predict:app
 
-Every answer is JSON (Prometheus text for /metrics). Bad input of any kind is a 4xx with
-`{"error": "<message>"}`; a 500 means a bug in this code, and is logged with its traceback.
-Importing this module loads no model and no torch: `create_app` does the heavy work, once.
+Every answer is JSON (Prometheus text for /metrics); its shapes are the models in schemas.py,
+documented at /openapi.json and /docs. The concerns live in their own modules: reading and
+decoding uploads (uploads.py), error answers (errors.py), metrics (monitoring.py), the API's
+models and document (schemas.py). Importing this module loads no model and no torch:
+`create_app` does the heavy work, once.
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
-import io
-import logging
-import os
-import socket
-import threading
 import time
 
-from flask import Flask, Response, g, jsonify, request
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from flask import Flask, Response, g, jsonify, redirect
 
-from . import UserError, __version__
+from . import __version__, schemas
 from .config import ServiceConfig
+from .errors import register_error_handlers
+from .monitoring import Metrics
+from .uploads import (HOW_TO_SEND, BadRequest, PixelBudget, decode_uploads, flag, max_form_parts, read_uploads, receive_body,
+                      release_memory)
 
-log = logging.getLogger(__name__)
-
-EXTENSION = "vehicle_classifier"  # app.extensions key holding the predictor and metrics
-LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-TRUE_WORDS, FALSE_WORDS = {"1", "true", "yes", "on"}, {"", "0", "false", "no", "off"}
-HOW_TO_SEND = ("send the image as multipart field 'file' (curl -F file=@photo.jpg), as a raw body "
-               "with an image/* content type, or as JSON {\"image\": \"<base64>\"}")
-
-
-class BadRequest(UserError):
-    """A request the client must fix; `status` is the 4xx to answer with."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
+EXTENSION = "vehicle_classifier"  # app.extensions key holding the predictor, settings and metrics
+# A request that decoded more pixels than this hands the freed memory back to the system
+# (uploads.release_memory; ~1 ms, so not after every small photo).
+RELEASE_AFTER_PIXELS = 8_000_000
 
 
-# --- metrics --------------------------------------------------------------------------------
-class Metrics:
-    """Prometheus counters of this app. Under gunicorn, gunicorn.conf.py sets
-    PROMETHEUS_MULTIPROC_DIR, the values live in files shared by all workers and /metrics
-    sums them; otherwise they live in this app's own registry."""
-
-    def __init__(self):
-        from prometheus_client import CollectorRegistry, Counter, Histogram
-
-        self.registry = CollectorRegistry()
-        self.requests = Counter("http_requests", "HTTP requests by endpoint, method and status",
-                                ["endpoint", "method", "status"], registry=self.registry)
-        self.latency = Histogram("http_request_duration_seconds", "Time to answer a request",
-                                 ["endpoint"], buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.images = Counter("predicted_images", "Images classified, by predicted label",
-                              ["label"], registry=self.registry)
-
-    def exposition(self) -> bytes:
-        from prometheus_client import CollectorRegistry, generate_latest
-
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            from prometheus_client import multiprocess
-
-            registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)
-            return generate_latest(registry)
-        return generate_latest(self.registry)
-
-
-# --- reading the upload ---------------------------------------------------------------------
-def _receive_body(max_bytes: int, timeout: float) -> None:
-    """Under gunicorn, read the whole body now, within `timeout` seconds: when the deadline
-    passes, the socket's read side is shut, which ends a blocked read at once, whether the client
-    trickles a byte at a time or sends nothing more. The rest of the request reads from memory.
-    (Flask's test client has no socket and nothing slow to guard against.)"""
-    sock = request.environ.get("gunicorn.socket")
-    length = request.content_length
-    if sock is None or (length is None and not request.headers.get("Transfer-Encoding")):
-        return
-    if length is not None and length > max_bytes:
-        raise RequestEntityTooLarge()
-    expired = threading.Event()
-
-    def cut_off():
-        expired.set()
-        try:
-            sock.shutdown(socket.SHUT_RD)
-        except OSError:
-            pass
-
-    timer = threading.Timer(timeout, cut_off)
-    timer.daemon = True
-    timer.start()
-    try:
-        body = request.environ["wsgi.input"].read(length if length is not None else max_bytes + 1)
-    except (OSError, ValueError):  # the connection broke, or a malformed chunked body
-        body = b""
-    finally:
-        timer.cancel()
-    if expired.is_set():
-        raise BadRequest(f"the upload did not arrive within {timeout:g} s", status=408)
-    if len(body) > max_bytes:
-        raise RequestEntityTooLarge()
-    if length is not None and len(body) < length:
-        raise BadRequest(f"the upload ended after {len(body)} of its {length} bytes")
-    request.environ["wsgi.input"] = io.BytesIO(body)
-
-
-def _uploads(max_files: int) -> list[tuple[str, bytes]]:
-    """(filename, bytes) of every image in the request, in the three accepted shapes."""
-    mimetype = request.mimetype
-    if mimetype == "multipart/form-data":
-        files = request.files.getlist("file")
-        if not files:
-            others = sorted(request.files) or sorted(request.form)
-            got = f" (got field{'s' if len(others) > 1 else ''}: {', '.join(others)})" if others else ""
-            raise BadRequest(f"no multipart field 'file'{got}; " + HOW_TO_SEND)
-        if len(files) > max_files:
-            raise BadRequest(f"{len(files)} files in one request; the limit is {max_files}")
-        uploads = []
-        for i, storage in enumerate(files):
-            name = storage.filename or f"file {i + 1}"
-            data = storage.read()
-            if not data:
-                raise BadRequest(f"{name}: the uploaded file is empty" if storage.filename
-                                 else "no file was uploaded in field 'file'")
-            uploads.append((name, data))
-        return uploads
-    if mimetype == "application/json":
-        body = request.get_json(silent=True)
-        if body is None:
-            raise BadRequest("malformed JSON body; expected {\"image\": \"<base64>\"}")
-        if not isinstance(body, dict) or "image" not in body:
-            raise BadRequest("JSON body must be an object with an \"image\" field holding base64 image bytes")
-        return [(str(body.get("filename") or "image"), _decode_base64(body["image"]))]
-    if mimetype.startswith("image/"):
-        data = request.get_data(cache=False)
-        if not data:
-            raise BadRequest("the request body is empty; " + HOW_TO_SEND)
-        return [("image", data)]
-    if not mimetype and not request.content_length and not request.headers.get("Transfer-Encoding"):
-        raise BadRequest("no image in the request; " + HOW_TO_SEND)
-    raise BadRequest(f"unsupported content type {mimetype or '(none)'!r}; " + HOW_TO_SEND, status=415)
-
-
-def _decode_base64(value) -> bytes:
-    if not isinstance(value, str):
-        raise BadRequest("\"image\" must be a base64 string")
-    if value.startswith("data:") and "," in value:  # a data URL pasted from a browser
-        value = value.split(",", 1)[1]
-    try:
-        data = base64.b64decode("".join(value.split()), validate=True)
-    except (binascii.Error, ValueError):
-        raise BadRequest("\"image\" is not valid base64") from None
-    if not data:
-        raise BadRequest("\"image\" is empty")
-    return data
-
-
-def _flag(name: str) -> bool:
-    value = request.args.get(name, "").strip().lower()
-    if value in TRUE_WORDS:
-        return True
-    if value in FALSE_WORDS:
-        return False
-    raise BadRequest(f"query parameter {name!r} must be 1 or 0, not {value!r}")
-
-
-# --- the app --------------------------------------------------------------------------------
 def create_app(config: ServiceConfig | None = None, predictor=None) -> Flask:
     """The service around `predictor`, or around the artifact in `config.model_dir`, loaded
     once here (raises artifact.ArtifactError with a one-line reason when it is missing or
-    damaged)."""
+    damaged). The model is compiled and warmed up on first use, or before it by
+    `predictor.warm_up()` (gunicorn.conf.py does, in each worker, before it takes requests)."""
     config = config or ServiceConfig.from_env()
     if predictor is None:
         from .inference import Predictor  # torch is imported here, not at module import
 
         predictor = Predictor.from_dir(config.model_dir, precision=config.precision, runtime=config.runtime,
-                                       openvino_mode=config.openvino_mode, warm_up=not config.prefork,
-                                       max_image_pixels=config.max_image_pixels)
-    from .inference import attention_overlay_png
-    from .images import ImageError
-
+                                       openvino_mode=config.openvino_mode, warm_up=False, ood_check=config.ood_check)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = config.max_upload_bytes
-    app.config["MAX_FORM_PARTS"] = max(config.max_batch_files * 2, 16)
+    app.config["MAX_FORM_PARTS"] = max_form_parts(config.max_batch_files)
     metrics = Metrics()
     app.extensions[EXTENSION] = {"predictor": predictor, "config": config, "metrics": metrics}
-    metadata = predictor.metadata
-    model_version = metadata["model_version"]
-    preprocessing = metadata["preprocessing"]
+    metrics.track(app)
+    register_error_handlers(app, config.max_upload_bytes)
+    docs = schemas.make_docs("A frozen DINO ViT backbone and a small MLP head. " + HOW_TO_SEND + ".")
+    _add_predict(app, docs, predictor, config, metrics)
+    _add_info_endpoints(app, docs, predictor, config, metrics)
+    endpoints: list[str] = []  # the index's list, taken from the document once it is built
 
-    # --- bookkeeping ----------------------------------------------------------------------
-    @app.before_request
-    def _start_timer():
-        g.started = time.perf_counter()
-
-    @app.after_request
-    def _count(response):
-        endpoint = request.url_rule.rule if request.url_rule else "unmatched"
-        metrics.requests.labels(endpoint, request.method, str(response.status_code)).inc()
-        metrics.latency.labels(endpoint).observe(time.perf_counter() - g.get("started", time.perf_counter()))
-        return response
-
-    # --- errors ---------------------------------------------------------------------------
-    def error(message: str, status: int):
-        return jsonify(error=message), status
-
-    @app.errorhandler(BadRequest)
-    def _bad_request(exc: BadRequest):
-        return error(str(exc), exc.status)
-
-    @app.errorhandler(ImageError)
-    def _bad_image(exc: ImageError):
-        return error(str(exc), 400)
-
-    @app.errorhandler(RequestEntityTooLarge)
-    def _too_large(_exc):
-        return error(f"upload is larger than the limit of {_megabytes(config.max_upload_bytes)}", 413)
-
-    @app.errorhandler(HTTPException)
-    def _http(exc: HTTPException):
-        messages = {404: f"no such endpoint: {request.path}; see /openapi.json",
-                    405: f"{request.method} is not allowed on {request.path}"}
-        return error(messages.get(exc.code, exc.description or exc.name), exc.code or 500)
-
-    @app.errorhandler(Exception)
-    def _bug(exc: Exception):
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return error("internal error: the service failed on this request; it has been logged", 500)
-
-    # --- endpoints ------------------------------------------------------------------------
     @app.get("/")
+    @docs.validate(resp=schemas.errors(HTTP_200=schemas.Index), skip_validation=True)
     def index():
-        return jsonify(service="vehicle-classifier", model_version=model_version,
-                       endpoints=["POST /predict", "GET /health", "GET /ready", "GET /metadata",
-                                  "GET /metrics", "GET /openapi.json"])
+        """The service, its model version and its endpoints"""
+        return jsonify(service="vehicle-classifier", model_version=predictor.metadata["model_version"],
+                       endpoints=endpoints)
 
-    @app.post("/predict")
-    def predict():
-        _receive_body(config.max_upload_bytes, config.upload_timeout)
-        attention = _flag("attention")
-        if attention and not predictor.has_attention:
-            raise BadRequest(f"this model's backbone ({metadata['backbone']['name']}) has no attention maps "
-                             "(it is not a transformer); ask without ?attention=1")
-        uploads = _uploads(config.max_batch_files)
-        timings = [("read", time.perf_counter())]
-        images = []
-        for name, data in uploads:
-            try:
-                images.append(predictor.load_image(data))
-            except ImageError as exc:
-                raise ImageError(f"{name}: {exc}" if len(uploads) > 1 else str(exc)) from None
-        timings.append(("decode", time.perf_counter()))
-        predictions = predictor.predict(images, attention=attention)
-        timings.append(("model", time.perf_counter()))
-        answers = []
-        for (name, _), image, prediction in zip(uploads, images, predictions):
-            metrics.images.labels(prediction.label).inc()
-            answer = prediction.to_json()
-            if attention:
-                png = attention_overlay_png(image, prediction.attention, preprocessing)
-                answer["attention_png"] = base64.b64encode(png).decode("ascii")
-            answers.append((name, answer))
-        if len(answers) == 1:  # one image, however it was sent: the flat answer
-            response = jsonify(**answers[0][1], model_version=model_version)
-        else:
-            response = jsonify(predictions=[{"filename": name, **answer} for name, answer in answers],
-                               model_version=model_version)
-        timings.append(("attention" if attention else "answer", time.perf_counter()))
-        # Where the time went (request parsing, decoding, the model, the rest), for browsers'
-        # dev tools and the benchmark: the standard Server-Timing header, in ms.
-        steps = [("read", timings[0][1] - g.started)]
-        steps += [(name, end - start) for (_, start), (name, end) in zip(timings, timings[1:])]
-        response.headers["Server-Timing"] = ", ".join(f"{name};dur={seconds * 1000:.1f}" for name, seconds in steps)
-        return response
-
-    @app.get("/health")
-    def health():
-        return jsonify(status="ok")
-
-    @app.get("/ready")
-    def ready():
-        # The app only exists once its model is loaded and has run a forward pass.
-        return jsonify(ready=True, model_version=model_version)
-
-    @app.get("/metadata")
-    def get_metadata():
-        return jsonify(
-            class_names=metadata["class_names"],
-            backbone=metadata["backbone"],
-            model_version=model_version,
-            created_at=metadata.get("created_at"),
-            metrics=metadata.get("metrics", {}),
-            training=metadata.get("training", {}),
-            preprocessing=preprocessing,
-            head=metadata.get("head"),
-            package_version=__version__,
-            serving={"precision": predictor.precision, "runtime": predictor.runtime,
-                     "openvino_mode": predictor.fast_backbone.mode if predictor.fast_backbone else None,
-                     "attention_maps": predictor.has_attention,  # False for a ConvNeXt backbone
-                     "max_upload_bytes": config.max_upload_bytes,
-                     "max_batch_files": config.max_batch_files,
-                     "max_image_pixels": config.max_image_pixels},
-        )
-
-    @app.get("/metrics")
-    def get_metrics():
-        from prometheus_client import CONTENT_TYPE_LATEST
-
-        return Response(metrics.exposition(), mimetype=CONTENT_TYPE_LATEST.split(";")[0])
+    docs.register(app)
+    with app.app_context():  # spectree reads the routes from the current app
+        document = schemas.openapi_document(docs, config.max_batch_files)
+    endpoints += [f"{method.upper()} {path}" for path, operations in document["paths"].items() for method in operations]
+    endpoints += ["GET /openapi.json", "GET /docs"]
 
     @app.get("/openapi.json")
     def openapi():
-        return jsonify(openapi_spec(config, metadata["class_names"]))
+        return jsonify(document)
+
+    @app.get("/docs")
+    def docs_page():
+        return redirect(f"/{schemas.DOCS_PATH}/swagger/")
 
     return app
 
 
-def _megabytes(n: int) -> str:
-    return f"{n / 1024 / 1024:g} MB"
+def _add_predict(app: Flask, docs, predictor, config: ServiceConfig, metrics: Metrics) -> None:
+    budget = PixelBudget(config.max_worker_decode_pixels)
+    model_version = predictor.metadata["model_version"]
+
+    @app.post("/predict")
+    @docs.validate(query=schemas.PredictQuery, json=schemas.PredictJSON, form=schemas.PredictForm,
+                   resp=schemas.errors(400, 408, 413, 415, 500, HTTP_200=schemas.PredictAnswer), skip_validation=True)
+    def predict():
+        """Classify one image, or a batch (several multipart 'file' parts)
+
+        400: no image, a damaged or unsupported one, over the pixel limit, malformed JSON or
+        base64, too many files; 408: the upload did not arrive in time; 413: over the upload
+        size, the parts limit or the request's decoded-pixel budget; 415: another content type.
+        """
+        receive_body(config.max_upload_bytes, config.upload_timeout)
+        attention = flag("attention")
+        if attention and not predictor.attention_available:
+            raise BadRequest(f"attention maps are not available for this backbone "
+                             f"({predictor.metadata['backbone'].get('architecture')}); ask without attention=1")
+        uploads = read_uploads(config.max_batch_files)
+        timings = [("read", time.perf_counter())]
+        decoded, pixels = decode_uploads(uploads, predictor, config, budget, keep_crops=attention)
+        timings.append(("decode", time.perf_counter()))
+        predictions = predictor.predict_tensors([item.tensor for item in decoded], attention=attention)
+        timings.append(("model", time.perf_counter()))
+        from .inference import attention_overlay_png  # loaded with the predictor: costs nothing here
+
+        answers = []
+        for item, prediction in zip(decoded, predictions):
+            metrics.images.labels(prediction.label).inc()
+            answer = prediction.to_json()
+            if attention:
+                answer["attention_png"] = base64.b64encode(attention_overlay_png(item.crop, prediction.attention)).decode()
+            answers.append({"filename": item.name, **answer})
+        if len(answers) == 1:  # one image, however it was sent: the flat answer
+            del answers[0]["filename"]
+            response = jsonify(**answers[0], model_version=model_version)
+        else:
+            response = jsonify(predictions=answers, model_version=model_version)
+        timings.append(("attention" if attention else "answer", time.perf_counter()))
+        response.headers["Server-Timing"] = _server_timing(timings)
+        if pixels > RELEASE_AFTER_PIXELS:
+            release_memory()
+        return response
 
 
-# --- OpenAPI --------------------------------------------------------------------------------
-def openapi_spec(config: ServiceConfig, class_names: list[str]) -> dict:
-    error = {"$ref": "#/components/schemas/Error"}
-    errors = {
-        "400": {"description": "Bad input: no image, damaged or unsupported image, over the pixel limit, "
-                               "malformed JSON or base64, too many files",
-                "content": {"application/json": {"schema": error}}},
-        "413": {"description": f"Upload over {_megabytes(config.max_upload_bytes)}",
-                "content": {"application/json": {"schema": error}}},
-        "415": {"description": "Unsupported content type", "content": {"application/json": {"schema": error}}},
-    }
-    probabilities = {"type": "object", "properties": {c: {"type": "number"} for c in class_names}}
-    prediction = {
-        "type": "object",
-        "required": ["label", "confidence", "probabilities"],
-        "properties": {
-            "label": {"type": "string", "enum": class_names},
-            "confidence": {"type": "number", "minimum": 0, "maximum": 1},
-            "probabilities": probabilities,
-            "attention_png": {"type": "string", "format": "byte",
-                              "description": "with ?attention=1: the backbone's last-layer [CLS] attention "
-                                             "over the centre crop, as a base64 PNG"},
-        },
-    }
+def _server_timing(timings: list[tuple[str, float]]) -> str:
+    """Where the time went (request parsing, decoding, the model, the rest), for browsers' dev
+    tools and the benchmark: the standard Server-Timing header, in ms."""
+    steps = [("read", timings[0][1] - g.started)]
+    steps += [(name, end - start) for (_, start), (name, end) in zip(timings, timings[1:])]
+    return ", ".join(f"{name};dur={seconds * 1000:.1f}" for name, seconds in steps)
 
-    def json_ok(description, schema):
-        return {"200": {"description": description, "content": {"application/json": {"schema": schema}}}}
 
-    return {
-        "openapi": "3.0.3",
-        "info": {"title": "Car vs Bike classifier", "version": __version__,
-                 "description": "A frozen DINO ViT backbone and a small MLP head. " + HOW_TO_SEND + "."},
-        "paths": {
-            "/predict": {"post": {
-                "summary": "Classify one image, or a batch (several multipart 'file' parts)",
-                "parameters": [{"name": "attention", "in": "query", "schema": {"type": "integer", "enum": [0, 1]},
-                                "description": "1: add the attention overlay to each prediction "
-                                               "(400 for a backbone without attention maps: ConvNeXt)"}],
-                "requestBody": {"required": True, "content": {
-                    "multipart/form-data": {"schema": {"type": "object", "properties": {"file": {
-                        "type": "array", "maxItems": config.max_batch_files,
-                        "items": {"type": "string", "format": "binary"}}}}},
-                    "image/*": {"schema": {"type": "string", "format": "binary"}},
-                    "application/json": {"schema": {"type": "object", "required": ["image"],
-                                                    "properties": {"image": {"type": "string", "format": "byte"}}}},
-                }},
-                "responses": {
-                    **json_ok("One image: a prediction; several files: {predictions: [...]}", {"oneOf": [
-                        {"allOf": [prediction, {"type": "object", "properties": {"model_version": {"type": "string"}}}]},
-                        {"type": "object", "properties": {
-                            "predictions": {"type": "array", "items": {"allOf": [prediction, {
-                                "type": "object", "properties": {"filename": {"type": "string"}}}]}},
-                            "model_version": {"type": "string"}}},
-                    ]}),
-                    **errors,
-                },
-            }},
-            "/health": {"get": {"summary": "Liveness", "responses": json_ok("Alive", {
-                "type": "object", "properties": {"status": {"type": "string", "enum": ["ok"]}}})}},
-            "/ready": {"get": {"summary": "Model loaded and warmed up", "responses": {
-                **json_ok("Ready", {"type": "object", "properties": {"ready": {"type": "boolean"},
-                                                                     "model_version": {"type": "string"}}}),
-                "503": {"description": "Not ready"}}}},
-            "/metadata": {"get": {"summary": "Classes, backbone, training metrics, model version",
-                                  "responses": json_ok("Model metadata", {"type": "object"})}},
-            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {
-                "description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
-            "/openapi.json": {"get": {"summary": "This document",
-                                      "responses": json_ok("OpenAPI 3 document", {"type": "object"})}},
-        },
-        "components": {"schemas": {"Error": {"type": "object", "required": ["error"],
-                                             "properties": {"error": {"type": "string"}}}}},
-    }
+def _add_info_endpoints(app: Flask, docs, predictor, config: ServiceConfig, metrics: Metrics) -> None:
+    metadata = predictor.metadata
+    model_version = metadata["model_version"]
+
+    @app.get("/health")
+    @docs.validate(resp=schemas.errors(HTTP_200=schemas.Health), skip_validation=True)
+    def health():
+        """Liveness: the process answers"""
+        return jsonify(status="ok")
+
+    @app.get("/ready")
+    @docs.validate(resp=schemas.errors(HTTP_200=schemas.Ready), skip_validation=True)
+    def ready():
+        """Readiness: the model is loaded (under gunicorn, also compiled and warmed up)"""
+        # The app only exists once its model is loaded; a gunicorn worker takes requests only
+        # after post_worker_init has warmed it up.
+        return jsonify(ready=True, model_version=model_version)
+
+    @app.get("/metadata")
+    @docs.validate(resp=schemas.errors(HTTP_200=schemas.Metadata), skip_validation=True)
+    def get_metadata():
+        """Classes, backbone, training metrics, model version and serving settings"""
+        return jsonify(
+            class_names=metadata["class_names"], backbone=metadata["backbone"], model_version=model_version,
+            created_at=metadata.get("created_at"), metrics=metadata.get("metrics", {}),
+            training=metadata.get("training", {}), preprocessing=metadata["preprocessing"],
+            head=metadata.get("head"), package_version=__version__,
+            calibration=metadata.get("calibration"), ood=metadata.get("ood"),
+            attention_maps=predictor.attention_available,
+            serving={"precision": predictor.precision, "runtime": predictor.runtime,
+                     "openvino_mode": predictor.openvino_mode, "max_upload_bytes": config.max_upload_bytes,
+                     "max_batch_files": config.max_batch_files, "max_image_pixels": config.max_image_pixels,
+                     "max_request_pixels": config.max_request_pixels,
+                     "ood_check": predictor.ood_threshold is not None},
+        )
+
+    @app.get("/metrics")
+    @docs.validate(resp=schemas.errors(HTTP_200=None), skip_validation=True)
+    def get_metrics():
+        """Prometheus metrics (text format)"""
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(metrics.exposition(), mimetype=CONTENT_TYPE_LATEST.split(";")[0])

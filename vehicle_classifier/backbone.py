@@ -1,4 +1,6 @@
-"""The frozen DINO, DINOv2 and DINOv3 backbones: strict weight loading and [CLS] attention maps.
+"""The frozen backbones: the DINO, DINOv2 and DINOv3 registry or any timm model
+(`timm:<model name>`), strict weight loading, timm's eval preprocessing, and [CLS] attention maps
+where the model has them.
 
 Weights come from, in order: a local file (`--weights`, the official DINO, DINOv2 or DINOv3
 release format or a timm .safetensors/.pth), the local Hugging Face cache, then a hub download.
@@ -11,18 +13,17 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import socket
+import math
 import sys
 from pathlib import Path
-from urllib.parse import urlparse
 
 import timm
 import torch
 from torch import nn
 
 from . import UserError
-from .config import BACKBONES, HUB_WEIGHTS_FILE, BackboneSpec
-
+from .config import BACKBONES, HUB_TIMEOUT, HUB_WEIGHTS_FILE, TIMM_PREFIX, BackboneSpec
+from .images import CROP_MODES, RESAMPLING
 
 
 class WeightsError(UserError):
@@ -30,10 +31,29 @@ class WeightsError(UserError):
 
 
 def get_spec(name: str) -> BackboneSpec:
+    if name.startswith(TIMM_PREFIX):
+        return timm_spec(name)
     try:
         return BACKBONES[name]
     except KeyError:
-        raise WeightsError(f"unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}") from None
+        raise WeightsError(f"unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}, "
+                           f"or {TIMM_PREFIX}<model name> for any timm model") from None
+
+
+def timm_spec(name: str) -> BackboneSpec:
+    """`timm:<model>[.<tag>]`: the model with its default pretrained tag unless one is given. The
+    tag is part of the architecture because it decides the weights' hub repository and the
+    preprocessing (timm's data config)."""
+    model_name = name.removeprefix(TIMM_PREFIX)
+    if not timm.is_model(model_name):
+        raise WeightsError(f"unknown timm model {model_name!r} (timm.list_models() names them all)")
+    try:
+        cfg = timm.models.get_pretrained_cfg(model_name)
+    except RuntimeError as exc:  # an unknown pretrained tag
+        raise WeightsError(str(exc)) from None
+    base, tag = timm.models.split_model_name_tag(model_name)
+    tag = tag or getattr(cfg, "tag", "") or ""
+    return BackboneSpec(name, f"{base}.{tag}" if tag else base)
 
 
 def create_backbone(architecture: str, model_kwargs: dict | None = None) -> nn.Module:
@@ -43,16 +63,28 @@ def create_backbone(architecture: str, model_kwargs: dict | None = None) -> nn.M
 
 
 def preprocessing_for(model: nn.Module) -> dict:
-    """Eval-time preprocessing of the backbone's pretrained config, as plain JSON-able values."""
-    cfg = model.pretrained_cfg
-    patch_embed = getattr(model, "patch_embed", None)  # a ConvNeXt has none: its config says
-    size = int(patch_embed.img_size[-1] if patch_embed is not None else cfg["input_size"][-1])
+    """Eval-time preprocessing from timm's data config for the model (its pretrained tag's input
+    size, crop fraction, crop mode, interpolation, mean and std), as plain JSON-able values: the
+    shorter side resized to `resize_size` (`input_size / crop_pct`, rounded down as timm does),
+    then the centre `input_size` square ("squash": each side scaled on its own)."""
+    data = timm.data.resolve_model_data_config(model)
+    _, height, width = data["input_size"]
+    # A ViT built at another size than its pretrained config's (img_size=...) only takes its own.
+    built = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if built is not None:
+        height, width = built
+    if height != width:
+        raise WeightsError(f"backbones with a non-square input ({height}x{width}) are not supported")
+    if data["crop_mode"] not in CROP_MODES or data["interpolation"] not in RESAMPLING:
+        raise WeightsError(f"timm's preprocessing for this backbone ({data['crop_mode']} crop, "
+                           f"{data['interpolation']} interpolation) is not supported")
     return {
-        "input_size": size,
-        "resize_size": int(size / cfg.get("crop_pct", 0.875)),
-        "interpolation": cfg.get("interpolation", "bicubic"),
-        "mean": [float(v) for v in cfg["mean"]],
-        "std": [float(v) for v in cfg["std"]],
+        "input_size": int(width),
+        "resize_size": math.floor(width / data["crop_pct"]),
+        "crop_mode": data["crop_mode"],
+        "interpolation": data["interpolation"],
+        "mean": [float(v) for v in data["mean"]],
+        "std": [float(v) for v in data["std"]],
     }
 
 
@@ -63,7 +95,8 @@ def state_dict_digest(state_dict: dict[str, torch.Tensor]) -> str:
     for key in sorted(state_dict):
         tensor = state_dict[key].detach().contiguous().cpu()
         digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        # reshape: 0-d tensors (BatchNorm's counters) cannot be viewed as bytes directly.
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
 
 
@@ -137,9 +170,12 @@ def load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -
     """Load every parameter or refuse with a message saying what does not fit. The file may be
     timm's or the official release's layout (converted by timm's own filter)."""
     expected = model.state_dict()
-    # A DINO projection head ('head.*', in full training checkpoints) is not part of the backbone.
-    if not any(k.startswith("head.") for k in expected):
-        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    # A classifier (timm's pretrained 'head.*', 'fc.*', 'classifier.*'; a DINO projection head in
+    # full training checkpoints) is not part of the frozen feature extractor.
+    classifier = model.pretrained_cfg.get("classifier") or "head"
+    for prefix in {"head", *([classifier] if isinstance(classifier, str) else classifier)}:
+        if not any(k.startswith(prefix + ".") for k in expected):
+            state = {k: v for k, v in state.items() if not k.startswith(prefix + ".")}
     state = _converted(model, state, source)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -161,18 +197,23 @@ def load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -
 
 
 # --- finding pretrained weights -------------------------------------------------------------
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """A quick TCP probe: offline, huggingface_hub retries for the better part of a minute."""
-    from huggingface_hub import constants
+def _hub_unreachable(spec: BackboneSpec, timeout: float = HUB_TIMEOUT) -> str | None:
+    """Why the hub cannot serve the weights file now, or None if it can. One metadata request
+    through huggingface_hub itself, so its offline mode (HF_HUB_OFFLINE), endpoint (HF_ENDPOINT),
+    proxies (HTTPS_PROXY, ...) and token apply, without retries: a missing network costs
+    `timeout` seconds, where hf_hub_download alone retries for over a minute."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url, is_offline_mode
+    from huggingface_hub.errors import HfHubHTTPError
 
-    if constants.HF_HUB_OFFLINE:
-        return False
-    url = urlparse(constants.ENDPOINT)
+    if is_offline_mode():
+        return "offline mode is on (HF_HUB_OFFLINE)"
     try:
-        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
+        get_hf_file_metadata(hf_hub_url(spec.hub_id, HUB_WEIGHTS_FILE), timeout=timeout)
+    except HfHubHTTPError:
+        return None  # the hub answered: the download reports what it said
+    except Exception as exc:  # connection refused, DNS, timeout, proxy error: no answer at all
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no answer'}"
+    return None
 
 
 def find_pretrained_weights(spec: BackboneSpec) -> Path:
@@ -182,13 +223,15 @@ def find_pretrained_weights(spec: BackboneSpec) -> Path:
     cached = try_to_load_from_cache(spec.hub_id, HUB_WEIGHTS_FILE)
     if isinstance(cached, str):
         return Path(cached)
+    official = f"the official DINO checkpoint ({spec.official_file}) or " if spec.official_file else ""
     hint = (
         f"no pretrained weights for {spec.name}: not in the Hugging Face cache and the hub "
-        f"({spec.hub_id}) is unreachable. Pass --weights FILE with the official DINO checkpoint "
-        f"({spec.official_file}) or timm's {HUB_WEIGHTS_FILE} from {spec.hub_id}."
+        f"({spec.hub_id}) is unreachable. Pass --weights FILE with {official}timm's {HUB_WEIGHTS_FILE} "
+        f"from {spec.hub_id}."
     )
-    if not _hub_reachable():
-        raise WeightsError(hint)
+    reason = _hub_unreachable(spec)
+    if reason:
+        raise WeightsError(f"{hint} ({reason})")
     try:
         return Path(hf_hub_download(spec.hub_id, HUB_WEIGHTS_FILE))
     except Exception as exc:
@@ -204,10 +247,14 @@ def load_backbone(spec: BackboneSpec, weights: Path | None = None) -> tuple[nn.M
 
 
 # --- attention ------------------------------------------------------------------------------
-def has_attention(model: nn.Module) -> bool:
-    """Whether the backbone is a transformer with [CLS] attention to show (a ConvNeXt has none)."""
+def has_cls_attention(model: nn.Module) -> bool:
+    """Whether `cls_attention` can draw a map for this model: a ViT whose last block has
+    self-attention over a patch grid, with timm's explicit-attention path (`fused_attn`, `attn_drop`)
+    that `cls_attention` reads. Convolutional networks (ConvNeXt, EfficientNet, ResNet...) have none."""
     blocks = getattr(model, "blocks", None)
-    return blocks is not None and len(blocks) > 0 and hasattr(blocks[-1], "attn") and hasattr(model, "patch_embed")
+    attn = getattr(blocks[-1], "attn", None) if isinstance(blocks, nn.Sequential) and len(blocks) else None
+    return (attn is not None and all(hasattr(attn, a) for a in ("qkv", "fused_attn", "attn_drop"))
+            and hasattr(getattr(model, "patch_embed", None), "grid_size"))
 
 
 def cls_attention(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,7 +265,7 @@ def cls_attention(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor,
     and k (q/k norms, DINOv3's rotary embeddings) and span the register tokens, which are
     left out of the map with [CLS] (`num_prefix_tokens`). timm's AttentionExtract does the
     same but returns no features, which would cost a second forward."""
-    if not has_attention(model):
+    if not has_cls_attention(model):
         raise ValueError(f"{type(model).__name__} has no attention maps")
     attn = model.blocks[-1].attn
     captured = {}

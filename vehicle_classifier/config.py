@@ -1,7 +1,7 @@
 """Defaults in one place: paths, training hyperparameters, image limits and service settings.
 
-Entry scripts take their flag defaults from here; the service reads its settings from the
-environment through `ServiceConfig.from_env`.
+Entry scripts take their flag defaults from here; the service (app and gunicorn.conf.py) reads
+its settings from the environment through `ServiceConfig.from_env`, the one list of them.
 """
 
 from __future__ import annotations
@@ -14,6 +14,9 @@ from pathlib import Path
 DATA_DIR = Path("data/Car-Bike-Dataset")
 OUTPUT_DIR = Path("models")
 FEATURE_CACHE_DIR = Path(".cache/features")
+# Images that are neither a car nor a bike (scripts/make_neither_set.py, committed): train.py
+# reports how many of them the model flags as out of distribution.
+NEITHER_DIR = Path("data/neither")
 # Real photos for tests, benchmarks and demos: this workplace keeps them beside the repository.
 SAMPLE_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "car-bike-sample"
 
@@ -23,10 +26,17 @@ METRICS_FILE = "metrics.json"
 SPLIT_FILE = "split.json"
 HISTORY_PLOT = "learning_curves.png"
 CONFUSION_PLOT = "confusion_matrix.png"
+RELIABILITY_PLOT = "reliability.png"
+# One training run's outputs: published together, as one set (fileio.publish).
+OUTPUT_FILES = (ARTIFACT_FILE, METRICS_FILE, SPLIT_FILE, HISTORY_PLOT, CONFUSION_PLOT, RELIABILITY_PLOT)
 ARTIFACT_METADATA_KEY = "vehicle_classifier"  # the artifact header entry holding its JSON metadata
 
 # --- backbones ------------------------------------------------------------------------------
 HUB_WEIGHTS_FILE = "model.safetensors"  # timm's weights file in each hub repository
+HUB_TIMEOUT = 3.0  # seconds the hub may take to answer before it counts as unreachable
+# `--backbone timm:<model name>`: any timm model (with or without its pretrained tag) besides the
+# registry below; backbone.get_spec builds its spec.
+TIMM_PREFIX = "timm:"
 
 
 @dataclass(frozen=True)
@@ -85,11 +95,25 @@ BACKBONES: dict[str, BackboneSpec] = {
 }
 
 
+# --- "neither a car nor a bike" and calibration (ood.py, training.fit_temperature) -----------
+OOD_NEIGHBOURS = 5  # the score: mean cosine distance to this many nearest training features
+OOD_MAX_REFERENCES = 1024  # training features kept in the artifact (1024 x 1280 float16: 2.6 MB)
+CALIBRATION_BINS = 15  # confidence bins of the expected calibration error and reliability diagram
+
 # --- data -----------------------------------------------------------------------------------
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # Pixel limit checked from the header, before decoding: a 48 MP phone photo passes, a
 # decompression bomb does not.
 MAX_IMAGE_PIXELS = 64_000_000
+
+# --- allowed values, each list once (the first entry is the default) -----------------------
+PRECISIONS = ("auto", "bf16", "fp32")  # auto: bf16 where the hardware runs it natively
+RUNTIMES = ("auto", "openvino", "torch")  # auto: openvino on cpu, torch elsewhere
+# OpenVINO: "throughput" runs one stream per core (two requests' forwards at once, ~1.3x the
+# requests/s under load); "latency" one stream over all cores (a lone request ~1.4x sooner);
+# "adaptive" the latter while a forward runs alone, the former when they overlap.
+OPENVINO_MODES = ("adaptive", "throughput", "latency")
+OOD_CHECKS = ("on", "off")  # on: answers say whether a photo is like the training photos
 
 
 @dataclass
@@ -110,14 +134,29 @@ class TrainConfig:
     patience: int = 15
     # Feature extraction.
     extract_batch_size: int = 16
-    precision: str = "auto"  # auto | bf16 | fp32
+    precision: str = PRECISIONS[0]
+    # "Neither": the share of validation photos the out-of-distribution threshold accepts, and
+    # the images that are neither class whose flagged share metrics.json reports.
+    ood_acceptance: float = 0.975
+    neither_dir: str = str(NEITHER_DIR)
 
 
 # --- service --------------------------------------------------------------------------------
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    if value in (None, ""):
-        return default
+# Requests waiting together share one forward of up to this many images (a batch per OpenVINO
+# stream). On one stream over both cores ViT-S/16 bf16 costs 33 ms alone and 25-28 ms per image
+# at batch 2-8, more again at 16; on one stream per core batching changes little.
+FORWARD_BATCH = 8
+# Memory: an image costs ~4 bytes per decoded pixel while it is decoded and converted (up to
+# ~12 with transparency). JPEGs decode at the smallest DCT scale that still covers the resize
+# (a 48 MP photo decodes to under 1 MP); other formats decode at full size. Decoded pixels are
+# bounded per request (CPU time and memory of one request: a request's images decode one at
+# a time, each dropped once it is a tensor) and per worker (images decoding at once in all
+# of its request threads; a thread waits until its image fits).
+MAX_REQUEST_PIXELS = 64_000_000
+MAX_WORKER_DECODE_PIXELS = 2 * MAX_REQUEST_PIXELS
+
+
+def _whole_number(name: str, value: str) -> int:
     try:
         number = int(value)
     except ValueError:
@@ -127,49 +166,79 @@ def _env_int(name: str, default: int) -> int:
     return number
 
 
-def _env_choice(name: str, choices: tuple[str, ...]) -> str:
-    """The variable's value, one of `choices` (the first is the default)."""
-    value = os.environ.get(name) or choices[0]
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
-    return value
+def _choice(choices: tuple[str, ...]):
+    def parse(name: str, value: str) -> str:
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
+        return value
+
+    return parse
 
 
-# Requests waiting together share one forward of up to this many images (a batch per OpenVINO
-# stream). On one stream over both cores ViT-S/16 bf16 costs 33 ms alone and 25-28 ms per image
-# at batch 2-8, more again at 16; on one stream per core batching changes little.
-FORWARD_BATCH = 8
+def _megabytes(name: str, value: str) -> int:
+    return _whole_number(name, value) * 1024 * 1024
 
 
-@dataclass
+@dataclass(frozen=True)
 class ServiceConfig:
+    """Every service setting, read from the environment and checked here, once
+    (`from_env`): the app (create_app) and gunicorn.conf.py both take theirs from it."""
+
     model_dir: Path = OUTPUT_DIR
     max_upload_bytes: int = 20 * 1024 * 1024
     max_batch_files: int = 16
     max_image_pixels: int = MAX_IMAGE_PIXELS
-    precision: str = "auto"
-    runtime: str = "auto"  # auto (openvino on cpu) | openvino | torch
-    # OpenVINO: "throughput" runs one stream per core (two requests' forwards at once, ~1.3x the
-    # requests/s under load); "latency" one stream over all cores (a lone request ~1.4x sooner);
-    # "adaptive" the latter while a forward runs alone, the former when they overlap.
-    openvino_mode: str = "adaptive"
-    # Set by gunicorn.conf.py: the app is built in a master that forks its workers, so the model
-    # is compiled and warmed up in each worker (post_worker_init), not at load.
-    prefork: bool = False
+    max_request_pixels: int = MAX_REQUEST_PIXELS
+    max_worker_decode_pixels: int = MAX_WORKER_DECODE_PIXELS
+    precision: str = PRECISIONS[0]
+    runtime: str = RUNTIMES[0]
+    openvino_mode: str = OPENVINO_MODES[0]
     # Seconds an upload may take to arrive, whole: a trickling or stalled client is cut off
     # (408) instead of holding a request thread.
-    upload_timeout: float = 10.0
+    upload_timeout: int = 10
+    # Whether answers say if the photo is like the training photos ("in_distribution"); off,
+    # both fields are null and the label stands alone.
+    ood_check: bool = True
+    # gunicorn (gunicorn.conf.py); torch_threads 0: the cores divided among the workers.
+    bind: str = "0.0.0.0:9696"  # --bind on the command line wins
+    accesslog: str | None = None  # e.g. "-" for stdout; off by default
+    workers: int = 1
+    threads: int = 6
+    timeout: int = 60
+    backlog: int = 256
+    torch_threads: int = 0
 
     @classmethod
-    def from_env(cls) -> "ServiceConfig":
-        return cls(
-            model_dir=Path(os.environ.get("MODEL_DIR", str(OUTPUT_DIR))),
-            max_upload_bytes=_env_int("MAX_UPLOAD_MB", 20) * 1024 * 1024,
-            max_batch_files=_env_int("MAX_BATCH_FILES", 16),
-            max_image_pixels=_env_int("MAX_IMAGE_PIXELS", MAX_IMAGE_PIXELS),
-            precision=_env_choice("PRECISION", ("auto", "bf16", "fp32")),
-            runtime=_env_choice("RUNTIME", ("auto", "openvino", "torch")),
-            openvino_mode=_env_choice("OPENVINO_MODE", ("adaptive", "throughput", "latency")),
-            prefork=os.environ.get("VEHICLE_CLASSIFIER_PREFORK") == "1",
-            upload_timeout=_env_int("UPLOAD_TIMEOUT", 10),
-        )
+    def from_env(cls, environ: dict | None = None) -> "ServiceConfig":
+        """Settings from `environ` (default os.environ); a bad value raises ValueError naming
+        the variable, in one line."""
+        environ = os.environ if environ is None else environ
+        values = {}
+        for variable, (field_name, parse) in ENVIRONMENT.items():
+            raw = environ.get(variable, "").strip()
+            if raw:
+                values[field_name] = parse(variable, raw)
+        return cls(**values)
+
+
+# Environment variable -> (ServiceConfig field, parser): the one list of service settings.
+ENVIRONMENT = {
+    "MODEL_DIR": ("model_dir", lambda _name, value: Path(value)),
+    "MAX_UPLOAD_MB": ("max_upload_bytes", _megabytes),
+    "MAX_BATCH_FILES": ("max_batch_files", _whole_number),
+    "MAX_IMAGE_PIXELS": ("max_image_pixels", _whole_number),
+    "MAX_REQUEST_PIXELS": ("max_request_pixels", _whole_number),
+    "MAX_WORKER_DECODE_PIXELS": ("max_worker_decode_pixels", _whole_number),
+    "PRECISION": ("precision", _choice(PRECISIONS)),
+    "RUNTIME": ("runtime", _choice(RUNTIMES)),
+    "OPENVINO_MODE": ("openvino_mode", _choice(OPENVINO_MODES)),
+    "UPLOAD_TIMEOUT": ("upload_timeout", _whole_number),
+    "OOD_CHECK": ("ood_check", lambda name, value: _choice(OOD_CHECKS)(name, value) == "on"),
+    "GUNICORN_BIND": ("bind", lambda _name, value: value),
+    "GUNICORN_ACCESSLOG": ("accesslog", lambda _name, value: value),
+    "GUNICORN_WORKERS": ("workers", _whole_number),
+    "GUNICORN_THREADS": ("threads", _whole_number),
+    "GUNICORN_TIMEOUT": ("timeout", _whole_number),
+    "GUNICORN_BACKLOG": ("backlog", _whole_number),
+    "TORCH_THREADS": ("torch_threads", _whole_number),
+}

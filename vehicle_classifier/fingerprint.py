@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import __version__, config
 from .data import file_digest, scan_image_folder
-from .fileio import read_safetensors_metadata
+from .fileio import in_transition, read_safetensors_metadata
 
 
 def weights_identity(spec: config.BackboneSpec, weights: Path | None) -> str | None:
@@ -30,6 +30,10 @@ def weights_identity(spec: config.BackboneSpec, weights: Path | None) -> str | N
 
 def training_fingerprint(data_dir: Path, cfg: config.TrainConfig, weights: Path | None, device: str) -> str | None:
     spec = config.BACKBONES.get(cfg.backbone)
+    if spec is None and cfg.backbone.startswith(config.TIMM_PREFIX):
+        # Without timm's registry (it imports torch): the name as given. With no --weights and no
+        # pretrained tag in the name, the cache lookup below misses and the run just trains.
+        spec = config.BackboneSpec(cfg.backbone, cfg.backbone.removeprefix(config.TIMM_PREFIX))
     if spec is None:
         return None
     weights_id = weights_identity(spec, weights)
@@ -51,7 +55,7 @@ def up_to_date(output_dir: Path, fingerprint: str | None) -> bool:
     """True when every output exists and the artifact was trained from exactly these inputs."""
     output_dir = Path(output_dir)
     outputs = (config.ARTIFACT_FILE, config.METRICS_FILE, config.SPLIT_FILE, config.HISTORY_PLOT)
-    if fingerprint is None or not all((output_dir / name).is_file() for name in outputs):
+    if fingerprint is None or in_transition(output_dir) or not all((output_dir / name).is_file() for name in outputs):
         return False
     try:
         metadata = json.loads(read_safetensors_metadata(output_dir / config.ARTIFACT_FILE)[config.ARTIFACT_METADATA_KEY])

@@ -5,19 +5,22 @@ Shared by training and serving so both see exactly the same pixels.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import UserError
 from .config import MAX_IMAGE_PIXELS
 
 Image.MAX_IMAGE_PIXELS = None  # we check the pixel count ourselves, before decoding
-_RESAMPLING = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+# Bumped whenever decoding changes the pixels it produces: part of the feature cache's key.
+DECODER_VERSION = 2  # 2: formats other than JPEG box-reduced before the resize (_reduced)
+RESAMPLING = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+CROP_MODES = ("center", "squash")  # timm's eval crops this code draws (timm's "border" pads instead)
 
 
 class ImageError(UserError, ValueError):
@@ -25,30 +28,66 @@ class ImageError(UserError, ValueError):
 
 
 def open_image(source: bytes | str | Path, draft_size: int = 0, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Decode `source` (bytes or a path) into an RGB image, EXIF orientation applied.
+    """Decode `source` (bytes or a path) into an RGB image, EXIF orientation applied, at a
+    reduced scale that keeps the shorter side >= `draft_size` (0: full size)."""
+    return decode(read_header(source, draft_size, max_pixels), draft_size)
 
-    JPEGs are decoded at a reduced scale that still keeps the shorter side >= `draft_size`
-    (PIL draft mode), which makes large photos several times cheaper; the draft comes before
-    the EXIF transposition, which would otherwise decode the full-size image.
-    """
+
+def read_header(source: bytes | str | Path, draft_size: int = 0, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """The image opened but not decoded, its pixel count checked against `max_pixels`; its
+    `size` is what `decode` will produce before the EXIF rotation.
+
+    JPEGs are set to decode at the smallest DCT scale (1/2, 1/4, 1/8) that keeps the shorter
+    side >= `draft_size` (PIL draft mode), which makes large photos several times cheaper in
+    time and memory; the draft comes before the EXIF transposition, which would otherwise
+    decode the full-size image."""
+    with _image_errors():
+        image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        width, height = image.size
+        if width < 1 or height < 1:
+            raise ImageError("image has no pixels")
+        if width * height > max_pixels:
+            raise ImageError(f"image is {width}x{height} pixels, over the limit of {max_pixels:,} pixels")
+        if draft_size and image.format == "JPEG":
+            image.draft("RGB", (draft_size, draft_size))
+        return image
+
+
+def decode(image: Image.Image, draft_size: int = 0) -> Image.Image:
+    """The pixels of an image from `read_header`, as RGB: the first frame of a GIF or a
+    multi-page TIFF, reduced (see `_reduced`), EXIF orientation applied."""
+    with _image_errors():
+        image.seek(0)
+        image.load()
+        image = _reduced(image, draft_size)
+        try:
+            image = ImageOps.exif_transpose(image)
+        except Exception:  # a damaged EXIF block: keep the pixels as stored
+            pass
+        return to_rgb(image)
+
+
+def _reduced(image: Image.Image, min_side: int) -> Image.Image:
+    """Formats without JPEG's DCT scaling (PNG, WebP, TIFF, ...) decode at full size; a box
+    reduction by the largest whole factor that keeps the shorter side >= `min_side` makes the
+    conversions and the resize after it cheap in time and memory (a 64 MP RGBA PNG: ~1.4 GB
+    of intermediates without it). The counterpart of JPEG's draft mode, for the other formats."""
+    factor = min(image.size) // min_side if min_side and image.format != "JPEG" else 1
+    if factor < 2:
+        return image
+    try:
+        return image.reduce(factor)
+    except (ValueError, NotImplementedError):  # a mode reduce() does not handle (palette, 1-bit, ...)
+        return image
+
+
+@contextlib.contextmanager
+def _image_errors():
+    """Whatever Pillow raises on a bad file, as an ImageError with a message for the user."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PIL's chatter about EXIF and palettes
-            image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-            width, height = image.size
-            if width < 1 or height < 1:
-                raise ImageError("image has no pixels")
-            if width * height > max_pixels:
-                raise ImageError(f"image is {width}x{height} pixels, over the limit of {max_pixels:,} pixels")
-            if draft_size and image.format == "JPEG":
-                image.draft("RGB", (draft_size, draft_size))
-            image.seek(0)  # first frame of a GIF or a multi-page TIFF
-            image.load()
-            try:
-                image = ImageOps.exif_transpose(image)
-            except Exception:  # a damaged EXIF block: keep the pixels as stored
-                pass
-            return to_rgb(image)
+            yield
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -84,24 +123,30 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def center_crop(image: Image.Image, preprocessing: dict) -> Image.Image:
     """What the backbone sees: the shorter side resized to `resize_size`, then the centre
-    `input_size` square. Done as one resize of the crop box in original coordinates, which is
+    `input_size` square (crop mode "squash": each side resized to `resize_size` on its own, then
+    the centre square). Done as one resize of the crop box in original coordinates, which is
     the same geometry but never builds a huge intermediate for very wide or tall images."""
     resize, crop = preprocessing["resize_size"], preprocessing["input_size"]
     width, height = image.size
-    side = min(width, height) * crop / resize
-    left, top = (width - side) / 2, (height - side) / 2
+    if preprocessing.get("crop_mode", "center") == "squash":
+        box_width, box_height = width * crop / resize, height * crop / resize
+    else:
+        box_width = box_height = min(width, height) * crop / resize
+    left, top = (width - box_width) / 2, (height - box_height) / 2
     return image.resize(
-        (crop, crop), _RESAMPLING[preprocessing["interpolation"]], box=(left, top, left + side, top + side)
+        (crop, crop), RESAMPLING[preprocessing["interpolation"]], box=(left, top, left + box_width, top + box_height)
     )
 
 
-def preprocess(image: Image.Image, preprocessing: dict) -> torch.Tensor:
+def preprocess(image: Image.Image, preprocessing: dict) -> "torch.Tensor":
     """Centre crop, then normalise with the backbone's mean and std into a CHW tensor."""
+    import torch  # here, not at import: the API module imports this one and must stay light
+
     array = np.asarray(center_crop(image, preprocessing), dtype=np.float32) / 255.0
     array = (array - np.asarray(preprocessing["mean"], dtype=np.float32)) / np.asarray(preprocessing["std"], dtype=np.float32)
     return torch.from_numpy(array.transpose(2, 0, 1).copy())
 
 
-def load_tensor(source: bytes | str | Path, preprocessing: dict, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
+def load_tensor(source: bytes | str | Path, preprocessing: dict, max_pixels: int = MAX_IMAGE_PIXELS) -> "torch.Tensor":
     """Decode and preprocess in one call: the path every image takes to the backbone."""
     return preprocess(open_image(source, preprocessing["resize_size"], max_pixels), preprocessing)

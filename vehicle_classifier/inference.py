@@ -1,30 +1,36 @@
-"""The predictor: an artifact loaded once, images in, labels and probabilities out (CPU by
-default), with the backbone's [CLS] attention rendered over the image on request.
+"""The predictor: an artifact loaded once, images in, labels and calibrated probabilities out
+(CPU by default), whether each photo is like the training photos ("in_distribution", ood.py),
+and the backbone's [CLS] attention rendered over the image on request (ViT backbones).
 
-On CPU the backbone runs through OpenVINO (runtime.py: by default a lone forward on every core,
-overlapping forwards on a core each), and requests that arrive together share one batched
-forward (Batcher, one batch per OpenVINO stream). Attention maps come from the torch backbone
-(on request only, and they need the attention weights)."""
+One forward path per runtime: OpenVINO on CPU (runtime.py: by default a lone forward on every
+core, overlapping forwards on a core each), torch otherwise (RUNTIME=torch, or CUDA), in a
+thread of its own (TorchForward). Requests that arrive together share one batched forward
+(Batcher, one batch per OpenVINO stream). Attention maps come from the torch backbone (on
+request only: they need the attention weights); the answer is the runtime's, with or without
+them."""
 
 from __future__ import annotations
 
 import contextlib
 import io
+import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 
-from . import config
+from . import UserError, config
 from .artifact import Model, load_artifact
-from .backbone import cls_attention, has_attention
+from .backbone import cls_attention, has_cls_attention
 from .features import autocast, resolve_precision, runtime_for
-from .images import center_crop, open_image, preprocess
+from .images import open_image, preprocess
+from .ood import ood_scores
 from .runtime import OpenVINOBackbone
 
 
@@ -33,10 +39,25 @@ class Prediction:
     label: str
     confidence: float
     probabilities: dict[str, float]
-    attention: np.ndarray | None = None  # (grid_h, grid_w), sums to 1
+    # (grid_h, grid_w): the last block's [CLS]-to-patch attention, averaged over heads (the
+    # [CLS]-to-[CLS] weight is left out, so it sums to a little less than 1).
+    attention: np.ndarray | None = None
+    # False: the photo lies farther from the training photos than the threshold (neither a car
+    # nor a bike?); None when the check is off or the artifact has no reference features.
+    in_distribution: bool | None = None
+    ood_score: float | None = None  # mean cosine distance to the nearest training features
 
     def to_json(self) -> dict:
-        return {"label": self.label, "confidence": self.confidence, "probabilities": self.probabilities}
+        return {"label": self.label, "confidence": self.confidence, "probabilities": self.probabilities,
+                "in_distribution": self.in_distribution, "ood_score": self.ood_score}
+
+
+class AttentionUnavailable(UserError, ValueError):
+    """Attention maps were asked of a backbone without [CLS] self-attention (a CNN)."""
+
+    def __init__(self, architecture: str):
+        super().__init__(f"attention maps are not available for this backbone ({architecture}): it has no [CLS] "
+                         "self-attention; ask without attention=1")
 
 
 class Batcher:
@@ -84,37 +105,72 @@ class Batcher:
                     self._changed.notify_all()
 
 
+class TorchForward:
+    """The torch backbone's forwards, one at a time, in one thread of this process's own.
+
+    torch's OpenMP runtime keeps a team of worker threads per calling thread: forwards called
+    from a server's many request threads would start a team each, and the spinning teams
+    oversubscribe the cores. One forward thread keeps one team, sized once (`start`)."""
+
+    def __init__(self, backbone: nn.Module, device: torch.device, precision: str):
+        self.backbone, self.device, self.precision = backbone, device, precision
+        self._executor: ThreadPoolExecutor | None = None
+        self._pid = -1
+        self._lock = threading.Lock()
+
+    def start(self, threads: int) -> None:
+        """(Re)start the forward thread in this process with `threads` torch threads (after a
+        fork, the parent's thread is gone)."""
+        with self._lock:
+            if self._executor is not None and self._pid == os.getpid():
+                self._executor.shutdown(wait=True)
+            self._executor = ThreadPoolExecutor(1, "torch-forward", initializer=torch.set_num_threads,
+                                                initargs=(threads,))
+            self._pid = os.getpid()
+
+    def __call__(self, tensors: list[torch.Tensor], attention: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(features, attention maps or None) of the images, computed in the forward thread."""
+        if self._pid != os.getpid():
+            self.start(torch.get_num_threads())
+        return self._executor.submit(self._forward, tensors, attention).result()
+
+    @torch.inference_mode()
+    def _forward(self, tensors: list[torch.Tensor], attention: bool):
+        batch = torch.stack(tensors).to(self.device)  # a parallel copy: in this thread's team
+        with autocast(self.device, self.precision):
+            if attention:
+                return cls_attention(self.backbone, batch)
+            return self.backbone(batch), None
+
+
 class Predictor:
     def __init__(self, model: Model, precision: str = "auto", device: str = "cpu", runtime: str = "auto",
-                 max_image_pixels: int = config.MAX_IMAGE_PIXELS, max_batch: int = config.FORWARD_BATCH,
-                 openvino_mode: str = "adaptive", warm_up: bool = True):
+                 max_batch: int = config.FORWARD_BATCH, openvino_mode: str = config.OPENVINO_MODES[0],
+                 warm_up: bool = True, ood_check: bool = True):
         """`warm_up=False` leaves compiling and warming up to a later `warm_up()` call: a
-        gunicorn master must not start OpenVINO's threads before it forks (runtime.py)."""
+        gunicorn master must start no OpenVINO or OpenMP threads before it forks (runtime.py).
+        `ood_check=False` leaves every answer's `in_distribution` and `ood_score` None."""
         self.model = model
         self.device = torch.device(device)
         self.precision = resolve_precision(precision, self.device)
-        if runtime not in ("auto", "openvino", "torch"):
-            raise ValueError(f"runtime must be auto, openvino or torch, not {runtime!r}")
+        if runtime not in config.RUNTIMES:
+            raise ValueError(f"runtime must be one of {', '.join(config.RUNTIMES)}, not {runtime!r}")
         self.runtime = runtime_for(self.device) if runtime == "auto" else runtime
         if self.runtime == "openvino" and self.device.type != "cpu":
             raise ValueError("the openvino runtime runs on cpu only")
-        self.max_image_pixels = max_image_pixels
-        self.backbone = model.backbone.to(self.device).eval()
+        # The service's probabilities are the calibrated ones (temperature fitted on validation).
+        self.temperature = float((model.metadata.get("calibration") or {}).get("temperature", 1.0))
+        ood = model.metadata.get("ood")
+        self.ood_threshold = ood["threshold"] if ood_check and ood and model.ood_references is not None else None
+        self.ood_references = model.ood_references.to(self.device) if self.ood_threshold is not None else None
+        self.attention_available = has_cls_attention(model.backbone)
         self.head = model.head.to(self.device).eval()
-        self.has_attention = has_attention(self.backbone)  # a ConvNeXt has no attention maps
-        self.fast_backbone = None
+        self.torch_forward = TorchForward(model.backbone.to(self.device).eval(), self.device, self.precision)
+        self.openvino = None
         if self.runtime == "openvino":
-            self.fast_backbone = OpenVINOBackbone(self.backbone, model.preprocessing["input_size"], self.precision,
-                                                  mode=openvino_mode)
-        self._batcher = Batcher(self._predict_many, max_batch)  # one batch per stream: set by warm_up
-        # One torch forward at a time: gunicorn's threads share this predictor, and two
-        # concurrent ones would each spread over all torch threads and oversubscribe the cores.
-        self._forward_lock = threading.Lock()
-        self.num_threads = torch.get_num_threads()  # per forward; warm_up takes the current count
-        # Where forwards run: here by default. With the torch runtime under gunicorn's gthread
-        # worker, gunicorn.conf.py hands them to the worker's main thread (run_in_main_thread),
-        # where torch's OpenMP pool runs them ~1.5x faster than from any other thread.
-        self.run_forward: Callable[[Callable], object] = lambda forward: forward()
+            self.openvino = OpenVINOBackbone(model.backbone, model.preprocessing["input_size"], self.precision,
+                                             mode=openvino_mode)
+        self._batcher = Batcher(self._predict_batch, max_batch)  # one batch per stream: set by warm_up
         if warm_up:
             self.warm_up()
 
@@ -126,62 +182,61 @@ class Predictor:
     def metadata(self) -> dict:
         return self.model.metadata
 
+    @property
+    def openvino_mode(self) -> str | None:
+        return self.openvino.mode if self.openvino is not None else None
+
     def warm_up(self) -> None:
         """Compile for this process and run forwards (plain and with attention), so the
         first request does not pay for kernel selection. Run again after a fork or after
         changing torch's thread count."""
-        self.num_threads = torch.get_num_threads()
-        if self.fast_backbone is not None:
-            self.fast_backbone.compile(self.num_threads)
-            self._batcher.concurrency = self.fast_backbone.streams
+        threads = torch.get_num_threads()
+        self.torch_forward.start(threads)
+        if self.openvino is not None:
+            self.openvino.compile(threads)
+            self._batcher.concurrency = self.openvino.streams
         size = self.model.preprocessing["input_size"]
-        blank = torch.zeros(1, 3, size, size)
+        blank = [torch.zeros(3, size, size)]
         self.predict_tensors(blank)
-        if self.has_attention:
+        if self.attention_available:
             maps = self.predict_tensors(blank, attention=True)[0].attention
         # Other batch sizes need no warm-up: OpenVINO's first call at a new shape costs ~5 ms
         # more, and every warm-up forward delays a replacement worker's first answer.
         self.predict_tensors(blank)
-        if self.has_attention:  # the overlay's first call imports matplotlib's colormaps: here too
-            attention_overlay_png(Image.new("RGB", (size, size)), maps, self.model.preprocessing)
+        if self.attention_available:  # the overlay's first call imports matplotlib's colormaps
+            attention_overlay_png(Image.new("RGB", (size, size)), maps)
 
-    def load_image(self, source: bytes | str | Path) -> Image.Image:
-        """Decode an upload (raises images.ImageError with a message fit for the user)."""
-        return open_image(source, self.model.preprocessing["resize_size"], self.max_image_pixels)
+    def load_image(self, source: bytes | str | Path, max_pixels: int = config.MAX_IMAGE_PIXELS) -> Image.Image:
+        """Decode an image (raises images.ImageError with a message fit for the user)."""
+        return open_image(source, self.model.preprocessing["resize_size"], max_pixels)
 
     def to_tensor(self, image: Image.Image) -> torch.Tensor:
         return preprocess(image, self.model.preprocessing)
 
-    def predict_tensors(self, batch: torch.Tensor, attention: bool = False) -> list[Prediction]:
-        return self.run_forward(lambda: self._predict_tensors(batch, attention))
-
     def predict(self, images: list[Image.Image], attention: bool = False) -> list[Prediction]:
-        tensors = [self.to_tensor(im) for im in images]
+        if attention and not self.attention_available:
+            raise AttentionUnavailable(self.model.metadata.get("backbone", {}).get("architecture", "this backbone"))
+        return self.predict_tensors([self.to_tensor(im) for im in images], attention)
+
+    def predict_tensors(self, tensors: list[torch.Tensor], attention: bool = False) -> list[Prediction]:
+        """Predictions for preprocessed images (CHW tensors); without attention, batched with
+        the calls of other threads waiting beside this one."""
         if attention:
-            return self._predict_many(tensors, attention=True)
-        return self._batcher(tensors)  # batched with the requests waiting beside it
+            return self._predict_batch(tensors, attention=True)
+        return self._batcher(tensors)
 
-    def _predict_many(self, tensors: list[torch.Tensor], attention: bool = False) -> list[Prediction]:
-        # torch.stack is a parallel copy: done where the forward runs, with its thread count.
-        return self.run_forward(lambda: self._predict_tensors(tensors, attention))
-
-    @torch.inference_mode()
-    def _predict_tensors(self, batch: torch.Tensor | list[torch.Tensor], attention: bool) -> list[Prediction]:
-        # torch's forwards run one at a time, each over every core; OpenVINO's run one per
-        # stream, in its own threads, and torch only stacks the batch and runs the head: one
-        # thread, so that no request thread keeps an OpenMP team spinning beside OpenVINO.
-        torch_forward = attention or self.fast_backbone is None
-        exclusive = self._forward_lock if torch_forward else contextlib.nullcontext()
-        with exclusive, torch_threads(self.num_threads if torch_forward else 1):
-            batch = (torch.stack(batch) if isinstance(batch, list) else batch).to(self.device)
-            with autocast(self.device, self.precision):
-                if attention:
-                    features, maps = cls_attention(self.backbone, batch)
-                elif self.fast_backbone is not None:
-                    features, maps = self.fast_backbone(batch), None
-                else:
-                    features, maps = self.backbone(batch), None
-            probabilities = self.head(features.float()).softmax(dim=1).cpu()  # the head in fp32
+    def _predict_batch(self, tensors: list[torch.Tensor], attention: bool = False) -> list[Prediction]:
+        if self.openvino is None:
+            features, maps = self.torch_forward(tensors, attention)
+        else:  # OpenVINO runs in its own threads; torch only stacks, on this thread alone
+            with torch_threads(1):
+                features, maps = self.openvino(torch.stack(tensors)), None
+            if attention:  # the map needs torch's attention weights; the answer stays the one without it
+                maps = self.torch_forward(tensors, attention=True)[1]
+        with torch.inference_mode(), torch_threads(1):  # the head, in fp32: a few small matmuls
+            features = features.float().to(self.device)
+            probabilities = (self.head(features) / self.temperature).softmax(dim=1).cpu()
+            scores = None if self.ood_threshold is None else ood_scores(features, self.ood_references).tolist()
         names = self.model.class_names
         predictions = []
         for i, probs in enumerate(probabilities.tolist()):
@@ -190,7 +245,9 @@ class Predictor:
                 label=names[best],
                 confidence=probs[best],
                 probabilities=dict(zip(names, probs)),
-                attention=None if maps is None else maps[i].cpu().numpy(),
+                attention=None if maps is None else maps[i].float().cpu().numpy(),
+                in_distribution=None if scores is None else scores[i] <= self.ood_threshold,
+                ood_score=None if scores is None else scores[i],
             ))
         return predictions
 
@@ -209,37 +266,17 @@ def torch_threads(count: int):
             torch.set_num_threads(before)
 
 
-def attention_overlay_png(image: Image.Image, attention: np.ndarray, preprocessing: dict) -> bytes:
-    """The attention map as a heat overlay on the centre crop the backbone saw, as PNG bytes."""
+def attention_overlay_png(crop: Image.Image, attention: np.ndarray) -> bytes:
+    """The attention map as a heat overlay on `crop` (the centre crop the backbone saw:
+    images.center_crop), as PNG bytes."""
     from matplotlib import colormaps
 
-    shown = center_crop(image, preprocessing)
-    crop = shown.size[0]
+    size = crop.size
     heat = attention - attention.min()
     heat = heat / heat.max() if heat.max() > 0 else heat
-    heat_image = Image.fromarray((heat * 255).astype(np.uint8)).resize((crop, crop), Image.Resampling.BILINEAR)
+    heat_image = Image.fromarray((heat * 255).astype(np.uint8)).resize(size, Image.Resampling.BILINEAR)
     colored = (colormaps["inferno"](np.asarray(heat_image) / 255.0)[..., :3] * 255).astype(np.uint8)
-    blended = Image.blend(shown.convert("RGB"), Image.fromarray(colored), alpha=0.55)
+    blended = Image.blend(crop.convert("RGB"), Image.fromarray(colored), alpha=0.55)
     buffer = io.BytesIO()
     blended.save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def run_in_main_thread(defer: Callable) -> Callable[[Callable], object]:
-    """A `Predictor.run_forward` that runs each forward through `defer(callback)` (gunicorn
-    gthread's `worker.method_queue.defer`, which runs callbacks in the worker's main thread)
-    and waits for it in the calling request thread. Forwards are serialised there for free."""
-
-    def run(forward: Callable):
-        done: Future = Future()
-
-        def call():
-            try:
-                done.set_result(forward())
-            except BaseException as exc:  # hand it to the request thread, which answers for it
-                done.set_exception(exc)
-
-        defer(call)
-        return done.result()
-
-    return run

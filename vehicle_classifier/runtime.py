@@ -27,8 +27,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from .config import OPENVINO_MODES
+
 OPENVINO_PRECISION = {"bf16": "bf16", "fp32": "f32"}
-MODES = ("latency", "throughput", "adaptive")
 
 
 def import_openvino():
@@ -65,8 +66,8 @@ class OpenVINOBackbone:
         ov = import_openvino()
         if precision not in OPENVINO_PRECISION:
             raise ValueError(f"precision must be bf16 or fp32, not {precision!r}")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+        if mode not in OPENVINO_MODES:
+            raise ValueError(f"mode must be one of {', '.join(OPENVINO_MODES)}, not {mode!r}")
         self.precision, self.mode = precision, mode
         example = torch.zeros(1, 3, input_size, input_size)
         with torch.no_grad(), warnings.catch_warnings():

@@ -1,0 +1,340 @@
+"""Training runs that survive interruption and each other: a kill at any point of extraction
+loses only the batches in flight, a kill at any point of the final writes leaves the previous
+set of outputs, two runs at once never mix their outputs or lose features, and a full or
+read-only disk gives one line and no leftovers."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+from safetensors.torch import load, save
+
+from conftest import REPO, TINY_SPEC, make_dataset
+from test_training import backbone_calls  # noqa: F401 (a fixture)
+from vehicle_classifier import config, fileio, training
+from vehicle_classifier.artifact import read_metadata
+from vehicle_classifier.fileio import LockedError, WriteError, exclusive, publish, recover
+
+BATCH = 4
+PER_CLASS = 10  # 20 photos: 5 batches of 4
+
+
+def cached_features(cache: Path) -> set[str]:
+    """Digests persisted in the cache folder, read from the shards as a rerun reads them."""
+    digests = set()
+    for shard in cache.glob("*/*.safetensors"):
+        with safe_open(str(shard), framework="pt") as f:
+            digests.update(f.keys())
+    return digests
+
+
+def temporaries(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob(f".*{fileio.TEMP_SUFFIX}")]
+
+
+def train_args(data, out, cache, weights):
+    return ["--data-dir", data, "--output-dir", out, "--cache-dir", cache, "--weights", weights,
+            "--backbone", TINY_SPEC.name, "--extract-batch-size", BATCH, "--max-epochs", 5, "--device", "cpu"]
+
+
+def run(data, out, weights, cache, **kw):
+    """run_training in this process, as train_args configures it."""
+    cfg = config.TrainConfig(backbone=TINY_SPEC.name, extract_batch_size=BATCH, max_epochs=5, **kw)
+    return training.run_training(data, out, cfg, weights, cache, spec=TINY_SPEC)
+
+
+# train.py in a subprocess, with the tiny backbone registered and a hook that signals the process
+# itself at a chosen point: the Nth call of `target` that meets `condition` (before or after the
+# real call).
+DRIVER = textwrap.dedent("""
+    import functools, importlib, os, signal, sys
+    sys.path.insert(0, {repo!r})
+    from vehicle_classifier import config
+    config.BACKBONES[{spec.name!r}] = config.BackboneSpec({spec.name!r}, {spec.architecture!r},
+                                                          model_kwargs={spec.model_kwargs!r})
+    module_name, _, attr = {target!r}.rpartition(".")
+    owner = importlib.import_module(module_name.split(":")[0])
+    for part in module_name.split(":")[1:]:
+        owner = getattr(owner, part)
+    real, calls = getattr(owner, attr), [0]
+
+    @functools.wraps(real)
+    def hooked(*args, **kwargs):
+        match = {condition}
+        calls[0] += bool(match)
+        hit = match and calls[0] == {nth}
+        if hit and {when!r} == "before":
+            os.kill(os.getpid(), {signum})
+        result = real(*args, **kwargs)
+        if hit and {when!r} == "after":
+            os.kill(os.getpid(), {signum})
+        return result
+
+    setattr(owner, attr, hooked)
+    import train
+    sys.exit(train.main({args!r}))
+""")
+
+
+def run_train(args, timeout=300):
+    """train.py with the tiny backbone registered, nothing hooked."""
+    return run_hooked(args, "os.getpid", 0, "after", 0, condition="False", timeout=timeout)
+
+
+def run_hooked(args, target, nth, when, signum, condition="True", timeout=300):
+    code = DRIVER.format(repo=str(REPO), spec=TINY_SPEC, target=target, nth=nth, when=when, signum=int(signum),
+                         condition=condition, args=[str(a) for a in args])
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+# --- extraction resumes ---------------------------------------------------------------------
+@pytest.mark.parametrize("signum, nth, when", [
+    (signal.SIGKILL, 1, "before"),  # before the first batch is stored: nothing to keep
+    (signal.SIGINT, 3, "after"),  # Ctrl-C after three batches (a kill mid-way: the next test)
+])
+def test_a_rerun_after_an_interrupted_extraction_extracts_only_the_missing_photos(
+        tmp_path, tiny_weights, backbone_calls, signum, nth, when):
+    data, out, cache = make_dataset(tmp_path / "data", PER_CLASS), tmp_path / "out", tmp_path / "cache"
+    done = run_hooked(train_args(data, out, cache, tiny_weights), "vehicle_classifier.features:FeatureCache.add",
+                      nth, when, signum)
+    if signum == signal.SIGKILL:
+        assert done.returncode == -signal.SIGKILL
+    else:
+        assert done.returncode == 130, done.stderr
+        last = done.stderr.strip().splitlines()[-1]
+        assert last.startswith("interrupted: ") and "unchanged" in last and "kept in the cache" in last, last
+        assert "Traceback" not in done.stderr
+    kept = cached_features(cache)
+    assert len(kept) == (nth if when == "after" else nth - 1) * BATCH  # every finished batch, as it finished
+    assert not out.joinpath(config.ARTIFACT_FILE).exists()
+
+    metrics = run(data, out, tiny_weights, cache)
+    assert backbone_calls["images"] == 2 * PER_CLASS - len(kept)  # only the missing photos
+    assert metrics["summary"]["images_found"] == 2 * PER_CLASS
+    assert len(cached_features(cache)) == 2 * PER_CLASS
+    assert len(list(cache.glob("*/*.safetensors"))) == 1  # merged once complete
+    assert not temporaries(cache) and not temporaries(out)
+
+
+def test_a_kill_in_the_middle_of_a_cache_write_leaves_no_damaged_shard(tmp_path, tiny_weights, backbone_calls):
+    """SIGKILL inside the second shard's write, after its bytes are written but before they are
+    renamed into place: the rerun removes the temporary (and older runs' leftovers in the output
+    folder) and extracts all but the first batch."""
+    data, out, cache = make_dataset(tmp_path / "data", PER_CLASS), tmp_path / "out", tmp_path / "cache"
+    shard = f"str(args[1]).startswith({str(cache)!r}) and str(args[1]).endswith('.safetensors')"
+    done = run_hooked(train_args(data, out, cache, tiny_weights), "vehicle_classifier.fileio:os.replace", 2,
+                      "before", signal.SIGKILL, condition=shard)
+    assert done.returncode == -signal.SIGKILL
+    assert len(temporaries(cache)) == 1 and len(cached_features(cache)) == BATCH
+    leftover = out / ".model.safetensors.k3x9q_1a.tmp.safetensors"  # as killed runs of 0.2.0 left them
+    leftover.write_bytes(b"\0" * 1000)
+
+    run(data, out, tiny_weights, cache)
+    assert backbone_calls["images"] == 2 * PER_CLASS - BATCH
+    assert not temporaries(cache) and not leftover.exists()
+
+
+def test_a_torn_or_misplaced_shard_is_ignored(tmp_path, tiny_weights, backbone_calls, caplog):
+    """A shard cut short (as a non-atomic writer would leave it) or one that names another
+    cache key (a copied folder): both are refused with a warning and their photos redone."""
+    data, cache = make_dataset(tmp_path / "data", 4), tmp_path / "cache"
+    run(data, tmp_path / "a", tiny_weights, cache)
+    (shard,) = cache.glob("*/*.safetensors")
+    blob = shard.read_bytes()
+    shard.write_bytes(blob[: len(blob) // 2])
+    (shard.parent / "copied.safetensors").write_bytes(save(load(blob), metadata={"cache_key": "another-key"}))
+    backbone_calls["images"] = 0
+    with caplog.at_level("WARNING"):
+        run(data, tmp_path / "b", tiny_weights, cache)
+    assert backbone_calls["images"] == 8
+    ignored = [r.getMessage() for r in caplog.records if "ignoring unreadable feature cache shard" in r.getMessage()]
+    assert len(ignored) == 2 and any("another-key" in m for m in ignored)
+
+
+# --- the outputs are one set ----------------------------------------------------------------
+def output_set(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")}
+
+
+def kill_publish_at(folder: Path, files: dict[str, bytes], nth: int) -> bool:
+    """publish() in a forked child that SIGKILLs itself at its nth file-system step (a write,
+    fsync, link, rename or unlink); True if it was killed, False if it finished first."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns to pytest
+        steps = [0]
+
+        def step(real):
+            def counted(*args, **kwargs):
+                steps[0] += 1
+                if steps[0] == nth:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return real(*args, **kwargs)
+            return counted
+
+        for name in ("fsync", "link", "replace", "unlink", "write"):
+            setattr(os, name, step(getattr(os, name)))
+        try:
+            publish(folder, files, replaces=config.OUTPUT_FILES)
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    return os.WIFSIGNALED(status)
+
+
+def test_a_kill_at_any_step_of_the_final_writes_leaves_one_complete_set(tmp_path):
+    old = {config.ARTIFACT_FILE: b"old model", config.METRICS_FILE: b"old metrics", config.SPLIT_FILE: b"old split",
+           config.HISTORY_PLOT: b"old curves", config.CONFUSION_PLOT: b"old matrix"}
+    new = {config.ARTIFACT_FILE: b"new model" * 1000, config.METRICS_FILE: b"new metrics",
+           config.SPLIT_FILE: b"new split", config.HISTORY_PLOT: b"new curves"}  # no test split: no matrix
+    outcomes, nth = [], 1
+    while True:
+        folder = tmp_path / f"kill-{nth}"
+        publish(folder, old)
+        killed = kill_publish_at(folder, new, nth)
+        seen = output_set(folder)
+        # Right after the kill: one whole set, or a publish caught mid-swap (flagged, readers wait).
+        assert seen in (old, new) or fileio.in_transition(folder), nth
+        recover(folder)  # what the next run does first
+        fileio.clean_temporaries(folder)
+        assert output_set(folder) in (old, new), nth
+        assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == [], nth
+        outcomes.append(output_set(folder) == new)
+        if not killed:
+            break
+        nth += 1
+    assert nth > 15  # every step was tried: the stage, the journal, each rename, the commit
+    # Killed before the journal's removal: the old set; after it: the new one; never in between.
+    assert outcomes == sorted(outcomes) and outcomes[0] is False and outcomes[-1] is True
+
+
+def test_outputs_carry_the_artifacts_model_version(tiny_model_dir):
+    version = read_metadata(tiny_model_dir / config.ARTIFACT_FILE)["model_version"]
+    for name in (config.METRICS_FILE, config.SPLIT_FILE):
+        assert json.loads((tiny_model_dir / name).read_text())["model_version"] == version
+
+
+def test_sigterm_while_publishing_leaves_the_old_set_and_says_so(tmp_path, tiny_weights):
+    """`kill` (SIGTERM, as `docker stop` sends) winds down as Ctrl-C does: before the commit, the
+    old set, whole, and a message saying so."""
+    data, out, cache = make_dataset(tmp_path / "data", PER_CLASS), tmp_path / "out", tmp_path / "cache"
+    args = train_args(data, out, cache, tiny_weights)
+    run(data, out, tiny_weights, cache)
+    before = output_set(out)
+    # The third rename into the output folder: after the lock's owner file and the journal.
+    second = run_hooked([*args, "--seed", 5], "vehicle_classifier.fileio:os.replace", 3, "before", signal.SIGTERM,
+                        condition=f"str(args[1]).startswith({str(out)!r})")
+    assert second.returncode == 130, second.stderr
+    assert second.stderr.strip().splitlines()[-1].startswith(f"interrupted: {out} is unchanged and holds the previous")
+    assert output_set(out) == before and not fileio.in_transition(out) and not temporaries(out)
+
+
+# --- two runs at once -----------------------------------------------------------------------
+def test_a_second_run_on_the_same_output_folder_stops_naming_the_first(tmp_path, tiny_weights):
+    out = tmp_path / "out"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from vehicle_classifier.fileio import exclusive\n"
+         f"with exclusive({str(out)!r}, '--output-dir', wait=False):\n    print('held', flush=True); sys.stdin.read()"],
+        cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LockedError, match=rf"in use by another run \(pid {holder.pid} on .*--output-dir"):
+            run(make_dataset(tmp_path / "data", 4), out, tiny_weights, tmp_path / "cache")
+    finally:
+        holder.communicate("", timeout=30)
+    assert output_set(out) == {}
+
+
+def test_two_runs_sharing_a_cache_lose_no_features(tmp_path, tiny_weights, backbone_calls):
+    data, cache = make_dataset(tmp_path / "data", PER_CLASS), tmp_path / "cache"
+    with ThreadPoolExecutor(2) as pool:  # both start at once
+        results = list(pool.map(run_train, [train_args(data, tmp_path / f"out{i}", cache, tiny_weights) for i in (1, 2)]))
+    assert [r.returncode for r in results] == [0, 0], [r.stderr for r in results]
+    assert sum("extracting features" in r.stderr for r in results) >= 1
+    assert len(cached_features(cache)) == 2 * PER_CLASS
+    for i in (1, 2):
+        version = read_metadata(tmp_path / f"out{i}" / config.ARTIFACT_FILE)["model_version"]
+        assert json.loads((tmp_path / f"out{i}" / config.METRICS_FILE).read_text())["model_version"] == version
+
+    run(data, tmp_path / "out3", tiny_weights, cache)
+    assert backbone_calls["images"] == 0  # all of both runs' features are there
+
+
+# --- full and read-only disks ---------------------------------------------------------------
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of 48 KiB; skipped where mounting is not permitted (not root, or a container)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_gives_one_line_and_leaves_nothing(tmp_path, small_disk, tiny_weights):
+    data, out = make_dataset(tmp_path / "data", PER_CLASS), small_disk / "out"
+    done = run_train(train_args(data, out, tmp_path / "cache", tiny_weights))
+    assert done.returncode == 2
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert errors[0].endswith(f"(nothing in {out} was changed)")
+    assert str(out) in errors[0] and "disk is full" in errors[0]
+    assert output_set(out) == {} and not temporaries(out) and not fileio.in_transition(out)
+
+
+def test_a_full_disk_during_extraction_keeps_the_finished_batches(tmp_path, small_disk, tiny_weights):
+    data, cache = make_dataset(tmp_path / "data", 3 * PER_CLASS), small_disk / "cache"
+    with pytest.raises(WriteError, match=rf"cannot write {small_disk}.*disk is full.*a rerun continues from them"):
+        run(data, tmp_path / "out", tiny_weights, cache)
+    kept = cached_features(cache)
+    assert 0 < len(kept) < 6 * PER_CLASS and len(kept) % BATCH == 0
+    assert not temporaries(cache)
+
+
+@pytest.mark.parametrize("failing_fsync", [1, 3, 6])  # a staged output, the journal, the swap
+def test_enospc_from_fsync_leaves_the_old_set(tmp_path, monkeypatch, failing_fsync):
+    """Without a small disk to fill (no root): ENOSPC injected where network and delayed-allocation
+    file systems report it, at fsync; the same one line, the previous set, nothing left over."""
+    old = {config.ARTIFACT_FILE: b"old model", config.METRICS_FILE: b"old metrics"}
+    publish(tmp_path, old)
+    real_fsync, calls = os.fsync, [0]
+
+    def fsync(fd):
+        calls[0] += 1
+        if calls[0] == failing_fsync:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(fileio.os, "fsync", fsync)
+    with pytest.raises(WriteError, match=rf"cannot write {tmp_path}/.*No space left on device; the disk is full.*"
+                                         rf"\(nothing in {tmp_path} was changed\)"):
+        publish(tmp_path, {config.ARTIFACT_FILE: b"new model", config.METRICS_FILE: b"new metrics",
+                           config.SPLIT_FILE: b"new split"})
+    assert output_set(tmp_path) == old and not temporaries(tmp_path) and not fileio.in_transition(tmp_path)
+    assert not (tmp_path / fileio.BACKUP_DIR).exists()
+
+
+def test_a_read_only_folder_gives_one_line(small_disk):
+    publish(small_disk / "models", {config.ARTIFACT_FILE: b"old model"})
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    with pytest.raises(WriteError, match=rf"cannot write {small_disk}/models/{config.ARTIFACT_FILE}: Read-only"):
+        publish(small_disk / "models", {config.ARTIFACT_FILE: b"new model"})
+    assert output_set(small_disk / "models") == {config.ARTIFACT_FILE: b"old model"}
+    with pytest.raises(WriteError, match=rf"cannot write {small_disk}/out.*read-only.*writable folder"):
+        publish(small_disk / "out", {config.ARTIFACT_FILE: b"model"})
+    with pytest.raises(WriteError, match="read-only"):
+        with exclusive(small_disk / "cache", "--cache-dir", wait=True):
+            pass

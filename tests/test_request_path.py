@@ -1,0 +1,143 @@
+"""The request path's pieces on their own: training and serving decode the same pixels and get
+the same features; the per-request and per-worker decoded-pixel budgets; filenames made safe
+to echo; the service settings read and checked in one place."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import synthetic_image
+from vehicle_classifier.config import ServiceConfig
+from vehicle_classifier.errors import BadRequest, printable
+from vehicle_classifier.features import FeatureCache, extract_features
+from vehicle_classifier.images import read_header
+from vehicle_classifier.inference import Predictor
+from vehicle_classifier.uploads import PixelBudget, Upload, decode_uploads
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_model_dir):
+    return Predictor.from_dir(tiny_model_dir)
+
+
+def encoded(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def test_training_and_serving_see_the_same_pixels_and_features(predictor, photos, tmp_path):
+    # Real photos of each class and format, and large synthetic ones: a JPEG decoded in DCT
+    # draft mode, an RGBA PNG that is box-reduced before the resize.
+    rng = np.random.default_rng(0)
+    large = synthetic_image("Car", rng, (1920, 1080))
+    extra = {"large.jpg": encoded(large, "JPEG"), "large.png": encoded(large.convert("RGBA"), "PNG")}
+    for name, data in extra.items():
+        (tmp_path / name).write_bytes(data)
+    paths = list(photos) + [tmp_path / name for name in extra]
+    prep = predictor.model.preprocessing
+
+    decoded, _ = decode_uploads([Upload(p.name, p.read_bytes()) for p in paths], predictor, ServiceConfig(),
+                                PixelBudget(10**9), keep_crops=False)
+    served = torch.cat([predictor.openvino(item.tensor[None]) if predictor.openvino else
+                        predictor.torch_forward([item.tensor], False)[0] for item in decoded])
+
+    from vehicle_classifier.images import load_tensor  # training's decoding (features._ImageFiles)
+
+    for path, item in zip(paths, decoded):
+        assert torch.equal(load_tensor(path, prep), item.tensor), path.name
+    digests = [str(i) for i in range(len(paths))]
+    trained, failures = extract_features(predictor.model.backbone, paths, digests, prep,
+                                         FeatureCache(tmp_path / "cache", "k"), torch.device("cpu"), predictor.precision)
+    assert not failures
+    training = torch.stack([trained[d] for d in digests])
+    cosine = torch.nn.functional.cosine_similarity(training, served.float())
+    assert cosine.min() > 0.999, cosine  # batched kernels differ in the last bits only
+
+
+def test_a_request_over_its_decoded_pixel_budget_is_refused_before_decoding(predictor):
+    png = encoded(Image.new("RGBA", (3000, 2000)), "PNG")  # 6 MP each
+    settings = ServiceConfig(max_request_pixels=10_000_000)
+    uploads = [Upload("a.png", png), Upload("b.png", png)]
+    with pytest.raises(BadRequest, match="decode to 12,000,000 pixels, over the limit of 10,000,000") as caught:
+        decode_uploads(uploads, predictor, settings, PixelBudget(10**9), keep_crops=False)
+    assert caught.value.status == 413
+    decoded, pixels = decode_uploads(uploads[:1], predictor, settings, PixelBudget(10**9), keep_crops=True)
+    assert pixels == 6_000_000 and decoded[0].crop.size == (32, 32)
+
+
+def test_jpegs_count_their_draft_size_against_the_budget():
+    jpeg = encoded(Image.new("RGB", (4000, 3000)), "JPEG")
+    header = read_header(jpeg, draft_size=256)
+    assert header.size == (500, 375)  # 1/8 scale: the smallest DCT scale covering 256
+
+
+def test_the_worker_budget_holds_back_decodes_that_do_not_fit():
+    budget = PixelBudget(100)
+    events = []
+    inside = threading.Event()
+
+    def hold(name, pixels, seconds):
+        with budget.reserve(pixels):
+            events.append(("in", name, budget.in_use))
+            inside.set()
+            time.sleep(seconds)
+        events.append(("out", name))
+
+    first = threading.Thread(target=hold, args=("first", 70, 0.3))
+    first.start()
+    inside.wait(5)
+    second = threading.Thread(target=hold, args=("second", 60, 0))
+    huge = threading.Thread(target=hold, args=("huge", 10**6, 0))  # larger than all: waits to be alone
+    second.start(), huge.start()
+    for thread in (first, second, huge):
+        thread.join(10)
+    assert events[:2] == [("in", "first", 70), ("out", "first")]
+    assert max(e[2] for e in events if e[0] == "in") <= 100 and budget.in_use == 0
+
+
+@pytest.mark.parametrize("raw, shown", [
+    ("car\u202egpj.exe", "cargpj.exe"),            # bidi override
+    ("a\nb\r\tc.jpg", "a b c.jpg"),                 # line breaks
+    ("\x1b[31mred\x00.png", "[31mred.png"),         # escape and NUL
+    ("zero\u200bwidth.jpg", "zerowidth.jpg"),
+    ("фото машины.jpg", "фото машины.jpg"),         # ordinary non-ASCII stays
+    ("x" * 500, "x" * 119 + "…"),
+])
+def test_printable(raw, shown):
+    assert printable(raw, 120) == shown
+
+
+def test_settings_are_read_and_checked_in_one_place():
+    settings = ServiceConfig.from_env({"MAX_UPLOAD_MB": "3", "GUNICORN_THREADS": "4", "RUNTIME": "torch",
+                                       "MAX_REQUEST_PIXELS": " 5000 "})
+    assert (settings.max_upload_bytes, settings.threads, settings.runtime, settings.max_request_pixels) == \
+        (3 * 1024 * 1024, 4, "torch", 5000)
+    assert ServiceConfig.from_env({}) == ServiceConfig()
+    with pytest.raises(ValueError, match="GUNICORN_THREADS must be at least 1, not 0"):
+        ServiceConfig.from_env({"GUNICORN_THREADS": "0"})
+
+
+def test_the_torch_runtime_runs_every_forward_in_its_one_forward_thread(tiny_model_dir):
+    predictor = Predictor.from_dir(tiny_model_dir, runtime="torch")
+    assert predictor.openvino is None and predictor.openvino_mode is None
+    seen = set()
+    predictor.torch_forward.backbone.register_forward_hook(lambda *_: seen.add(threading.current_thread().name))
+    answers = []
+    blank = [torch.zeros(3, 32, 32)]
+    callers = [threading.Thread(target=lambda: answers.append(predictor.predict_tensors(blank))) for _ in range(4)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join(30)
+    with_attention = predictor.predict_tensors(blank, attention=True)[0]
+    assert len(answers) == 4 and all(a[0].label == answers[0][0].label for a in answers)
+    assert with_attention.attention.shape == (4, 4)
+    assert len(seen) == 1 and seen.pop().startswith("torch-forward")

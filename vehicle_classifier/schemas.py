@@ -1,0 +1,132 @@
+"""The API's request and response models, declared once (pydantic), and the OpenAPI document
+generated from them and from the routes by spectree: /openapi.json, and Swagger UI at /docs
+(served from the package, offline: offapi).
+
+spectree was chosen over flask-openapi3 and apispec/flask-smorest: it decorates plain Flask
+views (the app factory and Flask's own routing stay as they are), takes pydantic models, and
+documents without validating where a view parses the request itself (/predict accepts three
+body shapes, which no single validator models). The one thing it cannot state, a raw image
+body, is added to the generated document in `openapi_document`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, RootModel
+from spectree import Response, SpecTree
+
+from . import __version__
+
+DOCS_PATH = "docs"  # Swagger UI at /docs, its document at /docs/openapi.json (also /openapi.json)
+
+
+class Error(BaseModel):
+    error: str = Field(description="What went wrong, and what to change")
+
+
+class Prediction(BaseModel):
+    label: str = Field(description="The predicted class")
+    confidence: float = Field(ge=0, le=1, description="Probability of the predicted class")
+    probabilities: dict[str, float] = Field(description="Probability of every class (calibrated: temperature "
+                                                        "scaling fitted on validation)")
+    in_distribution: bool | None = Field(
+        None, description="false: the photo lies farther from the training photos than the threshold in "
+                          "/metadata's ood (neither a car nor a bike?); null when the check is off (OOD_CHECK=off) "
+                          "or the model has none")
+    ood_score: float | None = Field(
+        None, description="Mean cosine distance of the photo's features to its nearest training photos' (higher: "
+                          "less like them)")
+    attention_png: str | None = Field(
+        None, description="With ?attention=1: the backbone's last-block [CLS] attention over the centre crop, "
+                          "as a base64 PNG (ViT backbones; others answer 400 and /metadata says attention_maps: "
+                          "false)")
+
+
+class SingleAnswer(Prediction):
+    """One image, however it was sent."""
+
+    model_config = ConfigDict(extra="forbid")
+    model_version: str
+
+
+class FilePrediction(Prediction):
+    filename: str = Field(description="The part's filename, without control or bidi characters")
+
+
+class BatchAnswer(BaseModel):
+    """Several multipart 'file' parts: one prediction each, in order."""
+
+    model_config = ConfigDict(extra="forbid")
+    predictions: list[FilePrediction]
+    model_version: str
+
+
+class PredictAnswer(RootModel[SingleAnswer | BatchAnswer]):
+    pass
+
+
+class PredictJSON(BaseModel):
+    image: str = Field(min_length=1, description="The image file's bytes in base64 (a data: URL works too)")
+    filename: str | None = Field(None, description="Echoed in errors")
+
+
+class PredictForm(BaseModel):
+    file: list[bytes] = Field(min_length=1, description="One image per part (several parts: a batch)")
+
+
+class PredictQuery(BaseModel):
+    attention: Literal["1", "true", "yes", "on", "0", "false", "no", "off", ""] = Field(
+        "0", description="1: add the attention overlay to each prediction")
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Ready(BaseModel):
+    ready: bool
+    model_version: str
+
+
+class Index(BaseModel):
+    service: str
+    model_version: str
+    endpoints: list[str]
+
+
+class Metadata(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    class_names: list[str]
+    model_version: str
+    serving: dict
+
+
+def make_docs(description: str) -> SpecTree:
+    from offapi import OpenAPITemplate
+
+    return SpecTree("flask", mode="strict", annotations=False, path=DOCS_PATH, title="Car vs Bike classifier",
+                    version=__version__, description=description,
+                    page_templates={"swagger": OpenAPITemplate.SWAGGER.value})
+
+
+def errors(*statuses: int, **more) -> Response:
+    """A Response declaring the error statuses (Error bodies) and `more` (HTTP_200=Model, ...)."""
+    return Response(**{f"HTTP_{status}": Error for status in statuses}, **more)
+
+
+def openapi_document(docs: SpecTree, max_files: int) -> dict:
+    """spectree's document, with what it cannot state: the raw image body of /predict, the
+    batch limit, the Prometheus text of /metrics; and without the 422 it adds to every route
+    for its own validation, which these views do not use. Built once; both document routes
+    serve this same dict."""
+    document = docs.spec
+    for operations in document["paths"].values():
+        for operation in operations.values():
+            operation["responses"].pop("422", None)
+    document["paths"]["/metrics"]["get"]["responses"]["200"]["content"] = {"text/plain": {"schema": {"type": "string"}}}
+    body = document["paths"]["/predict"]["post"]["requestBody"]["content"]
+    body["image/*"] = {"schema": {"type": "string", "format": "binary"}}
+    form = document["components"]["schemas"][body["multipart/form-data"]["schema"]["$ref"].rsplit("/", 1)[-1]]
+    form["properties"]["file"]["maxItems"] = max_files
+    return document
