@@ -252,7 +252,8 @@ def has_cls_attention(model: nn.Module) -> bool:
     self-attention over a patch grid, with timm's explicit-attention path (`fused_attn`, `attn_drop`)
     that `cls_attention` reads. Convolutional networks (ConvNeXt, EfficientNet, ResNet...) have none."""
     blocks = getattr(model, "blocks", None)
-    attn = getattr(blocks[-1], "attn", None) if isinstance(blocks, nn.Sequential) and len(blocks) else None
+    stacked = isinstance(blocks, (nn.Sequential, nn.ModuleList))  # Eva (DINOv3) keeps a ModuleList
+    attn = getattr(blocks[-1], "attn", None) if stacked and len(blocks) else None
     return (attn is not None and all(hasattr(attn, a) for a in ("qkv", "fused_attn", "attn_drop"))
             and hasattr(getattr(model, "patch_embed", None), "grid_size"))
 
