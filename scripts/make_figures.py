@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import sys
 from pathlib import Path
 
@@ -104,7 +103,7 @@ def main(argv=None) -> int:
             shuffled_by_class,
         )
         from vehicle_classifier.inference import Predictor
-        from vehicle_classifier.fileio import atomic_path
+        from vehicle_classifier.fileio import write_file
         from vehicle_classifier.metrics import plot_confusion_matrix, plot_learning_curves
 
         predictor = Predictor.from_dir(args.model_dir)
@@ -124,8 +123,8 @@ def main(argv=None) -> int:
         plot_learning_curves(metrics["history"], metrics["summary"]["best_epoch"], out / FIGURES[2])
         plot_confusion_matrix(metrics["test"]["confusion_matrix"], class_names, out / FIGURES[3],
                               f"test split ({metrics['test']['count']} photos)")
-        with atomic_path(out / FIGURES[4]) as tmp:  # drawn by training, which has every bin
-            shutil.copyfile(args.model_dir / config.RELIABILITY_PLOT, tmp)
+        # Drawn by training, which has every bin.
+        write_file(out / FIGURES[4], (args.model_dir / config.RELIABILITY_PLOT).read_bytes())
     except (UserError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
