@@ -15,7 +15,8 @@ from pathlib import Path
 from vehicle_classifier import config
 
 HELP = {
-    "backbone": f"one of {', '.join(config.BACKBONES)} (DINO ViT-S/16, ViT-S/8, ViT-B/16, ViT-B/8), or "
+    "backbone": f"one of {', '.join(config.BACKBONES)} (DINO ViTs; DINOv2 ViT-S/14, B/14, -reg: with registers; "
+                f"DINOv3 ViT-S/16, S+/16, B/16, ConvNeXt: costs and quality in README's Backbones table), or "
                 f"{config.TIMM_PREFIX}<model name> for any timm model (e.g. {config.TIMM_PREFIX}tf_efficientnet_lite0)",
     "val_fraction": "fraction of each class held out for validation (early stopping)",
     "test_fraction": "fraction of each class held out for the final test metrics",
@@ -42,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", type=Path, default=config.OUTPUT_DIR,
                         help="where the artifact, metrics.json, split.json and plots go")
     parser.add_argument("--weights", type=Path, default=None,
-                        help="backbone weights file: official DINO .pth (e.g. dino_deitsmall16_pretrain.pth) or "
+                        help="backbone weights file: the official DINO/DINOv2/DINOv3 .pth (e.g. dino_deitsmall16_pretrain.pth) or "
                              "timm .safetensors/.pth; default: the Hugging Face cache, then a hub download")
     parser.add_argument("--cache-dir", type=Path, default=config.FEATURE_CACHE_DIR, help="feature cache directory")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda[:N]")

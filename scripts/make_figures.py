@@ -114,8 +114,11 @@ def main(argv=None) -> int:
                                 predictor.model.preprocessing), out / FIGURES[0])
 
         split = json.loads((args.model_dir / config.SPLIT_FILE).read_text())
-        save_figure(attention_banner(predictor, test_photos_by_class(split, args.seed), args.banner_per_class),
-                    out / FIGURES[1])
+        if predictor.attention_available:
+            save_figure(attention_banner(predictor, test_photos_by_class(split, args.seed), args.banner_per_class),
+                        out / FIGURES[1])
+        else:
+            logging.info("no %s: this backbone has no attention maps (a CNN such as ConvNeXt)", FIGURES[1])
 
         metrics = json.loads((args.model_dir / config.METRICS_FILE).read_text())
         plot_learning_curves(metrics["history"], metrics["summary"]["best_epoch"], out / FIGURES[2])

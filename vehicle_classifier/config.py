@@ -42,7 +42,8 @@ TIMM_PREFIX = "timm:"
 @dataclass(frozen=True)
 class BackboneSpec:
     """One backbone: the timm architecture, where its pretrained weights live, and which file
-    the official DINO release calls them."""
+    the official DINO / DINOv2 / DINOv3 release calls them. `model_kwargs` go to
+    timm.create_model (and into the artifact, which rebuilds the backbone from them)."""
 
     name: str
     architecture: str  # timm name with its pretrained tag: that tag decides the preprocessing
@@ -54,6 +55,17 @@ class BackboneSpec:
         return f"timm/{self.architecture}"
 
 
+# DINOv2 runs at 224 px, resized to 256 and centre-cropped as its linear evaluation does (the
+# ImageNet figures its paper reports), not at the 518 px its weights' position grid was trained
+# at: that measured 8x the cost per image of 224 px (benchmarks/bench_backbones.py, README).
+# timm resamples the position embeddings to the 16x16 grid when loading (backbone.load_strict).
+DINOV2_AT_224 = {"pretrained_cfg_overlay": {"input_size": [3, 224, 224], "crop_pct": 0.875}}
+# DINOv3: [CLS] pooling, as upstream and as the other backbones (timm's Eva default is the mean
+# of the patch tokens); timm's own preprocessing for the release (256 px ViTs, 224 px ConvNeXts).
+# The `_qkvb` ViTs keep the q/v biases of the official files, so that every tensor of those
+# files is loaded (the plain variants drop them, assuming zeros).
+DINOV3_CLS = {"global_pool": "token"}
+
 BACKBONES: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in (
@@ -61,6 +73,24 @@ BACKBONES: dict[str, BackboneSpec] = {
         BackboneSpec("dino-vits8", "vit_small_patch8_224.dino", official_file="dino_deitsmall8_pretrain.pth"),
         BackboneSpec("dino-vitb16", "vit_base_patch16_224.dino", official_file="dino_vitbase16_pretrain.pth"),
         BackboneSpec("dino-vitb8", "vit_base_patch8_224.dino", official_file="dino_vitbase8_pretrain.pth"),
+        BackboneSpec("dinov2-vits14", "vit_small_patch14_dinov2.lvd142m",
+                     official_file="dinov2_vits14_pretrain.pth", model_kwargs=DINOV2_AT_224),
+        BackboneSpec("dinov2-vits14-reg", "vit_small_patch14_reg4_dinov2.lvd142m",
+                     official_file="dinov2_vits14_reg4_pretrain.pth", model_kwargs=DINOV2_AT_224),
+        BackboneSpec("dinov2-vitb14", "vit_base_patch14_dinov2.lvd142m",
+                     official_file="dinov2_vitb14_pretrain.pth", model_kwargs=DINOV2_AT_224),
+        BackboneSpec("dinov2-vitb14-reg", "vit_base_patch14_reg4_dinov2.lvd142m",
+                     official_file="dinov2_vitb14_reg4_pretrain.pth", model_kwargs=DINOV2_AT_224),
+        BackboneSpec("dinov3-vits16", "vit_small_patch16_dinov3_qkvb.lvd1689m",
+                     official_file="dinov3_vits16_pretrain_lvd1689m-08c60483.pth", model_kwargs=DINOV3_CLS),
+        BackboneSpec("dinov3-vits16plus", "vit_small_plus_patch16_dinov3_qkvb.lvd1689m",
+                     official_file="dinov3_vits16plus_pretrain_lvd1689m-4057cbaa.pth", model_kwargs=DINOV3_CLS),
+        BackboneSpec("dinov3-vitb16", "vit_base_patch16_dinov3_qkvb.lvd1689m",
+                     official_file="dinov3_vitb16_pretrain_lvd1689m-73cec8be.pth", model_kwargs=DINOV3_CLS),
+        BackboneSpec("dinov3-convnext-tiny", "convnext_tiny.dinov3_lvd1689m",
+                     official_file="dinov3_convnext_tiny_pretrain_lvd1689m-21b726bb.pth"),
+        BackboneSpec("dinov3-convnext-small", "convnext_small.dinov3_lvd1689m",
+                     official_file="dinov3_convnext_small_pretrain_lvd1689m-296db49d.pth"),
     )
 }
 
