@@ -3,12 +3,15 @@
 #   make run    train a model if there is none in models/, then serve it on :9696
 #   make test   the test suite (installs Chromium from Debian for the browser test, as root)
 #   make page   the web page on :8501 (talks to the service that make run serves)
+#   make cluster  production on this machine: nginx on $PORT (9696) in front of $REPLICAS (2)
+#                 gunicorn replicas serving $MODEL_DIR (models), in the foreground
+#   make reload   roll the artifact now in $MODEL_DIR out to that cluster, one replica at a time
 
 VENV   := .venv
 PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test setup page bench
+.PHONY: run test setup page bench cluster reload
 
 $(STAMP): pyproject.toml constraints.txt scripts/setup.sh
 	scripts/setup.sh
@@ -21,6 +24,12 @@ run: setup
 test: setup
 	scripts/setup.sh --browser
 	$(PYTHON) -m pytest
+
+cluster: setup
+	$(PYTHON) -m vehicle_classifier.cluster serve
+
+reload: setup
+	$(PYTHON) -m vehicle_classifier.cluster reload
 
 page: setup
 	$(VENV)/bin/streamlit run streamlit_app.py

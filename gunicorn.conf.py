@@ -49,6 +49,10 @@ graceful_timeout = 15
 preload_app = True
 torch_threads = settings.torch_threads or max(1, cores // max(1, workers))
 accesslog = settings.accesslog
+# No control socket: gunicorn 27 puts it at one fixed path per user, so a second instance on the
+# host (make cluster runs several) would take over the first one's and delete it on exit.
+# Instances are managed by signals (make cluster, Docker, Kubernetes).
+control_socket_disable = True
 
 # Prometheus counters shared by all workers: prometheus_client reads PROMETHEUS_MULTIPROC_DIR,
 # which must exist, and be set, before it is imported anywhere.
@@ -77,6 +81,13 @@ def post_worker_init(worker):
     predictor = getattr(worker.wsgi, "extensions", {}).get("vehicle_classifier", {}).get("predictor")
     if predictor is not None:
         predictor.warm_up()
+
+
+def on_reload(server):
+    # SIGHUP restarts the workers from the master, which holds the model it loaded at start
+    # (preload_app): a new model.safetensors is not read. Say so instead of leaving it silent.
+    server.log.warning("SIGHUP: workers restart with the model loaded at start; a new artifact needs a "
+                       "restart of gunicorn (or make reload behind the proxy, see README)")
 
 
 def when_ready(server):

@@ -1,4 +1,5 @@
-"""The web page: upload photos, see Car or Bike with its confidence, and where the model looked.
+"""The web page: upload photos, see Car or Bike with its confidence (or "neither a car nor a
+bike?" for a photo unlike the training photos), and where the model looked.
 
     streamlit run streamlit_app.py        # then open http://localhost:8501
 
@@ -18,6 +19,7 @@ from vehicle_classifier.client import PredictionClient, ServiceError, service_ur
 
 UPLOAD_TYPES = ["jpg", "jpeg", "png", "webp"]
 UNSURE_BELOW = 0.6  # a two-class softmax this close to 50/50 is a guess; say so
+NEITHER = "Neither a car nor a bike?"  # the headline for a photo out of distribution
 
 
 @st.cache_data(ttl=15, show_spinner=False)
@@ -72,15 +74,31 @@ def show_sidebar(url: str, status: dict) -> None:
             st.markdown("  \n".join(lines))
 
 
-def show_prediction(answer: dict, image: bytes, filename: str, key: str) -> None:
+def show_answer(answer: dict) -> None:
+    """The headline: the label and its confidence, unless the photo is unlike every training
+    photo, where a confident label would mislead."""
+    if answer.get("in_distribution") is False:
+        st.subheader(NEITHER)
+        st.caption(f"This photo lies far from every photo the model was trained on (distance "
+                   f"{answer['ood_score']:.2f}), so its answer means little: the closer of its classes is "
+                   f"{answer['label']}, at {answer['confidence']:.1%}.")
+        return
+    st.subheader(f"{answer['label']} · {answer['confidence']:.1%}")
+    if answer["confidence"] < UNSURE_BELOW:
+        st.caption("The model is unsure about this one.")
+
+
+def show_prediction(answer: dict, image: bytes, filename: str, key: str, attention_maps: bool) -> None:
     """One photo: the image (or its attention overlay), the answer and the probability chart."""
     left, right = st.columns(2)
     with right:
-        st.subheader(f"{answer['label']} · {answer['confidence']:.1%}")
-        if answer["confidence"] < UNSURE_BELOW:
-            st.caption("The model is unsure about this one.")
+        show_answer(answer)
         st.altair_chart(probability_chart(answer), width="stretch", height=50 + 36 * len(answer["probabilities"]))
-        show_attention = st.toggle("Show where the model looked", key=f"attention-{key}")
+        show_attention = False
+        if attention_maps:
+            show_attention = st.toggle("Show where the model looked", key=f"attention-{key}")
+        else:
+            st.caption("Attention maps are not available for this backbone (it has no [CLS] self-attention).")
     with left:
         if show_attention and "attention_png" in answer:
             st.image(base64.b64decode(answer["attention_png"]), caption=f"{filename}: attention overlay",
@@ -109,15 +127,17 @@ def main() -> None:
     show_sidebar(url, status)
 
     st.title("Car or Bike?")
-    st.write("Upload photos of cars or bikes; a DINO vision transformer with a small trained head "
-             "tells which is which, and how sure it is. It always answers one of its classes, "
-             "even for a photo of something else.")
+    st.write("Upload photos of cars or bikes; a frozen pretrained backbone with a small trained head "
+             "tells which is which, and how sure it is. A photo unlike any it was trained on gets "
+             f"“{NEITHER.lower()}” instead of a label.")
     uploads = st.file_uploader("Photos", type=UPLOAD_TYPES, accept_multiple_files=True)
     if not uploads:
         st.info("Drop one or more photos (JPG, PNG or WebP) above.")
         return
 
     model_version = (status.get("ready") or {}).get("model_version")
+    # Services older than attention_maps in /metadata had them for every (ViT) backbone.
+    attention_maps = (status.get("metadata") or {}).get("attention_maps", True)
     for upload in uploads:
         with st.container(border=True):
             data = upload.getvalue()
@@ -133,7 +153,7 @@ def main() -> None:
                     st.warning("Start the service, or check PREDICT_URL, then press “Check again” in the sidebar.")
                     return
                 continue
-            show_prediction(answer, data, upload.name, key)
+            show_prediction(answer, data, upload.name, key, attention_maps)
 
 
 main()

@@ -1,4 +1,5 @@
-"""Ask the prediction service about photos and print, per photo, the label and its confidence.
+"""Ask the prediction service about photos and print, per photo, the label and its confidence, or
+"neither a car nor a bike?" when the photo is unlike every training photo.
 
     python test.py [IMAGE_OR_FOLDER ...] [--url URL]
 
@@ -44,6 +45,15 @@ def expand(paths: list[Path]) -> list[Path]:
     return [image for path in paths for image in (find_images(path) if path.is_dir() else [path])]
 
 
+def describe(answer: dict) -> str:
+    """`Car (97.1%)`; for a photo out of distribution, what the page says, with the closer class."""
+    label = f"{answer['label']} ({answer['confidence']:.1%})"
+    if answer.get("in_distribution") is False:  # None: the service's check is off
+        distance = f"distance {answer['ood_score']:.2f}"
+        return f"neither a car nor a bike? (out of distribution: {distance}; closer class {label})"
+    return label
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.images:
@@ -81,7 +91,7 @@ def main(argv=None) -> int:
             print(f"{path}: error: {exc}", file=sys.stderr)
             failed = True
             continue
-        print(f"{path}: {answer['label']} ({answer['confidence']:.1%})", flush=True)
+        print(f"{path}: {describe(answer)}", flush=True)
     return 1 if failed else 0
 
 

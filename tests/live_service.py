@@ -90,10 +90,11 @@ def _tail(log: Path | None, lines: int = 30) -> str:
 
 
 @contextmanager
-def gunicorn_service(model_dir: Path, log: Path):
-    """`gunicorn predict:app` as deployed (gunicorn.conf.py included), one small worker, free port."""
+def gunicorn_service(model_dir: Path, log: Path, settings: dict | None = None):
+    """`gunicorn predict:app` as deployed (gunicorn.conf.py included), one small worker, free port;
+    `settings`: more of the service's environment variables."""
     port = free_port()
-    env = {"MODEL_DIR": str(model_dir), "GUNICORN_WORKERS": "1", "GUNICORN_THREADS": "2"}
+    env = {"MODEL_DIR": str(model_dir), "GUNICORN_WORKERS": "1", "GUNICORN_THREADS": "2", **(settings or {})}
     with process([sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "predict:app"], log, env) as proc:
         url = f"http://127.0.0.1:{port}"
         wait_for(f"{url}/ready", timeout=180, proc=proc, log=log)

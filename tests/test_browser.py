@@ -10,17 +10,31 @@ from pathlib import Path
 
 import pytest
 
-from conftest import sample_photos
+from conftest import NEITHER_DIR, sample_photos
 from live_service import gunicorn_service, streamlit_page
 from vehicle_classifier.client import PredictionClient
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run", "--disable-quic"]
-ANSWER = re.compile(r"^(Bike|Car) · \d{1,3}\.\d%$")
+ANSWER = re.compile(r"^((Bike|Car) · \d{1,3}\.\d%|Neither a car nor a bike\?)$")
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no Chromium at {CHROMIUM}; install Debian's "
                                 "chromium package (make test does, as root)")
+
+
+def heading(answer: dict) -> str:
+    if answer["in_distribution"] is False:  # the tiny model's synthetic stripes are nothing like photos
+        return "Neither a car nor a bike?"
+    return f"{answer['label']} · {answer['confidence']:.1%}"
+
+
+def keep(screenshot: Path, name: str) -> None:
+    """Beside the other test output: the pytest tmp dir, and $TEST_OUTPUT_DIR when CI sets one."""
+    if os.environ.get("TEST_OUTPUT_DIR"):
+        Path(os.environ["TEST_OUTPUT_DIR"]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(screenshot, Path(os.environ["TEST_OUTPUT_DIR"]) / name)
+    print(f"screenshot: {screenshot}")
 
 
 def test_upload_photos_in_a_browser_and_see_the_answers(tiny_model_dir, tmp_path):
@@ -42,7 +56,7 @@ def test_upload_photos_in_a_browser_and_see_the_answers(tiny_model_dir, tmp_path
                 headings = page.locator("h3").filter(has_text=ANSWER)
                 expect(headings).to_have_count(len(photos), timeout=120_000)
                 shown = [headings.nth(i).inner_text().strip() for i in range(len(photos))]
-                assert shown == [f"{a['label']} · {a['confidence']:.1%}" for a in expected]
+                assert shown == [heading(a) for a in expected]
 
                 # Where the model looked: the first photo's overlay, fetched from the service on demand.
                 page.get_by_text("Show where the model looked").first.click()
@@ -60,8 +74,39 @@ def test_upload_photos_in_a_browser_and_see_the_answers(tiny_model_dir, tmp_path
             finally:
                 browser.close()
     assert screenshot.stat().st_size > 10_000
-    # Kept beside the other test output: the pytest tmp dir, and $TEST_OUTPUT_DIR when CI sets one.
-    if os.environ.get("TEST_OUTPUT_DIR"):
-        Path(os.environ["TEST_OUTPUT_DIR"]).mkdir(parents=True, exist_ok=True)
-        shutil.copy(screenshot, Path(os.environ["TEST_OUTPUT_DIR"]) / "browser.png")
-    print(f"screenshot: {screenshot}")
+    keep(screenshot, "browser.png")
+
+
+def test_a_photo_of_neither_in_a_browser(real_model_dir, tmp_path):
+    """The real model behind the real page: a car is called a car, a portrait is "neither a car
+    nor a bike?". The screenshot is README's picture of that state (imgs/page_neither.png)."""
+    from playwright.sync_api import expect, sync_playwright
+
+    photos = [sample_photos("Car")[0], NEITHER_DIR / "portrait.jpg"]
+    with gunicorn_service(real_model_dir, tmp_path / "gunicorn.log") as service, \
+            streamlit_page(service, tmp_path / "streamlit.log") as page_url:
+        expected = [PredictionClient(service).predict(p.read_bytes(), p.name) for p in photos]
+        assert [a["in_distribution"] for a in expected] == [True, False]
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+            page = browser.new_page(viewport={"width": 1280, "height": 1100})
+            try:
+                page.set_default_timeout(60_000)
+                page.goto(page_url)
+                expect(page.get_by_text("Ready", exact=True)).to_be_visible(timeout=90_000)
+                page.locator("input[type=file]").set_input_files([str(p) for p in photos])
+                headings = page.locator("h3").filter(has_text=ANSWER)
+                expect(headings).to_have_count(len(photos), timeout=120_000)
+                assert [headings.nth(i).inner_text().strip() for i in range(2)] == [heading(a) for a in expected]
+                expect(page.get_by_text("This photo lies far from every photo")).to_be_visible()
+                screenshot = tmp_path / "page_neither.png"
+                page.screenshot(path=str(screenshot), full_page=True)
+            except Exception:
+                page.screenshot(path=str(tmp_path / "browser-failure.png"), full_page=True)
+                for log in ("gunicorn.log", "streamlit.log"):
+                    print(f"--- {log}\n" + (tmp_path / log).read_text(errors="replace")[-4000:])
+                raise
+            finally:
+                browser.close()
+    assert screenshot.stat().st_size > 10_000
+    keep(screenshot, "page_neither.png")

@@ -2,7 +2,8 @@
 that everything they name exists and agrees with the code, lint them with hadolint, and run
 each image's exact CMD (and HEALTHCHECK) locally from a directory holding only what the image
 COPYs, with the compose environment (service names mapped to 127.0.0.1, ports to free ones,
-the model volume to a tiny model).
+the model volume to a tiny model), and the compose proxy's nginx site in Debian's nginx between
+the page and the service.
 
 Processes run as `python -S` plus the .venv's site-packages: the packages the image installs,
 without .venv's .pth files (the editable install's finder would otherwise find modules that
@@ -19,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -32,7 +34,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from vehicle_classifier import client as client_mod
-from vehicle_classifier import config
+from vehicle_classifier import cluster, config
 
 REPO = Path(__file__).resolve().parents[1]
 PREDICT_DOCKERFILE = REPO / "image-predict.dockerfile"
@@ -40,6 +42,7 @@ PAGE_DOCKERFILE = REPO / "streamlit-app.dockerfile"
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
 SITE_PACKAGES = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
 STDLIB = Path(sysconfig.get_paths()["stdlib"]).resolve()
+NGINX = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
 BASE_IMAGE_DISTS = {"pip", "setuptools", "wheel"}  # what python:3.11-slim ships besides the stdlib
 
 
@@ -440,14 +443,23 @@ def test_ports_healthchecks_and_environment_agree_with_the_code():
     for image in (PREDICT, PAGE):
         assert image.user not in ("root", "0"), "the container must not run as root"
 
-    # compose: the same ports published, the page pointed at the service by its compose name.
+    # compose: the page's port published; the service's only inside the compose network, where
+    # the proxy (the one published on the service's port) reaches its replicas and the page
+    # reaches the proxy by its compose name.
+    proxy = COMPOSE["services"]["proxy"]
+    assert [int(p) for p in predict["expose"]] == PREDICT.expose and "ports" not in predict
+    assert predict["deploy"]["replicas"] >= 2
+    assert [int(p.split(":")[-1]) for p in page["ports"]] == PAGE.expose
+    assert proxy["ports"] == [f"{service_port}:{service_port}"] and proxy["environment"]["LISTEN"] == str(service_port)
+    assert f"server predict:{PREDICT.expose[0]} " in proxy["environment"]["UPSTREAM_SERVERS"]
     for service, image in ((predict, PREDICT), (page, PAGE)):
-        assert [int(p.split(":")[-1]) for p in service["ports"]] == image.expose
-        assert service["restart"] in ("always", "unless-stopped", "on-failure")
         assert read_image(REPO / service["build"]["dockerfile"]).cmd == image.cmd
+    for service in (predict, page, proxy):
+        assert service["restart"] in ("always", "unless-stopped", "on-failure")
     predict_url = urlparse(page["environment"]["PREDICT_URL"])
-    assert predict_url.hostname == "predict" and predict_url.port == PREDICT.expose[0]
-    assert page["depends_on"] == {"predict": {"condition": "service_healthy"}}
+    assert predict_url.hostname == "proxy" and predict_url.port == service_port
+    assert page["depends_on"] == {"proxy": {"condition": "service_started"}}
+    assert proxy["depends_on"] == {"predict": {"condition": "service_healthy"}}
 
     # The model: ./models (where train.py writes) mounted read-only where the service looks.
     (volume,) = predict["volumes"]
@@ -551,23 +563,43 @@ def local_argv(argv: list[str], port_map: dict[int, int]) -> list[str]:
     return out
 
 
-def test_compose_stack_runs_from_the_images_commands(tmp_path, tiny_model_dir):
+def compose_envs(ports: dict[str, int], model_dir: Path) -> tuple[dict, dict, dict]:
+    """The predict, page and proxy environments, their peers on loopback `ports`: one replica of
+    predict stands for them all; the proxy listens on the service's port. Compose mounts
+    ./models; here `model_dir`."""
     services = COMPOSE["services"]
-    ports = {"predict": free_port(), "streamlit": free_port()}
-    port_map = {PREDICT.expose[0]: ports["predict"], PAGE.expose[0]: ports["streamlit"]}
-    hosts = {f"{name}:{PREDICT.expose[0] if name == 'predict' else PAGE.expose[0]}": f"127.0.0.1:{ports[name]}"
+    hosts = {f"{name}:{PAGE.expose[0] if name == 'streamlit' else PREDICT.expose[0]}": f"127.0.0.1:{ports[name]}"
              for name in services}
     (volume,) = services["predict"]["volumes"]
-    volumes = {volume.split(":")[1]: tiny_model_dir}  # compose mounts ./models; here the tiny model
+    volumes = {volume.split(":")[1]: model_dir}
+    return tuple(compose_env(services[name], image, hosts, volumes)
+                 for name, image in (("predict", PREDICT), ("streamlit", PAGE), ("proxy", Image([]))))
 
+
+@contextmanager
+def compose_proxy(proxy_env: dict, port: int, prefix: Path, log: Path):
+    """The compose proxy's site, filled from its environment as the nginx image does, served by
+    the local nginx on `port` (the image's own nginx.conf replaced by a minimal unprivileged one)."""
+    site = cluster.render(config.NGINX_TEMPLATE.read_text(), {**proxy_env, "LISTEN": f"127.0.0.1:{port}"})
+    (prefix / "temp").mkdir(parents=True)
+    (prefix / "nginx.conf").write_text(cluster.nginx_conf(prefix, site))
+    args = [NGINX, "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-e", str(prefix / "error.log"),
+            "-g", "daemon off;"]
+    with process(args, log) as proc:
+        yield proc
+
+
+@pytest.mark.skipif(NGINX is None, reason="nginx not installed (make test installs Debian's as root)")
+def test_compose_stack_runs_from_the_images_commands(tmp_path, tiny_model_dir):
+    ports = {"predict": free_port(), "streamlit": free_port(), "proxy": free_port()}
+    port_map = {PREDICT.expose[0]: ports["predict"], PAGE.expose[0]: ports["streamlit"]}
     predict_dir = stage_image(PREDICT, tmp_path / "predict")
     page_dir = stage_image(PAGE, tmp_path / "page")
     sites = {name: site_view(tmp_path / name, image_requirements(image, tmp_path))
              for name, image in (("predict", PREDICT), ("page", PAGE))}
-    predict_env = compose_env(services["predict"], PREDICT, hosts, volumes)
-    page_env = compose_env(services["streamlit"], PAGE, hosts, volumes)
+    predict_env, page_env, proxy_env = compose_envs(ports, tiny_model_dir)
     assert predict_env["MODEL_DIR"] == str(tiny_model_dir)
-    assert page_env["PREDICT_URL"] == f"http://127.0.0.1:{ports['predict']}"
+    assert page_env["PREDICT_URL"] == f"http://127.0.0.1:{ports['proxy']}"
 
     def healthcheck(image: Image, env: dict) -> subprocess.CompletedProcess:
         name = "predict" if image is PREDICT else "page"
@@ -583,9 +615,11 @@ def test_compose_stack_runs_from_the_images_commands(tmp_path, tiny_model_dir):
         assert healthcheck(PREDICT, predict_env).returncode == 0, _tail(predict_log)
         assert requests.get(f"{service_url}/ready", timeout=10).json()["ready"] is True
 
-        # depends_on: service_healthy, so the page starts once the check above passes.
-        with process(image_command(tmp_path, local_argv(PAGE.cmd, port_map)), page_log,
-                     image_env(page_env, sites["page"], page_dir)) as page:
+        # depends_on: the proxy starts once the service is healthy, the page once the proxy runs.
+        with compose_proxy(proxy_env, ports["proxy"], tmp_path / "proxy", tmp_path / "proxy.log") as proxy, \
+                process(image_command(tmp_path, local_argv(PAGE.cmd, port_map)), page_log,
+                        image_env(page_env, sites["page"], page_dir)) as page:
+            wait_for(f"http://127.0.0.1:{ports['proxy']}/ready", timeout=30, proc=proxy, log=tmp_path / "proxy.log")
             page_url = f"http://127.0.0.1:{ports['streamlit']}"
             wait_for(f"{page_url}/_stcore/health", timeout=120, proc=page, log=page_log)
             assert healthcheck(PAGE, page_env).returncode == 0, _tail(page_log)

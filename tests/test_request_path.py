@@ -54,8 +54,9 @@ def test_training_and_serving_see_the_same_pixels_and_features(predictor, photos
     for path, item in zip(paths, decoded):
         assert torch.equal(load_tensor(path, prep), item.tensor), path.name
     digests = [str(i) for i in range(len(paths))]
-    trained, failures = extract_features(predictor.model.backbone, paths, digests, prep,
-                                         FeatureCache(tmp_path / "cache", "k"), torch.device("cpu"), predictor.precision)
+    with FeatureCache(tmp_path / "cache", "k") as cache:
+        trained, failures = extract_features(predictor.model.backbone, paths, digests, prep, cache,
+                                             torch.device("cpu"), predictor.precision)
     assert not failures
     training = torch.stack([trained[d] for d in digests])
     cosine = torch.nn.functional.cosine_similarity(training, served.float())

@@ -22,6 +22,7 @@ from vehicle_classifier.runtime import OpenVINOBackbone
 
 
 def tiny_cfg(**kw):
+    kw.setdefault("neither_dir", "")  # no 'neither' images: the counts below are the dataset's photos
     return config.TrainConfig(backbone=TINY_SPEC.name, max_epochs=60, patience=10, **kw)
 
 

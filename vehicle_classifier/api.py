@@ -21,7 +21,7 @@ from . import __version__, schemas
 from .config import ServiceConfig
 from .errors import register_error_handlers
 from .monitoring import Metrics
-from .uploads import (HOW_TO_SEND, PixelBudget, decode_uploads, flag, max_form_parts, read_uploads, receive_body,
+from .uploads import (HOW_TO_SEND, BadRequest, PixelBudget, decode_uploads, flag, max_form_parts, read_uploads, receive_body,
                       release_memory)
 
 EXTENSION = "vehicle_classifier"  # app.extensions key holding the predictor, settings and metrics
@@ -40,7 +40,7 @@ def create_app(config: ServiceConfig | None = None, predictor=None) -> Flask:
         from .inference import Predictor  # torch is imported here, not at module import
 
         predictor = Predictor.from_dir(config.model_dir, precision=config.precision, runtime=config.runtime,
-                                       openvino_mode=config.openvino_mode, warm_up=False)
+                                       openvino_mode=config.openvino_mode, warm_up=False, ood_check=config.ood_check)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = config.max_upload_bytes
     app.config["MAX_FORM_PARTS"] = max_form_parts(config.max_batch_files)
@@ -93,6 +93,9 @@ def _add_predict(app: Flask, docs, predictor, config: ServiceConfig, metrics: Me
         """
         receive_body(config.max_upload_bytes, config.upload_timeout)
         attention = flag("attention")
+        if attention and not predictor.attention_available:
+            raise BadRequest(f"attention maps are not available for this backbone "
+                             f"({predictor.metadata['backbone'].get('architecture')}); ask without attention=1")
         uploads = read_uploads(config.max_batch_files)
         timings = [("read", time.perf_counter())]
         decoded, pixels = decode_uploads(uploads, predictor, config, budget, keep_crops=attention)
@@ -155,10 +158,13 @@ def _add_info_endpoints(app: Flask, docs, predictor, config: ServiceConfig, metr
             created_at=metadata.get("created_at"), metrics=metadata.get("metrics", {}),
             training=metadata.get("training", {}), preprocessing=metadata["preprocessing"],
             head=metadata.get("head"), package_version=__version__,
+            calibration=metadata.get("calibration"), ood=metadata.get("ood"),
+            attention_maps=predictor.attention_available,
             serving={"precision": predictor.precision, "runtime": predictor.runtime,
                      "openvino_mode": predictor.openvino_mode, "max_upload_bytes": config.max_upload_bytes,
                      "max_batch_files": config.max_batch_files, "max_image_pixels": config.max_image_pixels,
-                     "max_request_pixels": config.max_request_pixels},
+                     "max_request_pixels": config.max_request_pixels,
+                     "ood_check": predictor.ood_threshold is not None},
         )
 
     @app.get("/metrics")

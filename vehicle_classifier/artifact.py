@@ -22,6 +22,7 @@ from .fileio import read_safetensors_metadata, write_file
 from .head import MLPHead
 
 FORMAT_VERSION = 1
+OOD_REFERENCES = "ood.references"  # the training features that 'neither' scores are measured against
 
 
 class ArtifactError(UserError):
@@ -33,6 +34,7 @@ class Model:
     backbone: nn.Module
     head: MLPHead
     metadata: dict
+    ood_references: torch.Tensor | None = None  # absent in artifacts trained without a validation split
 
     @property
     def class_names(self) -> list[str]:
@@ -43,17 +45,21 @@ class Model:
         return self.metadata["preprocessing"]
 
 
-def save_artifact(path: Path, backbone: nn.Module, head: MLPHead, metadata: dict) -> dict:
+def save_artifact(path: Path, backbone: nn.Module, head: MLPHead, metadata: dict,
+                  extra_tensors: dict[str, torch.Tensor] | None = None) -> dict:
     """Write the artifact; returns the metadata as stored (with version and creation time)."""
-    data, metadata = encode_artifact(backbone, head, metadata)
+    data, metadata = encode_artifact(backbone, head, metadata, extra_tensors)
     write_file(path, data)
     return metadata
 
 
-def encode_artifact(backbone: nn.Module, head: MLPHead, metadata: dict) -> tuple[bytes, dict]:
-    """The artifact file's bytes and the metadata they store (with version and creation time)."""
+def encode_artifact(backbone: nn.Module, head: MLPHead, metadata: dict,
+                    extra_tensors: dict[str, torch.Tensor] | None = None) -> tuple[bytes, dict]:
+    """The artifact file's bytes and the metadata they store (with version and creation time);
+    `extra_tensors` (e.g. OOD_REFERENCES) are stored under their own names."""
     tensors = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
     tensors.update({f"head.{k}": v for k, v in head.state_dict().items()})
+    tensors.update(extra_tensors or {})
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     metadata = {
         **metadata,
@@ -70,7 +76,7 @@ def _version(tensors: dict[str, torch.Tensor]) -> str:
     """The model version: a digest of every tensor, so that loading can tell a damaged file."""
     digest = hashlib.sha256()
     for key in sorted(tensors):
-        digest.update(key.encode() + tensors[key].contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(key.encode() + tensors[key].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:12]
 
 
@@ -102,4 +108,4 @@ def load_artifact(path: Path) -> Model:
         head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")}, strict=True)
     except Exception as exc:
         raise ArtifactError(f"{path} is damaged or incomplete ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
-    return Model(backbone=backbone, head=head, metadata=metadata)
+    return Model(backbone=backbone, head=head, metadata=metadata, ood_references=tensors.get(OOD_REFERENCES))

@@ -1,14 +1,20 @@
-"""The frozen DINO ViT backbones: a registry, strict weight loading, and [CLS] attention maps.
+"""The frozen backbones: the DINO, DINOv2 and DINOv3 registry or any timm model
+(`timm:<model name>`), strict weight loading, timm's eval preprocessing, and [CLS] attention maps
+where the model has them.
 
-Weights come from, in order: a local file (`--weights`, the official DINO release format or a
-timm .safetensors/.pth), the local Hugging Face cache, then a hub download. Loading is strict:
-a backbone silently left with random weights is the worst failure this project can have.
+Weights come from, in order: a local file (`--weights`, the official DINO, DINOv2 or DINOv3
+release format or a timm .safetensors/.pth), the local Hugging Face cache, then a hub download.
+Loading is strict: a backbone silently left with random weights is the worst failure this
+project can have.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
+import math
+import sys
 from pathlib import Path
 
 import timm
@@ -16,7 +22,8 @@ import torch
 from torch import nn
 
 from . import UserError
-from .config import BACKBONES, HUB_TIMEOUT, HUB_WEIGHTS_FILE, BackboneSpec
+from .config import BACKBONES, HUB_TIMEOUT, HUB_WEIGHTS_FILE, TIMM_PREFIX, BackboneSpec
+from .images import CROP_MODES, RESAMPLING
 
 
 class WeightsError(UserError):
@@ -24,10 +31,29 @@ class WeightsError(UserError):
 
 
 def get_spec(name: str) -> BackboneSpec:
+    if name.startswith(TIMM_PREFIX):
+        return timm_spec(name)
     try:
         return BACKBONES[name]
     except KeyError:
-        raise WeightsError(f"unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}") from None
+        raise WeightsError(f"unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}, "
+                           f"or {TIMM_PREFIX}<model name> for any timm model") from None
+
+
+def timm_spec(name: str) -> BackboneSpec:
+    """`timm:<model>[.<tag>]`: the model with its default pretrained tag unless one is given. The
+    tag is part of the architecture because it decides the weights' hub repository and the
+    preprocessing (timm's data config)."""
+    model_name = name.removeprefix(TIMM_PREFIX)
+    if not timm.is_model(model_name):
+        raise WeightsError(f"unknown timm model {model_name!r} (timm.list_models() names them all)")
+    try:
+        cfg = timm.models.get_pretrained_cfg(model_name)
+    except RuntimeError as exc:  # an unknown pretrained tag
+        raise WeightsError(str(exc)) from None
+    base, tag = timm.models.split_model_name_tag(model_name)
+    tag = tag or getattr(cfg, "tag", "") or ""
+    return BackboneSpec(name, f"{base}.{tag}" if tag else base)
 
 
 def create_backbone(architecture: str, model_kwargs: dict | None = None, empty: bool = False) -> nn.Module:
@@ -40,15 +66,28 @@ def create_backbone(architecture: str, model_kwargs: dict | None = None, empty: 
 
 
 def preprocessing_for(model: nn.Module) -> dict:
-    """Eval-time preprocessing of the backbone's pretrained config, as plain JSON-able values."""
-    cfg = model.pretrained_cfg
-    size = int(model.patch_embed.img_size[-1])
+    """Eval-time preprocessing from timm's data config for the model (its pretrained tag's input
+    size, crop fraction, crop mode, interpolation, mean and std), as plain JSON-able values: the
+    shorter side resized to `resize_size` (`input_size / crop_pct`, rounded down as timm does),
+    then the centre `input_size` square ("squash": each side scaled on its own)."""
+    data = timm.data.resolve_model_data_config(model)
+    _, height, width = data["input_size"]
+    # A ViT built at another size than its pretrained config's (img_size=...) only takes its own.
+    built = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if built is not None:
+        height, width = built
+    if height != width:
+        raise WeightsError(f"backbones with a non-square input ({height}x{width}) are not supported")
+    if data["crop_mode"] not in CROP_MODES or data["interpolation"] not in RESAMPLING:
+        raise WeightsError(f"timm's preprocessing for this backbone ({data['crop_mode']} crop, "
+                           f"{data['interpolation']} interpolation) is not supported")
     return {
-        "input_size": size,
-        "resize_size": int(size / cfg.get("crop_pct", 0.875)),
-        "interpolation": cfg.get("interpolation", "bicubic"),
-        "mean": [float(v) for v in cfg["mean"]],
-        "std": [float(v) for v in cfg["std"]],
+        "input_size": int(width),
+        "resize_size": math.floor(width / data["crop_pct"]),
+        "crop_mode": data["crop_mode"],
+        "interpolation": data["interpolation"],
+        "mean": [float(v) for v in data["mean"]],
+        "std": [float(v) for v in data["std"]],
     }
 
 
@@ -59,7 +98,8 @@ def state_dict_digest(state_dict: dict[str, torch.Tensor]) -> str:
     for key in sorted(state_dict):
         tensor = state_dict[key].detach().contiguous().cpu()
         digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        # reshape: 0-d tensors (BatchNorm's counters) cannot be viewed as bytes directly.
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
 
 
@@ -98,12 +138,48 @@ def _unwrap(state, path: Path) -> dict[str, torch.Tensor]:
     return cleaned
 
 
+def _timm_filter(model: nn.Module):
+    """timm's own converter for the model's family (`checkpoint_filter_fn` of
+    timm.models.vision_transformer, eva, convnext...): official DINOv2 and DINOv3 files name
+    their tensors differently (register_tokens, storage_tokens, ls1.gamma, downsample_layers)
+    and carry pretraining-only ones (mask_token, rope periods); timm's own files pass through."""
+    return getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+
+
+def _converted(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    filter_fn = _timm_filter(model)
+    if filter_fn is None:
+        return state
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # eva's filter prints what it skips
+            converted = filter_fn(dict(state), model)
+    except KeyError as exc:  # a foreign layout the converter chokes on
+        raise WeightsError(f"weights from {source} do not fit this backbone: it has no tensor {exc}") from None
+    except Exception as exc:
+        raise WeightsError(f"weights from {source} do not fit this backbone: "
+                           f"{type(exc).__name__}: {(str(exc) or '?').splitlines()[0]}") from None
+    # The converters also resample a patch embedding of another size (ViT-S/8 weights into a
+    # ViT-S/16): a different model, refused. Position embeddings may be resampled: that is
+    # a change of input size (DINOv2's 518 px grid to the 224 px one we run at).
+    reshaped = [f"{k} {tuple(state[k].shape)} != {tuple(converted[k].shape)}" for k in converted
+                if k in state and k != "pos_embed" and converted[k].shape != state[k].shape]
+    if reshaped:
+        raise WeightsError(f"weights from {source} do not fit this backbone: {len(reshaped)} of another "
+                           f"shape (e.g. {'; '.join(reshaped[:2])})")
+    return converted
+
+
 def load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load every parameter or refuse with a message saying what does not fit."""
+    """Load every parameter or refuse with a message saying what does not fit. The file may be
+    timm's or the official release's layout (converted by timm's own filter)."""
     expected = model.state_dict()
-    # A DINO projection head ('head.*', in full training checkpoints) is not part of the backbone.
-    if not any(k.startswith("head.") for k in expected):
-        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    # A classifier (timm's pretrained 'head.*', 'fc.*', 'classifier.*'; a DINO projection head in
+    # full training checkpoints) is not part of the frozen feature extractor.
+    classifier = model.pretrained_cfg.get("classifier") or "head"
+    for prefix in {"head", *([classifier] if isinstance(classifier, str) else classifier)}:
+        if not any(k.startswith(prefix + ".") for k in expected):
+            state = {k: v for k, v in state.items() if not k.startswith(prefix + ".")}
+    state = _converted(model, state, source)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     mismatched = [
@@ -154,10 +230,11 @@ def find_pretrained_weights(spec: BackboneSpec) -> Path:
     cached = try_to_load_from_cache(spec.hub_id, HUB_WEIGHTS_FILE)
     if isinstance(cached, str):
         return Path(cached)
+    official = f"the official DINO checkpoint ({spec.official_file}) or " if spec.official_file else ""
     hint = (
         f"no pretrained weights for {spec.name}: not in the Hugging Face cache and the hub "
-        f"({spec.hub_id}) is unreachable. Pass --weights FILE with the official DINO checkpoint "
-        f"({spec.official_file}) or timm's {HUB_WEIGHTS_FILE} from {spec.hub_id}."
+        f"({spec.hub_id}) is unreachable. Pass --weights FILE with {official}timm's {HUB_WEIGHTS_FILE} "
+        f"from {spec.hub_id}."
     )
     reason = _hub_unreachable(spec)
     if reason:
@@ -177,23 +254,38 @@ def load_backbone(spec: BackboneSpec, weights: Path | None = None) -> tuple[nn.M
 
 
 # --- attention ------------------------------------------------------------------------------
+def has_cls_attention(model: nn.Module) -> bool:
+    """Whether `cls_attention` can draw a map for this model: a ViT whose last block has
+    self-attention over a patch grid, with timm's explicit-attention path (`fused_attn`, `attn_drop`)
+    that `cls_attention` reads. Convolutional networks (ConvNeXt, EfficientNet, ResNet...) have none."""
+    blocks = getattr(model, "blocks", None)
+    stacked = isinstance(blocks, (nn.Sequential, nn.ModuleList))  # Eva (DINOv3) keeps a ModuleList
+    attn = getattr(blocks[-1], "attn", None) if stacked and len(blocks) else None
+    return (attn is not None and all(hasattr(attn, a) for a in ("qkv", "fused_attn", "attn_drop"))
+            and hasattr(getattr(model, "patch_embed", None), "grid_size"))
+
+
 def cls_attention(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Features and the last block's [CLS]-to-patch attention, averaged over heads, as a
-    (batch, grid_h, grid_w) map. timm's fused attention does not return its weights, so the
-    last block's input is captured and its attention recomputed from the same projections."""
+    (batch, grid_h, grid_w) map, from the same forward. timm's fused attention does not return
+    its weights, so the last block runs its explicit form, whose softmaxed weights pass through
+    `attn_drop` (an identity in eval): read there, they include whatever the block does to q
+    and k (q/k norms, DINOv3's rotary embeddings) and span the register tokens, which are
+    left out of the map with [CLS] (`num_prefix_tokens`). timm's AttentionExtract does the
+    same but returns no features, which would cost a second forward."""
+    if not has_cls_attention(model):
+        raise ValueError(f"{type(model).__name__} has no attention maps")
     attn = model.blocks[-1].attn
     captured = {}
-    handle = attn.register_forward_pre_hook(lambda _m, args: captured.setdefault("x", args[0]))
+    handle = attn.attn_drop.register_forward_hook(lambda _m, args, _out: captured.setdefault("w", args[0]))
+    fused, attn.fused_attn = attn.fused_attn, False
     try:
         features = model(images)
     finally:
+        attn.fused_attn = fused
         handle.remove()
-    x = captured["x"]
-    batch, tokens, dim = x.shape
-    qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, dim // attn.num_heads).permute(2, 0, 3, 1, 4)
-    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
-    weights = ((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, heads, 1, T)
+    weights = captured["w"]  # (batch, heads, tokens, tokens)
     prefix = getattr(model, "num_prefix_tokens", 1)
     grid = model.patch_embed.grid_size
-    patch_attention = weights[:, :, 0, prefix:].mean(dim=1).reshape(batch, *grid)
+    patch_attention = weights[:, :, 0, prefix:].mean(dim=1).reshape(images.shape[0], *grid)
     return features, patch_attention.float()

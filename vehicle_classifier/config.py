@@ -14,6 +14,9 @@ from pathlib import Path
 DATA_DIR = Path("data/Car-Bike-Dataset")
 OUTPUT_DIR = Path("models")
 FEATURE_CACHE_DIR = Path(".cache/features")
+# Images that are neither a car nor a bike (scripts/make_neither_set.py, committed): train.py
+# reports how many of them the model flags as out of distribution.
+NEITHER_DIR = Path("data/neither")
 # Real photos for tests, benchmarks and demos: this workplace keeps them beside the repository.
 SAMPLE_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "car-bike-sample"
 
@@ -23,19 +26,24 @@ METRICS_FILE = "metrics.json"
 SPLIT_FILE = "split.json"
 HISTORY_PLOT = "learning_curves.png"
 CONFUSION_PLOT = "confusion_matrix.png"
+RELIABILITY_PLOT = "reliability.png"
 # One training run's outputs: published together, as one set (fileio.publish).
-OUTPUT_FILES = (ARTIFACT_FILE, METRICS_FILE, SPLIT_FILE, HISTORY_PLOT, CONFUSION_PLOT)
+OUTPUT_FILES = (ARTIFACT_FILE, METRICS_FILE, SPLIT_FILE, HISTORY_PLOT, CONFUSION_PLOT, RELIABILITY_PLOT)
 ARTIFACT_METADATA_KEY = "vehicle_classifier"  # the artifact header entry holding its JSON metadata
 
 # --- backbones ------------------------------------------------------------------------------
 HUB_WEIGHTS_FILE = "model.safetensors"  # timm's weights file in each hub repository
 HUB_TIMEOUT = 3.0  # seconds the hub may take to answer before it counts as unreachable
+# `--backbone timm:<model name>`: any timm model (with or without its pretrained tag) besides the
+# registry below; backbone.get_spec builds its spec.
+TIMM_PREFIX = "timm:"
 
 
 @dataclass(frozen=True)
 class BackboneSpec:
     """One backbone: the timm architecture, where its pretrained weights live, and which file
-    the official DINO release calls them."""
+    the official DINO / DINOv2 / DINOv3 release calls them. `model_kwargs` go to
+    timm.create_model (and into the artifact, which rebuilds the backbone from them)."""
 
     name: str
     architecture: str  # timm name with its pretrained tag: that tag decides the preprocessing
@@ -47,6 +55,17 @@ class BackboneSpec:
         return f"timm/{self.architecture}"
 
 
+# DINOv2 runs at 224 px, resized to 256 and centre-cropped as its linear evaluation does (the
+# ImageNet figures its paper reports), not at the 518 px its weights' position grid was trained
+# at: that measured 8x the cost per image of 224 px (benchmarks/bench_backbones.py, README).
+# timm resamples the position embeddings to the 16x16 grid when loading (backbone.load_strict).
+DINOV2_AT_224 = {"pretrained_cfg_overlay": {"input_size": [3, 224, 224], "crop_pct": 0.875}}
+# DINOv3: [CLS] pooling, as upstream and as the other backbones (timm's Eva default is the mean
+# of the patch tokens); timm's own preprocessing for the release (256 px ViTs, 224 px ConvNeXts).
+# The `_qkvb` ViTs keep the q/v biases of the official files, so that every tensor of those
+# files is loaded (the plain variants drop them, assuming zeros).
+DINOV3_CLS = {"global_pool": "token"}
+
 BACKBONES: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in (
@@ -54,9 +73,32 @@ BACKBONES: dict[str, BackboneSpec] = {
         BackboneSpec("dino-vits8", "vit_small_patch8_224.dino", official_file="dino_deitsmall8_pretrain.pth"),
         BackboneSpec("dino-vitb16", "vit_base_patch16_224.dino", official_file="dino_vitbase16_pretrain.pth"),
         BackboneSpec("dino-vitb8", "vit_base_patch8_224.dino", official_file="dino_vitbase8_pretrain.pth"),
+        BackboneSpec("dinov2-vits14", "vit_small_patch14_dinov2.lvd142m",
+                     official_file="dinov2_vits14_pretrain.pth", model_kwargs=DINOV2_AT_224),
+        BackboneSpec("dinov2-vits14-reg", "vit_small_patch14_reg4_dinov2.lvd142m",
+                     official_file="dinov2_vits14_reg4_pretrain.pth", model_kwargs=DINOV2_AT_224),
+        BackboneSpec("dinov2-vitb14", "vit_base_patch14_dinov2.lvd142m",
+                     official_file="dinov2_vitb14_pretrain.pth", model_kwargs=DINOV2_AT_224),
+        BackboneSpec("dinov2-vitb14-reg", "vit_base_patch14_reg4_dinov2.lvd142m",
+                     official_file="dinov2_vitb14_reg4_pretrain.pth", model_kwargs=DINOV2_AT_224),
+        BackboneSpec("dinov3-vits16", "vit_small_patch16_dinov3_qkvb.lvd1689m",
+                     official_file="dinov3_vits16_pretrain_lvd1689m-08c60483.pth", model_kwargs=DINOV3_CLS),
+        BackboneSpec("dinov3-vits16plus", "vit_small_plus_patch16_dinov3_qkvb.lvd1689m",
+                     official_file="dinov3_vits16plus_pretrain_lvd1689m-4057cbaa.pth", model_kwargs=DINOV3_CLS),
+        BackboneSpec("dinov3-vitb16", "vit_base_patch16_dinov3_qkvb.lvd1689m",
+                     official_file="dinov3_vitb16_pretrain_lvd1689m-73cec8be.pth", model_kwargs=DINOV3_CLS),
+        BackboneSpec("dinov3-convnext-tiny", "convnext_tiny.dinov3_lvd1689m",
+                     official_file="dinov3_convnext_tiny_pretrain_lvd1689m-21b726bb.pth"),
+        BackboneSpec("dinov3-convnext-small", "convnext_small.dinov3_lvd1689m",
+                     official_file="dinov3_convnext_small_pretrain_lvd1689m-296db49d.pth"),
     )
 }
 
+
+# --- "neither a car nor a bike" and calibration (ood.py, training.fit_temperature) -----------
+OOD_NEIGHBOURS = 5  # the score: mean cosine distance to this many nearest training features
+OOD_MAX_REFERENCES = 1024  # training features kept in the artifact (1024 x 1280 float16: 2.6 MB)
+CALIBRATION_BINS = 15  # confidence bins of the expected calibration error and reliability diagram
 
 # --- data -----------------------------------------------------------------------------------
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -71,6 +113,7 @@ RUNTIMES = ("auto", "openvino", "torch")  # auto: openvino on cpu, torch elsewhe
 # requests/s under load); "latency" one stream over all cores (a lone request ~1.4x sooner);
 # "adaptive" the latter while a forward runs alone, the former when they overlap.
 OPENVINO_MODES = ("adaptive", "throughput", "latency")
+OOD_CHECKS = ("on", "off")  # on: answers say whether a photo is like the training photos
 
 
 @dataclass
@@ -92,6 +135,10 @@ class TrainConfig:
     # Feature extraction.
     extract_batch_size: int = 0  # 0: fitted to the device (features.fit_batch_size)
     precision: str = PRECISIONS[0]
+    # "Neither": the share of validation photos the out-of-distribution threshold accepts, and
+    # the images that are neither class whose flagged share metrics.json reports.
+    ood_acceptance: float = 0.975
+    neither_dir: str = str(NEITHER_DIR)
 
 
 # --- service --------------------------------------------------------------------------------
@@ -149,6 +196,9 @@ class ServiceConfig:
     # Seconds an upload may take to arrive, whole: a trickling or stalled client is cut off
     # (408) instead of holding a request thread.
     upload_timeout: int = 10
+    # Whether answers say if the photo is like the training photos ("in_distribution"); off,
+    # both fields are null and the label stands alone.
+    ood_check: bool = True
     # gunicorn (gunicorn.conf.py); torch_threads 0: the cores divided among the workers.
     bind: str = "0.0.0.0:9696"  # --bind on the command line wins
     accesslog: str | None = None  # e.g. "-" for stdout; off by default
@@ -183,6 +233,7 @@ ENVIRONMENT = {
     "RUNTIME": ("runtime", _choice(RUNTIMES)),
     "OPENVINO_MODE": ("openvino_mode", _choice(OPENVINO_MODES)),
     "UPLOAD_TIMEOUT": ("upload_timeout", _whole_number),
+    "OOD_CHECK": ("ood_check", lambda name, value: _choice(OOD_CHECKS)(name, value) == "on"),
     "GUNICORN_BIND": ("bind", lambda _name, value: value),
     "GUNICORN_ACCESSLOG": ("accesslog", lambda _name, value: value),
     "GUNICORN_WORKERS": ("workers", _whole_number),
@@ -191,3 +242,47 @@ ENVIRONMENT = {
     "GUNICORN_BACKLOG": ("backlog", _whole_number),
     "TORCH_THREADS": ("torch_threads", _whole_number),
 }
+
+
+# --- the local cluster: nginx in front of gunicorn replicas (make cluster / make reload) ------
+NGINX_TEMPLATE = Path(__file__).resolve().parents[1] / "deploy" / "nginx" / "vehicle-classifier.conf.template"
+NGINX_BINARY = "nginx"  # looked up on PATH, then in /usr/sbin (Debian's package)
+
+
+@dataclass
+class ClusterConfig:
+    port: int = 9696  # where nginx listens
+    host: str = "0.0.0.0"
+    replicas: int = 2
+    model_dir: Path = OUTPUT_DIR
+    # Logs, nginx's config and temp files, the replicas' state; one folder per port, so that
+    # `make reload` finds the cluster that `make cluster` started with the same PORT.
+    run_dir: Path = Path(".cluster")
+    # Connections one client address may hold open at once at the proxy (beyond: 429). High
+    # enough for a NAT full of users; what bounds an attacker is nginx's cheap waiting and its
+    # header/body timeouts (deploy/nginx/vehicle-classifier.conf.template).
+    max_conn_per_client: int = 200
+    # Seconds a replica may take to load, compile and warm up its model before it counts as failed.
+    start_timeout: float = 180.0
+
+    @classmethod
+    def from_env(cls, environ: dict | None = None) -> "ClusterConfig":
+        """Settings from `environ` (default os.environ): PORT, CLUSTER_HOST, REPLICAS, MODEL_DIR
+        (the service's own), CLUSTER_DIR; a bad value raises ValueError naming the variable."""
+        environ = os.environ if environ is None else environ
+        values = {}
+        for variable, (field_name, parse) in {
+            "PORT": ("port", _whole_number),
+            "CLUSTER_HOST": ("host", lambda _name, value: value),
+            "REPLICAS": ("replicas", _whole_number),
+            "MODEL_DIR": ("model_dir", ENVIRONMENT["MODEL_DIR"][1]),
+            "CLUSTER_DIR": ("run_dir", lambda _name, value: Path(value)),
+        }.items():
+            raw = environ.get(variable, "").strip()
+            if raw:
+                values[field_name] = parse(variable, raw)
+        return cls(**values)
+
+    @property
+    def state_dir(self) -> Path:
+        return self.run_dir / str(self.port)

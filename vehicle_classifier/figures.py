@@ -64,20 +64,30 @@ def sample_grid(paths_by_class: dict[str, list[Path]], per_class: int, preproces
 
 def attention_banner(predictor: Predictor, paths_by_class: dict[str, list[Path]], per_class: int) -> Figure:
     """For `per_class` photos of each class: the photo (top) and the last block's [CLS]
-    attention over it with the model's answer (bottom)."""
+    attention over it with the model's answer (bottom). A backbone without attention maps (a
+    CNN) gets the photos with the answers alone."""
     preprocessing = predictor.model.preprocessing
     photos = [(name, path, image) for name, paths in paths_by_class.items()
               for path, image in _readable(paths, per_class, preprocessing["resize_size"])]
-    predictions = predictor.predict([image for _, _, image in photos], attention=True)
-    fig = Figure(figsize=(1.7 * len(photos), 3.7), layout="constrained")
-    axes = fig.subplots(2, len(photos), squeeze=False)
+    attention = predictor.attention_available
+    predictions = predictor.predict([image for _, _, image in photos], attention=attention)
+    fig = Figure(figsize=(1.7 * len(photos), 3.7 if attention else 2.1), layout="constrained")
+    axes = fig.subplots(2 if attention else 1, len(photos), squeeze=False)
     for col, ((name, path, image), prediction) in enumerate(zip(photos, predictions)):
-        overlay = Image.open(io.BytesIO(attention_overlay_png(center_crop(image, preprocessing), prediction.attention)))
         axes[0, col].imshow(center_crop(image, preprocessing))
         axes[0, col].set_title(name, fontsize=10)
-        axes[1, col].imshow(overlay)
-        axes[1, col].set_title(f"predicted {prediction.label} {prediction.confidence:.2f}", fontsize=9,
-                               color="black" if prediction.label == name else "red")
+        if attention:
+            overlay = attention_overlay_png(center_crop(image, preprocessing), prediction.attention)
+            axes[1, col].imshow(Image.open(io.BytesIO(overlay)))
+        answer = f"{prediction.label} {prediction.confidence:.2f}"
+        if prediction.in_distribution is False:
+            answer = f"neither? ({answer})"
+        color = "black" if prediction.label == name else "red"
+        if attention:
+            axes[1, col].set_title(f"predicted {answer}", fontsize=9, color=color)
+        else:  # one row: the answer under the photo
+            axes[0, col].text(0.5, -0.04, f"predicted {answer}", transform=axes[0, col].transAxes, ha="center",
+                              va="top", fontsize=9, color=color)
         for ax in axes[:, col]:
             ax.set_axis_off()
     return fig

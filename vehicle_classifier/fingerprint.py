@@ -30,6 +30,10 @@ def weights_identity(spec: config.BackboneSpec, weights: Path | None) -> str | N
 
 def training_fingerprint(data_dir: Path, cfg: config.TrainConfig, weights: Path | None, device: str) -> str | None:
     spec = config.BACKBONES.get(cfg.backbone)
+    if spec is None and cfg.backbone.startswith(config.TIMM_PREFIX):
+        # Without timm's registry (it imports torch): the name as given. With no --weights and no
+        # pretrained tag in the name, the cache lookup below misses and the run just trains.
+        spec = config.BackboneSpec(cfg.backbone, cfg.backbone.removeprefix(config.TIMM_PREFIX))
     if spec is None:
         return None
     weights_id = weights_identity(spec, weights)

@@ -19,7 +19,8 @@ from .config import MAX_IMAGE_PIXELS
 Image.MAX_IMAGE_PIXELS = None  # we check the pixel count ourselves, before decoding
 # Bumped whenever decoding changes the pixels it produces: part of the feature cache's key.
 DECODER_VERSION = 2  # 2: formats other than JPEG box-reduced before the resize (_reduced)
-_RESAMPLING = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+RESAMPLING = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+CROP_MODES = ("center", "squash")  # timm's eval crops this code draws (timm's "border" pads instead)
 
 
 class ImageError(UserError, ValueError):
@@ -122,14 +123,18 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def center_crop(image: Image.Image, preprocessing: dict) -> Image.Image:
     """What the backbone sees: the shorter side resized to `resize_size`, then the centre
-    `input_size` square. Done as one resize of the crop box in original coordinates, which is
+    `input_size` square (crop mode "squash": each side resized to `resize_size` on its own, then
+    the centre square). Done as one resize of the crop box in original coordinates, which is
     the same geometry but never builds a huge intermediate for very wide or tall images."""
     resize, crop = preprocessing["resize_size"], preprocessing["input_size"]
     width, height = image.size
-    side = min(width, height) * crop / resize
-    left, top = (width - side) / 2, (height - side) / 2
+    if preprocessing.get("crop_mode", "center") == "squash":
+        box_width, box_height = width * crop / resize, height * crop / resize
+    else:
+        box_width = box_height = min(width, height) * crop / resize
+    left, top = (width - box_width) / 2, (height - box_height) / 2
     return image.resize(
-        (crop, crop), _RESAMPLING[preprocessing["interpolation"]], box=(left, top, left + side, top + side)
+        (crop, crop), RESAMPLING[preprocessing["interpolation"]], box=(left, top, left + box_width, top + box_height)
     )
 
 

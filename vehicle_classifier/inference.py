@@ -1,5 +1,6 @@
-"""The predictor: an artifact loaded once, images in, labels and probabilities out (CPU by
-default), with the backbone's [CLS] attention rendered over the image on request.
+"""The predictor: an artifact loaded once, images in, labels and calibrated probabilities out
+(CPU by default), whether each photo is like the training photos ("in_distribution", ood.py),
+and the backbone's [CLS] attention rendered over the image on request (ViT backbones).
 
 One forward path per runtime: OpenVINO on CPU (runtime.py: by default a lone forward on every
 core, overlapping forwards on a core each), torch otherwise (RUNTIME=torch, or CUDA), in a
@@ -24,11 +25,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-from . import config
+from . import UserError, config
 from .artifact import Model, load_artifact
-from .backbone import cls_attention
+from .backbone import cls_attention, has_cls_attention
 from .features import autocast, resolve_precision, runtime_for
 from .images import open_image, preprocess
+from .ood import ood_scores
 from .runtime import OpenVINOBackbone
 
 
@@ -40,9 +42,22 @@ class Prediction:
     # (grid_h, grid_w): the last block's [CLS]-to-patch attention, averaged over heads (the
     # [CLS]-to-[CLS] weight is left out, so it sums to a little less than 1).
     attention: np.ndarray | None = None
+    # False: the photo lies farther from the training photos than the threshold (neither a car
+    # nor a bike?); None when the check is off or the artifact has no reference features.
+    in_distribution: bool | None = None
+    ood_score: float | None = None  # mean cosine distance to the nearest training features
 
     def to_json(self) -> dict:
-        return {"label": self.label, "confidence": self.confidence, "probabilities": self.probabilities}
+        return {"label": self.label, "confidence": self.confidence, "probabilities": self.probabilities,
+                "in_distribution": self.in_distribution, "ood_score": self.ood_score}
+
+
+class AttentionUnavailable(UserError, ValueError):
+    """Attention maps were asked of a backbone without [CLS] self-attention (a CNN)."""
+
+    def __init__(self, architecture: str):
+        super().__init__(f"attention maps are not available for this backbone ({architecture}): it has no [CLS] "
+                         "self-attention; ask without attention=1")
 
 
 class Batcher:
@@ -131,9 +146,10 @@ class TorchForward:
 class Predictor:
     def __init__(self, model: Model, precision: str = "auto", device: str = "cpu", runtime: str = "auto",
                  max_batch: int = config.FORWARD_BATCH, openvino_mode: str = config.OPENVINO_MODES[0],
-                 warm_up: bool = True):
+                 warm_up: bool = True, ood_check: bool = True):
         """`warm_up=False` leaves compiling and warming up to a later `warm_up()` call: a
-        gunicorn master must start no OpenVINO or OpenMP threads before it forks (runtime.py)."""
+        gunicorn master must start no OpenVINO or OpenMP threads before it forks (runtime.py).
+        `ood_check=False` leaves every answer's `in_distribution` and `ood_score` None."""
         self.model = model
         self.device = torch.device(device)
         self.precision = resolve_precision(precision, self.device)
@@ -142,6 +158,12 @@ class Predictor:
         self.runtime = runtime_for(self.device) if runtime == "auto" else runtime
         if self.runtime == "openvino" and self.device.type != "cpu":
             raise ValueError("the openvino runtime runs on cpu only")
+        # The service's probabilities are the calibrated ones (temperature fitted on validation).
+        self.temperature = float((model.metadata.get("calibration") or {}).get("temperature", 1.0))
+        ood = model.metadata.get("ood")
+        self.ood_threshold = ood["threshold"] if ood_check and ood and model.ood_references is not None else None
+        self.ood_references = model.ood_references.to(self.device) if self.ood_threshold is not None else None
+        self.attention_available = has_cls_attention(model.backbone)
         self.head = model.head.to(self.device).eval()
         self.torch_forward = TorchForward(model.backbone.to(self.device).eval(), self.device, self.precision)
         self.openvino = None
@@ -176,12 +198,13 @@ class Predictor:
         size = self.model.preprocessing["input_size"]
         blank = [torch.zeros(3, size, size)]
         self.predict_tensors(blank)
-        maps = self.predict_tensors(blank, attention=True)[0].attention
+        if self.attention_available:
+            maps = self.predict_tensors(blank, attention=True)[0].attention
         # Other batch sizes need no warm-up: OpenVINO's first call at a new shape costs ~5 ms
         # more, and every warm-up forward delays a replacement worker's first answer.
         self.predict_tensors(blank)
-        # The overlay's first call imports matplotlib's colormaps: pay for that here too.
-        attention_overlay_png(Image.new("RGB", (size, size)), maps)
+        if self.attention_available:  # the overlay's first call imports matplotlib's colormaps
+            attention_overlay_png(Image.new("RGB", (size, size)), maps)
 
     def load_image(self, source: bytes | str | Path, max_pixels: int = config.MAX_IMAGE_PIXELS) -> Image.Image:
         """Decode an image (raises images.ImageError with a message fit for the user)."""
@@ -191,6 +214,8 @@ class Predictor:
         return preprocess(image, self.model.preprocessing)
 
     def predict(self, images: list[Image.Image], attention: bool = False) -> list[Prediction]:
+        if attention and not self.attention_available:
+            raise AttentionUnavailable(self.model.metadata.get("backbone", {}).get("architecture", "this backbone"))
         return self.predict_tensors([self.to_tensor(im) for im in images], attention)
 
     def predict_tensors(self, tensors: list[torch.Tensor], attention: bool = False) -> list[Prediction]:
@@ -214,7 +239,9 @@ class Predictor:
         """Predictions from the backbone's features (one row per image, on any device). Batch
         prediction computes the features itself (features.backbone_features) and ends here."""
         with torch.inference_mode(), torch_threads(1):  # the head, in fp32: a few small matmuls
-            probabilities = self.head(features.float().to(self.device)).softmax(dim=1).cpu()
+            features = features.float().to(self.device)
+            probabilities = (self.head(features) / self.temperature).softmax(dim=1).cpu()
+            scores = None if self.ood_threshold is None else ood_scores(features, self.ood_references).tolist()
         names = self.model.class_names
         predictions = []
         for i, probs in enumerate(probabilities.tolist()):
@@ -224,6 +251,8 @@ class Predictor:
                 confidence=probs[best],
                 probabilities=dict(zip(names, probs)),
                 attention=None if maps is None else maps[i].float().cpu().numpy(),
+                in_distribution=None if scores is None else scores[i] <= self.ood_threshold,
+                ood_score=None if scores is None else scores[i],
             ))
         return predictions
 

@@ -43,6 +43,24 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, class_
     }
 
 
+def calibration_error(labels: np.ndarray, probabilities: np.ndarray, bins: int = 15) -> dict:
+    """Expected calibration error (the bin-weighted gap between confidence and accuracy over
+    equal-width confidence bins) and each bin's count, confidence and accuracy for the diagram."""
+    labels = np.asarray(labels, dtype=int)
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == labels
+    which = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+    table, ece = [], 0.0
+    for b in range(bins):
+        members = which == b
+        if members.any():
+            gap = abs(correct[members].mean() - confidence[members].mean())
+            ece += members.mean() * gap
+            table.append({"bin": b, "count": int(members.sum()), "confidence": float(confidence[members].mean()),
+                          "accuracy": float(correct[members].mean())})
+    return {"ece": float(ece) if len(labels) else None, "bins": table}
+
+
 def _binary_roc_auc(positive: np.ndarray, scores: np.ndarray) -> float | None:
     """Area under the ROC curve as the Mann-Whitney U statistic (ties count half); None when
     one side is empty, where the curve is undefined."""
@@ -95,6 +113,24 @@ def learning_curves_png(history: list[dict], best_epoch: int) -> bytes:
         ax.set_xlabel("epoch")
         ax.set_title(title)
         ax.legend()
+    fig.tight_layout()
+    return _png(plt, fig)
+
+
+def reliability_diagram_png(before: dict, after: dict, bins: int, temperature: float, title: str) -> bytes:
+    """Accuracy against confidence per bin, before and after temperature scaling; the diagonal is
+    perfect calibration. Marker area shows how many photos a bin holds."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfectly calibrated")
+    for table, name in ((before, "before"), (after, f"after (T = {temperature:.2f})")):
+        rows = table["bins"]
+        ax.plot([r["confidence"] for r in rows], [r["accuracy"] for r in rows], marker="o", linewidth=1,
+                label=f"{name}: ECE {table['ece']:.4f}")
+        ax.scatter([r["confidence"] for r in rows], [r["accuracy"] for r in rows],
+                   s=[20 + 2 * r["count"] for r in rows], alpha=0.25)
+    ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), xlabel=f"confidence ({bins} bins)", ylabel="accuracy", title=title)
+    ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     return _png(plt, fig)
 

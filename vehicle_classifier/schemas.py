@@ -28,10 +28,19 @@ class Error(BaseModel):
 class Prediction(BaseModel):
     label: str = Field(description="The predicted class")
     confidence: float = Field(ge=0, le=1, description="Probability of the predicted class")
-    probabilities: dict[str, float] = Field(description="Probability of every class")
+    probabilities: dict[str, float] = Field(description="Probability of every class (calibrated: temperature "
+                                                        "scaling fitted on validation)")
+    in_distribution: bool | None = Field(
+        None, description="false: the photo lies farther from the training photos than the threshold in "
+                          "/metadata's ood (neither a car nor a bike?); null when the check is off (OOD_CHECK=off) "
+                          "or the model has none")
+    ood_score: float | None = Field(
+        None, description="Mean cosine distance of the photo's features to its nearest training photos' (higher: "
+                          "less like them)")
     attention_png: str | None = Field(
         None, description="With ?attention=1: the backbone's last-block [CLS] attention over the centre crop, "
-                          "as a base64 PNG")
+                          "as a base64 PNG (ViT backbones; others answer 400 and /metadata says attention_maps: "
+                          "false)")
 
 
 class SingleAnswer(Prediction):

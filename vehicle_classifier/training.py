@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import UserError, config
-from .artifact import encode_artifact, read_metadata
+from .artifact import OOD_REFERENCES, encode_artifact, read_metadata
 from .backbone import BackboneSpec, get_spec, load_backbone, preprocessing_for
 from .distributed import SINGLE, Group
 from .data import DataError, Sample, file_digest, scan_image_folder, stratified_split
@@ -25,7 +25,14 @@ from .features import FeatureCache, cache_key, extract_features, part_cache, res
 from .fileio import clean_temporaries, exclusive, json_bytes, publish, recover
 from .head import MLPHead
 from .inference import torch_threads
-from .metrics import classification_metrics, confusion_matrix_png, learning_curves_png
+from .metrics import (
+    calibration_error,
+    classification_metrics,
+    confusion_matrix_png,
+    learning_curves_png,
+    reliability_diagram_png,
+)
+from .ood import choose_threshold, flagged_rate, ood_scores, reference_features
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +44,77 @@ def seed_everything(seed: int) -> None:
 
 
 @torch.no_grad()
-def predict_proba(head: MLPHead, features: torch.Tensor) -> torch.Tensor:
+def predict_proba(head: MLPHead, features: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     head.eval()
-    return head(features).softmax(dim=1)
+    return (head(features) / temperature).softmax(dim=1)
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Temperature scaling (Guo et al., 2017): the T that minimises the negative log-likelihood
+    of softmax(logits / T) on these (validation) labels, under a log-normal prior centred on
+    T = 1 (sigma 1). Without the prior, a validation split the head gets all right drives T
+    towards 0, which would answer 0 % or 100 % for every photo, wrong ones included."""
+    log_t = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp(), labels, reduction="sum") + log_t.pow(2).sum() / 2
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return float(log_t.detach().exp())
+
+
+def calibrate(head: MLPHead, part: dict) -> tuple[float, dict, bytes | None]:
+    """The temperature fitted on validation, the expected calibration error before and after
+    it on validation and test, and the test split's reliability diagram (PNG; None without a
+    test split)."""
+    bins = config.CALIBRATION_BINS
+    with torch.no_grad():
+        logits = {name: head.eval()(x) for name, (x, _) in part.items()}
+    temperature = fit_temperature(logits["val"], part["val"][1]) if len(part["val"][1]) else 1.0
+    report = {"method": "temperature scaling on val", "temperature": temperature, "bins": bins}
+    diagram = None
+    for name in ("val", "test"):
+        if not len(part[name][1]):
+            continue
+        labels = part[name][1].numpy()
+        before = calibration_error(labels, logits[name].softmax(dim=1).numpy(), bins)
+        after = calibration_error(labels, (logits[name] / temperature).softmax(dim=1).numpy(), bins)
+        report[name] = {"ece_before": before["ece"], "ece_after": after["ece"]}
+        if name == "test":
+            diagram = reliability_diagram_png(before, after, bins, temperature, "reliability on the test split")
+    return temperature, report, diagram
+
+
+def fit_ood(part: dict, neither: list[torch.Tensor], acceptance: float,
+            seed: int) -> tuple[torch.Tensor | None, dict | None]:
+    """The reference features the artifact keeps and the 'neither' threshold, at `acceptance`
+    of the validation photos; with the share of test photos accepted and of the 'neither'
+    images flagged. None without a validation split to choose the threshold on."""
+    if not len(part["val"][1]):
+        log.warning("no validation split: answers will not say whether a photo is like the training photos")
+        return None, None
+    references = reference_features(part["train"][0], seed)
+    scores = {name: ood_scores(x, references) for name, (x, _) in part.items()}
+    threshold = choose_threshold(scores["val"], acceptance)
+    accepted = {name: 1 - flagged_rate(scores[name], threshold) for name in ("val", "test") if len(scores[name])}
+    neither_flagged = flagged_rate(ood_scores(torch.stack(neither), references), threshold) if neither else None
+    return references, {
+        "method": "knn-cosine", "k": config.OOD_NEIGHBOURS, "references": len(references),
+        "acceptance_target": acceptance, "threshold": threshold, "accepted": accepted,
+        "neither": {"count": len(neither), "flagged": neither_flagged},
+    }
+
+
+def neither_paths(folder: Path | str) -> list[Path]:
+    """The images that are neither class (any file under `folder`; none when it is absent, or
+    '' to skip them)."""
+    if not str(folder) or not Path(folder).is_dir():
+        return []
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and not p.name.startswith("."))
 
 
 def train_head(
@@ -122,6 +197,8 @@ def run_training(
     Returns the metrics. Raises a UserError with a message fit for one line, or RunInterrupted.
     Under torchrun every rank extracts its share of the features and rank 0 alone trains and
     writes; the other ranks return None."""
+    if not 0 < cfg.ood_acceptance <= 1:  # before any work
+        raise DataError(f"--ood-acceptance must be in (0, 1], not {cfg.ood_acceptance}")
     spec = spec or get_spec(cfg.backbone)
     if not group.is_main:
         _extract(Path(data_dir), cfg, weights, cache_dir, device, spec, group)
@@ -162,6 +239,8 @@ class Extraction:
     class_names: list[str]
     samples: list[Sample]
     digests: list[str]
+    others: list[Path]  # the 'neither' images
+    other_digests: list[str]
     backbone: nn.Module
     weights_digest: str
     preprocessing: dict
@@ -184,14 +263,16 @@ def _extract(data_dir: Path, cfg: config.TrainConfig, weights: Path | None, cach
     runtime = runtime_for(torch_device)
     key = cache_key(spec.architecture, spec.model_kwargs, weights_digest, preprocessing, precision, runtime)
     digests = [file_digest(s.path) for s in samples]
+    others = neither_paths(cfg.neither_dir)
+    other_digests = [file_digest(p) for p in others]
     started = time.perf_counter()
     with FeatureCache(cache_dir, key) if group.is_main else part_cache(cache_dir, key, group) as cache:
-        features, failures = extract_features(
-            backbone, [s.path for s in samples], digests, preprocessing, cache, torch_device, precision,
-            batch_size=cfg.extract_batch_size, group=group,
+        features, failures = extract_features(  # the dataset and the 'neither' images, in one pass
+            backbone, [s.path for s in samples] + others, digests + other_digests, preprocessing, cache,
+            torch_device, precision, batch_size=cfg.extract_batch_size, group=group,
         )
-    return Extraction(class_names, samples, digests, backbone, weights_digest, preprocessing, torch_device, precision,
-                      runtime, features, failures, time.perf_counter() - started)
+    return Extraction(class_names, samples, digests, others, other_digests, backbone, weights_digest, preprocessing,
+                      torch_device, precision, runtime, features, failures, time.perf_counter() - started)
 
 
 def _run(data_dir: Path, output_dir: Path, cfg: config.TrainConfig, weights: Path | None, cache_dir: Path,
@@ -201,6 +282,8 @@ def _run(data_dir: Path, output_dir: Path, cfg: config.TrainConfig, weights: Pat
     class_names, samples, digests, features, failures = ex.class_names, ex.samples, ex.digests, ex.features, ex.failures
     for path, reason in failures.items():
         log.warning("skipped %s: %s", path, reason)
+    failures = {p: r for p, r in failures.items() if p not in set(ex.others)}  # the summary counts the dataset's
+    neither = [features[d] for d in ex.other_digests if d in features]
 
     kept, duplicates = unique_readable(samples, digests, features)
     labels = [s.label for s, _ in kept]
@@ -209,8 +292,8 @@ def _run(data_dir: Path, output_dir: Path, cfg: config.TrainConfig, weights: Pat
         raise DataError(f"every class needs at least two readable images; found {counts}")
 
     split = stratified_split(labels, cfg.val_fraction, cfg.test_fraction, cfg.seed)
-    head, history, best_epoch, metrics = _fit(torch.stack([features[d] for _, d in kept]), torch.tensor(labels),
-                                              split, class_names, cfg)
+    head, history, best_epoch, metrics, trust = _fit(torch.stack([features[d] for _, d in kept]),
+                                                     torch.tensor(labels), split, class_names, cfg, neither)
     summary = {
         "images_found": len(samples), "images_skipped": len(failures), "duplicates_dropped": duplicates,
         "class_counts": counts, "best_epoch": best_epoch, "epochs_run": len(history), "precision": ex.precision,
@@ -228,31 +311,46 @@ def _run(data_dir: Path, output_dir: Path, cfg: config.TrainConfig, weights: Pat
         "preprocessing": ex.preprocessing,
         "training": {**asdict(cfg), "data_dir": str(data_dir), **summary, "fingerprint": fingerprint},
         "metrics": {name: {"accuracy": m["accuracy"], "roc_auc": m["roc_auc"]} for name, m in metrics.items()},
+        "calibration": {"temperature": trust["calibration"]["temperature"]},
+        "ood": trust["ood"] and {key: trust["ood"][key] for key in ("method", "k", "references", "acceptance_target",
+                                                                   "threshold")},
     }
+    reports = {"calibration": trust["calibration"], "ood": trust["ood"]}
     publish_outputs(output_dir, ex.backbone, head, artifact_metadata, split_doc,
-                    {**metrics, "summary": summary, "history": history})
-    return {**metrics, "summary": summary}
+                    {**metrics, **reports, "summary": summary, "history": history},
+                    extra_tensors=trust["tensors"], extra_files=trust["files"])
+    return {**metrics, **reports, "summary": summary}
 
 
-def _fit(x: torch.Tensor, y: torch.Tensor, split: dict, class_names: list[str], cfg: config.TrainConfig):
-    """The head trained on the split's features, its history and best epoch, and each part's metrics."""
+def _fit(x: torch.Tensor, y: torch.Tensor, split: dict, class_names: list[str], cfg: config.TrainConfig,
+         neither: list[torch.Tensor]):
+    """The head trained on the split's features, its history and best epoch, each part's metrics
+    (calibrated probabilities), and what makes its answers trustworthy: the calibration and
+    'neither' reports, the tensors the artifact keeps for them and the reliability diagram."""
     part = {name: (x[idx], y[idx]) for name, idx in split.items()}
     # The head's steps are tiny (a few hundred rows by 384): in one thread, no OpenMP team to
     # wake per operation (4 s instead of 50-70 s for 40 epochs on a busy 2-core machine).
     with torch_threads(1):
         head, history, best_epoch = train_head(*part["train"], *part["val"], len(class_names), cfg)
+        temperature, calibration, diagram = calibrate(head, part)
+        references, ood = fit_ood(part, neither, cfg.ood_acceptance, cfg.seed)
         metrics = {
-            name: classification_metrics(yy.numpy(), predict_proba(head, xx).numpy(), class_names)
+            name: classification_metrics(yy.numpy(), predict_proba(head, xx, temperature).numpy(), class_names)
             for name, (xx, yy) in part.items()
         }
-    return head, history, best_epoch, metrics
+    if ood:
+        ood["neither"]["dir"] = str(cfg.neither_dir)
+    trust = {"calibration": calibration, "ood": ood,
+             "tensors": {OOD_REFERENCES: references} if references is not None else {},
+             "files": {config.RELIABILITY_PLOT: diagram} if diagram else {}}
+    return head, history, best_epoch, metrics, trust
 
 
 def publish_outputs(output_dir: Path, backbone: nn.Module, head: MLPHead, artifact_metadata: dict, split_doc: dict,
-                    metrics_doc: dict) -> str:
+                    metrics_doc: dict, extra_tensors: dict | None = None, extra_files: dict | None = None) -> str:
     """Render every output in memory, then publish them as one set; metrics.json and split.json
     carry the artifact's model_version, so a reader can tell they belong to it. Returns it."""
-    artifact, stored = encode_artifact(backbone, head, artifact_metadata)
+    artifact, stored = encode_artifact(backbone, head, artifact_metadata, extra_tensors)
     version = stored["model_version"]
     files = {
         config.ARTIFACT_FILE: artifact,
@@ -263,5 +361,6 @@ def publish_outputs(output_dir: Path, backbone: nn.Module, head: MLPHead, artifa
     if metrics_doc["test"]["count"]:
         files[config.CONFUSION_PLOT] = confusion_matrix_png(
             metrics_doc["test"]["confusion_matrix"], artifact_metadata["class_names"], "test split")
+    files.update(extra_files or {})
     publish(output_dir, files, replaces=config.OUTPUT_FILES)
     return version
