@@ -39,7 +39,8 @@ def test_csv_has_a_row_per_image_with_the_predictors_answer(tiny_model_dir, phot
     predictor = Predictor.from_dir(tiny_model_dir)
     names = predictor.model.class_names
     rows = read_csv(out)
-    assert list(rows[0]) == ["path", "label", "confidence", *names, "error"]
+    # then what else the Predictor reports (the 'neither' check), then the error
+    assert list(rows[0]) == ["path", "label", "confidence", *names, "in_distribution", "ood_score", "error"]
     images = sorted(p for p in photos_dir.rglob("*") if p.is_file() and p.suffix != ".txt")
     assert sorted(r["path"] for r in rows) == sorted(map(str, images))  # notes.txt is not an image
     (broken,) = [r for r in rows if r["error"]]

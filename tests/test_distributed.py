@@ -54,7 +54,8 @@ def test_two_ranks_extract_train_and_predict_as_one_process_does(tiny_weights, t
 
     # One process, the same inputs: the same features and the same answers.
     single = tmp_path / "single-cache"
-    training.run_training(photos, tmp_path / "single-out", config.TrainConfig(backbone=TINY_SPEC.name, max_epochs=5),
+    training.run_training(photos, tmp_path / "single-out", config.TrainConfig(backbone=TINY_SPEC.name, max_epochs=5,
+                                                                                     neither_dir=""),
                           tiny_weights, single, device="cpu", spec=TINY_SPEC)
     (alone,) = [p for p in single.iterdir() if p.is_dir()]
     assert alone.name == merged.name
