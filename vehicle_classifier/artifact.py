@@ -17,7 +17,7 @@ from safetensors.torch import save
 from torch import nn
 
 from . import UserError, __version__, config
-from .backbone import create_backbone, load_strict
+from .backbone import build_loaded
 from .fileio import read_safetensors_metadata, write_file
 from .head import MLPHead
 
@@ -102,8 +102,8 @@ def load_artifact(path: Path) -> Model:
         if _version(tensors) != metadata["model_version"]:
             raise ValueError("its weights do not match the checksum it was saved with")
         spec = metadata["backbone"]
-        backbone = create_backbone(spec["architecture"], spec.get("model_kwargs"), empty=True)
-        load_strict(backbone, {k[9:]: v for k, v in tensors.items() if k.startswith("backbone.")}, str(path))
+        backbone = build_loaded(spec["architecture"], spec.get("model_kwargs"),
+                                {k[9:]: v for k, v in tensors.items() if k.startswith("backbone.")}, str(path))
         head = MLPHead(**metadata["head"]).eval()
         head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")}, strict=True)
     except Exception as exc:

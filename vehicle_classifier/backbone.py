@@ -198,9 +198,20 @@ def load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -
         raise WeightsError(f"weights from {source} do not fit this backbone: " + "; ".join(problems))
     # assign: the checkpoint's tensors become the parameters (an empty model has none to copy into).
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True, assign=True)
-    left_empty = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left_empty:  # a buffer that no checkpoint holds: this architecture cannot be built empty
-        raise WeightsError(f"weights from {source} leave {', '.join(left_empty[:3])} unset")
+
+
+def build_loaded(architecture: str, model_kwargs: dict | None, state: dict[str, torch.Tensor],
+                 source: str) -> nn.Module:
+    """The architecture holding `state`, loaded strictly. Built empty (no random initialisation)
+    when every tensor comes from the checkpoint; an architecture with buffers that no checkpoint
+    holds (computed at init and not saved: DINOv3's RoPE periods and zero key biases) is built
+    fully, then loaded."""
+    model = create_backbone(architecture, model_kwargs, empty=True)
+    load_strict(model, state, source)
+    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        model = create_backbone(architecture, model_kwargs)
+        load_strict(model, state, source)
+    return model
 
 
 # --- finding pretrained weights -------------------------------------------------------------
@@ -248,8 +259,7 @@ def find_pretrained_weights(spec: BackboneSpec) -> Path:
 def load_backbone(spec: BackboneSpec, weights: Path | None = None) -> tuple[nn.Module, str]:
     """The backbone with its pretrained weights loaded strictly, and the weights' digest."""
     path = Path(weights) if weights else find_pretrained_weights(spec)
-    model = create_backbone(spec.architecture, spec.model_kwargs, empty=True)
-    load_strict(model, read_checkpoint(path), str(path))
+    model = build_loaded(spec.architecture, spec.model_kwargs, read_checkpoint(path), str(path))
     return model, state_dict_digest(model.state_dict())
 
 
