@@ -88,17 +88,26 @@ def write_temporary(folder: Path, name: str, data: bytes) -> Path:
     return Path(tmp)
 
 
-def write_file(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` atomically and durably; a WriteError leaves the old file."""
-    path = Path(path)
+def _make_parent(path: Path) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise write_error(path.parent, exc) from None
+
+
+def _move_into_place(tmp: Path, path: Path) -> None:
+    """Rename the finished temporary over `path`, durably."""
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def write_file(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` atomically and durably; a WriteError leaves the old file."""
+    path = Path(path)
+    _make_parent(path)
     tmp = write_temporary(path.parent, path.name, data)
     try:
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
+        _move_into_place(tmp, path)
     except OSError as exc:
         raise write_error(path, exc) from None
     finally:
@@ -110,18 +119,14 @@ def atomic_path(path: Path):
     """Yield a temporary path beside `path` for a writer that wants a file name; it replaces
     `path` (durably, as `write_file` does) only if the block succeeds."""
     path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise write_error(path.parent, exc) from None
+    _make_parent(path)
     tmp = write_temporary(path.parent, path.name, b"")
     try:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # some writers (safetensors) recreate the file as 0600
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
+        _move_into_place(tmp, path)
     except OSError as exc:
         raise write_error(path, exc) from None
     finally:
