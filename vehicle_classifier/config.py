@@ -148,11 +148,11 @@ class TrainConfig:
 # at batch 2-8, more again at 16; on one stream per core batching changes little.
 FORWARD_BATCH = 8
 # On CUDA (DEVICE=cuda) a small batch's forward is bound by kernel launches, not arithmetic: at
-# the ~18,000 img/s issue #11 measured for ViT-S/16 bf16 on an H100, 64 images are ~3.5 ms of
-# work, about the launch floor of any eager forward. So a forward takes up to 64 waiting images
-# (a waiting request is not held back: the batch is what already waits); the cap bounds one
-# forward's activation memory per worker, which matters with several workers on one GPU. Not
-# measured on a GPU by this project.
+# the ~18,000 img/s issue #11 measured for ViT-S/16 bf16 on an H100 (batch 256), 64 images are
+# ~3.5 ms of arithmetic, of the order of an eager forward's launches alone (an estimate, not
+# measured here: this project had no GPU). So a forward takes up to 64 of the images waiting
+# (none waits for a batch to fill); the cap bounds one forward's activation memory per worker,
+# which matters with several workers or large backbones on one GPU.
 FORWARD_BATCH_CUDA = 64
 # Memory: an image costs ~4 bytes per decoded pixel while it is decoded and converted (up to
 # ~12 with transparency). JPEGs decode at the smallest DCT scale that still covers the resize

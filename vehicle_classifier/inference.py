@@ -7,7 +7,7 @@ core, overlapping forwards on a core each), torch otherwise (RUNTIME=torch, or C
 thread of its own (TorchForward). Requests that arrive together share one batched forward
 (Batcher, one batch per OpenVINO stream). Attention maps come from the torch backbone (on
 request only: they need the attention weights); the answer is the runtime's, with or without
-them. On CUDA a predictor that is not warmed up at once keeps the model on the CPU until it
+them. On a GPU a predictor that is not warmed up at once keeps the model on the CPU until it
 is (Predictor.place): a gunicorn master loads it, each forked worker starts CUDA for itself."""
 
 from __future__ import annotations
@@ -173,9 +173,9 @@ class Predictor:
                  warm_up: bool = True, ood_check: bool = True):
         """`warm_up=False` leaves compiling and warming up to a later `warm_up()` call: a
         gunicorn master must start no OpenVINO or OpenMP threads before it forks (runtime.py).
-        On CUDA it also leaves the model on the CPU until then (or until `place()`, or the first
-        use): a forked child cannot use a CUDA context its parent made, so each worker makes its
-        own. `ood_check=False` leaves every answer's `in_distribution` and `ood_score` None.
+        On a GPU (any device but the CPU) it also leaves the model on the CPU until then (or until
+        `place()`, or the first use): a forked child cannot use a CUDA context its parent made,
+        so each worker makes its own. `ood_check=False` leaves every answer's `in_distribution` and `ood_score` None.
         `max_batch`: images per shared forward (default config.FORWARD_BATCH, or _CUDA)."""
         self.model = model
         self.device = torch.device(device)
