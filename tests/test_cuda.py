@@ -106,7 +106,8 @@ print(torch.cuda.is_initialized(), os.waitstatus_to_exitcode(os.waitpid(pid, 0)[
 
 
 def test_the_service_loads_for_cuda_without_starting_it_so_forked_workers_can(tiny_model_dir):
-    env = {**os.environ, "MODEL_DIR": str(tiny_model_dir), "DEVICE": "cuda"}
+    # OMP_NUM_THREADS=1: no OpenMP pool before the fork either, as gunicorn.conf.py has it.
+    env = {**os.environ, "MODEL_DIR": str(tiny_model_dir), "DEVICE": "cuda", "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-c", FORK_AFTER_LOADING], cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
