@@ -133,7 +133,7 @@ def test_deadlines_work_in_a_forked_child():
     process = context.Process(target=child)
     process.start()
     process.join(10)
-    assert fired.is_set() and process.exitcode == 0
+    assert (fired.is_set(), process.exitcode) == (True, 0)
 
 
 @pytest.mark.parametrize("raw, shown", [

@@ -63,19 +63,24 @@ class Deadlines:
     (benchmarks/bench_service.py)."""
 
     def __init__(self):
-        self._heap: list[list] = []  # [deadline, sequence, on_expiry or None once the block ended]
         self._sequence = itertools.count()
+        self._afresh()
+        # A forked child (a gunicorn worker) has none of its parent's threads, and the parent's
+        # lock may have been held at the fork: the child starts with its own.
+        os.register_at_fork(after_in_child=self._afresh)
+
+    def _afresh(self) -> None:
+        self._heap: list[list] = []  # [deadline, sequence, on_expiry or None once the block ended]
         self._changed = threading.Condition()
-        self._pid = -1
+        self._keeping = False  # the thread runs
 
     @contextmanager
     def guard(self, seconds: float, on_expiry: Callable[[], None]) -> Iterator[None]:
         entry = [time.monotonic() + seconds, next(self._sequence), on_expiry]
         with self._changed:
-            if self._pid != os.getpid():  # none yet, or the parent's, which a fork leaves behind
-                self._heap.clear()
+            if not self._keeping:
                 threading.Thread(target=self._keep, name="upload-deadlines", daemon=True).start()
-                self._pid = os.getpid()
+                self._keeping = True
             heapq.heappush(self._heap, entry)
             if self._heap[0] is entry:  # the thread sleeps until the earliest deadline: now this one
                 self._changed.notify()
@@ -86,13 +91,14 @@ class Deadlines:
                 entry[2] = None
 
     def _keep(self) -> None:
+        changed = self._changed  # this process's, for good
         while True:
-            with self._changed:
+            with changed:
                 while self._heap and self._heap[0][2] is None:
                     heapq.heappop(self._heap)  # ended in time
                 wait = self._heap[0][0] - time.monotonic() if self._heap else None
                 if wait is None or wait > 0:
-                    self._changed.wait(wait)
+                    changed.wait(wait)
                     continue
                 on_expiry = heapq.heappop(self._heap)[2]
             on_expiry()
