@@ -158,7 +158,7 @@ class Predictor:
         self.runtime = runtime_for(self.device) if runtime == "auto" else runtime
         if self.runtime == "openvino" and self.device.type != "cpu":
             raise ValueError("the openvino runtime runs on cpu only")
-        # The service's probabilities are the calibrated ones (temperature fitted on validation).
+        # The service's probabilities are the calibrated ones (training.calibrate fitted the temperature).
         self.temperature = float((model.metadata.get("calibration") or {}).get("temperature", 1.0))
         ood = model.metadata.get("ood")
         self.ood_threshold = ood["threshold"] if ood_check and ood and model.ood_references is not None else None
