@@ -84,8 +84,8 @@ def calibrate(head: MLPHead, part: dict, best_epoch: int, cfg: config.TrainConfi
     validation photos, each scored by a head that never saw it, where the kept head's own
     validation logits are few (a T fitted on 60 of them often made held-out log-loss worse; README,
     "Calibration") and chose its epoch. Then expected calibration error and log-loss before and
-    after it on those logits, val and test; and the test split's reliability diagram (PNG; None
-    without a test split)."""
+    after it on those logits, val and test; and the reliability diagram of the out-of-fold logits
+    and the test split (PNG; None without a test split)."""
     x, y = (torch.cat([part["train"][i], part["val"][i]]) for i in (0, 1))
     folds = min(config.CALIBRATION_FOLDS, len(y))
     report = {"method": f"temperature scaling on {folds}-fold out-of-fold logits of train+val", "folds": folds,
@@ -102,10 +102,9 @@ def calibrate(head: MLPHead, part: dict, best_epoch: int, cfg: config.TrainConfi
     for name, (ll, yy) in held_out.items():
         report[name] = {"count": len(yy), **calibration_figures(ll, yy, report["temperature"])}
         tables[name] = report[name].pop("tables")
-    diagram = None
-    if "test" in tables:
-        diagram = reliability_diagram_png(*tables["test"], config.CALIBRATION_BINS, report["temperature"],
-                                          f"test split (T fitted on {len(y)} out-of-fold logits)")
+    titles = {"out_of_fold": "train+val out of fold (T fitted)", "test": "test split"}
+    panels = {f"{title}: {report[name]['count']} photos": tables[name] for name, title in titles.items() if name in tables}
+    diagram = reliability_diagram_png(panels, config.CALIBRATION_BINS, report["temperature"]) if "test" in tables else None
     return report["temperature"], report, diagram
 
 
