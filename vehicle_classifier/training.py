@@ -100,7 +100,8 @@ def calibrate(head: MLPHead, part: dict, best_epoch: int, cfg: config.TrainConfi
         report["method"] = "none: too few photos to fit a temperature on"
     tables = {}
     for name, (ll, yy) in held_out.items():
-        report[name] = {"count": len(yy), **calibration_figures(ll, yy, report["temperature"])}
+        errors = int((ll.argmax(dim=1) != yy).sum())
+        report[name] = {"count": len(yy), "errors": errors, **calibration_figures(ll, yy, report["temperature"])}
         tables[name] = report[name].pop("tables")
     titles = {"out_of_fold": "train+val out of fold (T fitted)", "test": "test split"}
     panels = {f"{title}: {report[name]['count']} photos": tables[name] for name, title in titles.items() if name in tables}
