@@ -82,8 +82,8 @@ def calibration_figures(logits: torch.Tensor, labels: torch.Tensor, temperature:
 def calibrate(head: MLPHead, part: dict, best_epoch: int, cfg: config.TrainConfig) -> tuple[float, dict, bytes | None]:
     """The temperature, fitted on out-of-fold logits of train+val (out_of_fold_logits): ~5x the
     validation photos, each scored by a head that never saw it, where the kept head's own
-    validation logits are few (a T fitted on 60 of them often made held-out log-loss worse; README,
-    "Calibration") and chose its epoch. Then expected calibration error and log-loss before and
+    validation logits are few (a T fitted on 60 of them made held-out log-loss worse on average;
+    README, "Calibration") and chose its epoch. Then expected calibration error and log-loss before and
     after it on those logits, val and test; and the reliability diagram of the out-of-fold logits
     and the test split (PNG; None without a test split)."""
     x, y = (torch.cat([part["train"][i], part["val"][i]]) for i in (0, 1))
