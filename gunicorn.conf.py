@@ -77,7 +77,9 @@ def post_fork(server, worker):
 
 def post_worker_init(worker):
     # Compile and warm up with this worker's thread count before the worker takes its first
-    # request, so that /ready answering means a forward has run in this worker.
+    # request, so that /ready answering means a forward has run in this worker. With DEVICE=cuda
+    # this is also where the model moves to the GPU: CUDA starts in each worker, after the fork
+    # (a forked child cannot use a CUDA context made by its parent; the master loads on the CPU).
     predictor = getattr(worker.wsgi, "extensions", {}).get("vehicle_classifier", {}).get("predictor")
     if predictor is not None:
         predictor.warm_up()

@@ -1,13 +1,20 @@
-"""The CUDA paths: extraction, training end to end, the Predictor, batch prediction, and
-features that agree with the CPU's (OpenVINO) within bf16's error. Skipped, with the reason,
-on machines without CUDA (tests marked `cuda`, see conftest.py)."""
+"""The CUDA paths: extraction, training end to end, the Predictor, batch prediction, the
+service with DEVICE=cuda under gunicorn, and features that agree with the CPU's (OpenVINO)
+within bf16's error. Skipped, with the reason, on machines without CUDA (tests marked `cuda`,
+see conftest.py)."""
 
 import csv
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import requests
 import torch
 
-from conftest import TINY_SPEC, sample_photos
+from conftest import REPO, TINY_SPEC, sample_photos
+from live_service import gunicorn_service
 from vehicle_classifier import batch, config, training
 from vehicle_classifier.backbone import create_backbone, preprocessing_for
 from vehicle_classifier.features import FeatureCache, extract_features, fit_batch_size
@@ -80,3 +87,58 @@ def test_batch_prediction_on_cuda_matches_cpu(tiny_model_dir, synthetic_dataset,
     assert rows["gpu"].keys() == rows["cpu"].keys()
     for path, row in rows["cpu"].items():
         assert rows["gpu"][path]["label"] == row["label"]
+
+
+# A process that made the service's app with DEVICE=cuda forks (as gunicorn's master does),
+# and the child uses CUDA: torch refuses that in a child whose parent had started CUDA.
+FORK_AFTER_LOADING = """
+import os, predict, torch
+pid = os.fork()
+if pid == 0:
+    try:
+        torch.ones(1, device="cuda").add_(1).item()
+        os._exit(0)
+    except BaseException as exc:
+        print(exc, flush=True)
+        os._exit(1)
+print(torch.cuda.is_initialized(), os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+"""
+
+
+def test_the_service_loads_for_cuda_without_starting_it_so_forked_workers_can(tiny_model_dir):
+    # OMP_NUM_THREADS=1: no OpenMP pool before the fork either, as gunicorn.conf.py has it.
+    env = {**os.environ, "MODEL_DIR": str(tiny_model_dir), "DEVICE": "cuda", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", FORK_AFTER_LOADING], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "False 0", out.stdout
+
+
+def test_gunicorn_on_cuda_answers_concurrent_requests_as_the_cpu_does(tiny_model_dir, tmp_path):
+    """DEVICE=cuda as deployed: the master loads on the CPU, each of two workers moves its copy
+    to the GPU after the fork (a worker that could not would fail to boot, and gunicorn with
+    it); concurrent multi-photo requests share forwards and answer as the CPU does."""
+    photos = sample_photos()[::20]
+    cpu = Predictor.from_dir(tiny_model_dir)  # the default service's answers: OpenVINO on the CPU
+    expected = dict(zip(photos, cpu.predict([cpu.load_image(p) for p in photos])))
+    groups = [photos[i:i + 3] for i in range(0, len(photos), 3)] * 3
+    settings = {"DEVICE": "cuda", "GUNICORN_WORKERS": "2", "GUNICORN_THREADS": "8"}
+    with gunicorn_service(tiny_model_dir, tmp_path / "gunicorn.log", settings) as url:
+        serving = requests.get(f"{url}/metadata", timeout=10).json()["serving"]
+
+        def post(group):
+            files = [("file", (p.name, p.read_bytes())) for p in group]
+            response = requests.post(f"{url}/predict", files=files, timeout=60)
+            assert response.status_code == 200, response.text
+            answer = response.json()
+            return list(zip(group, answer["predictions"] if len(group) > 1 else [answer]))
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = [pair for pairs in pool.map(post, groups) for pair in pairs]
+    assert serving["device"] == "cuda" and serving["runtime"] == "torch" and serving["precision"] in ("bf16", "fp32")
+    assert len(answers) == 3 * len(photos)
+    for path, answer in answers:
+        on_cpu = expected[path]
+        assert answer["probabilities"] == pytest.approx(on_cpu.probabilities, abs=0.02), path
+        if on_cpu.confidence > 0.55:  # bf16 on either side may flip a coin toss, nothing more
+            assert answer["label"] == on_cpu.label, path

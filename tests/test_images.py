@@ -100,3 +100,14 @@ def test_very_wide_images_are_cropped_before_resizing():
     assert crop.size == (224, 224)
     # The centre of the gradient: red channel around mid-scale.
     assert 100 < np.asarray(crop)[:, :, 0].mean() < 155
+
+
+def test_preprocess_is_the_usual_normalisation_bit_for_bit():
+    # Feature caches and the artifact's reference features were computed with this formula:
+    # a faster implementation must give the very same floats.
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 260, 3), dtype=np.uint8))
+    crop = np.asarray(center_crop(image, PREP), dtype=np.float32) / 255.0
+    expected = (crop - np.asarray(PREP["mean"], dtype=np.float32)) / np.asarray(PREP["std"], dtype=np.float32)
+    tensor = preprocess(image, PREP)
+    assert tensor.dtype == torch.float32 and tensor.is_contiguous()
+    assert torch.equal(tensor, torch.from_numpy(expected.transpose(2, 0, 1).copy()))

@@ -56,9 +56,13 @@ def run(data, out, weights, cache, **kw):
 
 # train.py in a subprocess, with the tiny backbone registered and a hook that signals the process
 # itself at a chosen point: the Nth call of `target` that meets `condition` (before or after the
-# real call).
+# real call). SIGINT stands for Ctrl-C at a terminal, where Python raises KeyboardInterrupt; a
+# suite started in the background by a non-interactive shell (`make test &`, nohup) inherits
+# SIGINT ignored, and Python then leaves it ignored (so does train.py, as nohup means): the driver
+# puts Python's Ctrl-C handler back, or the signal would be lost and the run would finish.
 DRIVER = textwrap.dedent("""
     import functools, importlib, os, signal, sys
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.path.insert(0, {repo!r})
     from vehicle_classifier import config
     config.BACKBONES[{spec.name!r}] = config.BackboneSpec({spec.name!r}, {spec.architecture!r},

@@ -1,6 +1,6 @@
 """The request path's pieces on their own: training and serving decode the same pixels and get
-the same features; the per-request and per-worker decoded-pixel budgets; filenames made safe
-to echo; the service settings read and checked in one place."""
+the same features; the per-request and per-worker decoded-pixel budgets; the upload deadlines;
+filenames made safe to echo; the service settings read and checked in one place."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from vehicle_classifier.errors import BadRequest, printable
 from vehicle_classifier.features import FeatureCache, extract_features
 from vehicle_classifier.images import read_header
 from vehicle_classifier.inference import Predictor
-from vehicle_classifier.uploads import PixelBudget, Upload, decode_uploads
+from vehicle_classifier.uploads import Deadlines, PixelBudget, Upload, decode_uploads
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +102,38 @@ def test_the_worker_budget_holds_back_decodes_that_do_not_fit():
         thread.join(10)
     assert events[:2] == [("in", "first", 70), ("out", "first")]
     assert max(e[2] for e in events if e[0] == "in") <= 100 and budget.in_use == 0
+
+
+def test_deadlines_fire_for_blocks_still_running_and_only_for_them():
+    deadlines, fired = Deadlines(), []
+    started = time.monotonic()
+    with deadlines.guard(0.05, lambda: fired.append("quick")):
+        pass  # ends in time: never fires
+    with deadlines.guard(0.4, lambda: fired.append(("late", time.monotonic() - started))):
+        with deadlines.guard(0.1, lambda: fired.append(("early", time.monotonic() - started))):
+            time.sleep(0.6)
+    time.sleep(0.2)
+    assert [name for name, _ in fired] == ["early", "late"]
+    assert 0.09 < fired[0][1] < 0.35 and 0.39 < fired[1][1] < 0.65
+
+
+def test_deadlines_work_in_a_forked_child():
+    import multiprocessing
+
+    deadlines = Deadlines()
+    with deadlines.guard(10, lambda: None):  # the parent's thread, which the child does not inherit
+        pass
+    context = multiprocessing.get_context("fork")
+    fired = context.Event()
+
+    def child():
+        with deadlines.guard(0.05, fired.set):
+            time.sleep(0.5)
+
+    process = context.Process(target=child)
+    process.start()
+    process.join(10)
+    assert fired.is_set() and process.exitcode == 0
 
 
 @pytest.mark.parametrize("raw, shown", [

@@ -129,6 +129,7 @@ def test_bad_artifact_stops_gunicorn_with_one_line(tiny_model_dir, tmp_path, dam
     ("PRECISION", "fp16", "PRECISION must be one of auto, bf16, fp32, not 'fp16'"),
     ("RUNTIME", "tensorrt", "RUNTIME must be one of auto, openvino, torch, not 'tensorrt'"),
     ("OPENVINO_MODE", "fast", "OPENVINO_MODE must be one of adaptive, throughput, latency, not 'fast'"),
+    ("DEVICE", "gpu", "DEVICE must be one of cpu, cuda, not 'gpu'"),
     ("GUNICORN_THREADS", "zero", "GUNICORN_THREADS must be a whole number, not 'zero'"),
     ("MAX_REQUEST_PIXELS", "0", "MAX_REQUEST_PIXELS must be at least 1, not 0"),
 ])
@@ -148,3 +149,16 @@ def test_bad_gunicorn_setting_stops_gunicorn_with_one_line(tiny_model_dir):
         stop(proc)
     assert proc.returncode != 0
     assert err.strip() == "error: GUNICORN_THREADS must be a whole number, not 'zero'"
+
+
+def test_cuda_without_a_gpu_stops_gunicorn_with_one_line(tiny_model_dir):
+    # CUDA_VISIBLE_DEVICES hides any GPU, so this holds on a machine that has one too.
+    proc = gunicorn(tiny_model_dir, free_port(), DEVICE="cuda", CUDA_VISIBLE_DEVICES="")
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        stop(proc)
+    assert proc.returncode != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: cuda asked for, but torch (") and "finds no CUDA device here" in lines[0]

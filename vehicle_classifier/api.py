@@ -39,8 +39,11 @@ def create_app(config: ServiceConfig | None = None, predictor=None) -> Flask:
     if predictor is None:
         from .inference import Predictor  # torch is imported here, not at module import
 
-        predictor = Predictor.from_dir(config.model_dir, precision=config.precision, runtime=config.runtime,
-                                       openvino_mode=config.openvino_mode, warm_up=False, ood_check=config.ood_check)
+        # warm_up=False: under gunicorn this runs in the master, which must start no threads and
+        # no CUDA before it forks; each worker warms up (and on CUDA places) its own copy.
+        predictor = Predictor.from_dir(config.model_dir, precision=config.precision, device=config.device,
+                                       runtime=config.runtime, openvino_mode=config.openvino_mode, warm_up=False,
+                                       ood_check=config.ood_check)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = config.max_upload_bytes
     app.config["MAX_FORM_PARTS"] = max_form_parts(config.max_batch_files)
@@ -160,7 +163,7 @@ def _add_info_endpoints(app: Flask, docs, predictor, config: ServiceConfig, metr
             head=metadata.get("head"), package_version=__version__,
             calibration=metadata.get("calibration"), ood=metadata.get("ood"),
             attention_maps=predictor.attention_available,
-            serving={"precision": predictor.precision, "runtime": predictor.runtime,
+            serving={"device": str(predictor.device), "precision": predictor.precision, "runtime": predictor.runtime,
                      "openvino_mode": predictor.openvino_mode, "max_upload_bytes": config.max_upload_bytes,
                      "max_batch_files": config.max_batch_files, "max_image_pixels": config.max_image_pixels,
                      "max_request_pixels": config.max_request_pixels,

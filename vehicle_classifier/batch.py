@@ -213,6 +213,7 @@ def run(args: argparse.Namespace) -> tuple[int, int, int] | None:
         # torch runs only the head here: features come from backbone_features' own runtime.
         predictor = Predictor(model, precision=args.precision, device=str(group.device(args.device)),
                               runtime="torch", warm_up=False)
+        predictor.place()  # on its device now, precision settled: backbone_features below takes both
         columns = result_columns(predictor)
         final = ResultsFile(args.output, columns, repair=group.is_main)
         todo = [p for p in images if str(p) not in final.done]

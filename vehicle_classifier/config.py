@@ -115,6 +115,7 @@ RUNTIMES = ("auto", "openvino", "torch")  # auto: openvino on cpu, torch elsewhe
 # "adaptive" the latter while a forward runs alone, the former when they overlap.
 OPENVINO_MODES = ("adaptive", "throughput", "latency")
 OOD_CHECKS = ("on", "off")  # on: answers say whether a photo is like the training photos
+DEVICES = ("cpu", "cuda")  # the service's device; cuda: torch on the current GPU, opt-in
 
 
 @dataclass
@@ -147,6 +148,13 @@ class TrainConfig:
 # stream). On one stream over both cores ViT-S/16 bf16 costs 33 ms alone and 25-28 ms per image
 # at batch 2-8, more again at 16; on one stream per core batching changes little.
 FORWARD_BATCH = 8
+# On CUDA (DEVICE=cuda) a small batch's forward is bound by kernel launches, not arithmetic: at
+# the ~18,000 img/s issue #11 measured for ViT-S/16 bf16 on an H100 (batch 256), 64 images are
+# ~3.5 ms of arithmetic, of the order of an eager forward's launches alone (an estimate, not
+# measured here: this project had no GPU). So a forward takes up to 64 of the images waiting
+# (none waits for a batch to fill); the cap bounds one forward's activation memory per worker,
+# which matters with several workers or large backbones on one GPU.
+FORWARD_BATCH_CUDA = 64
 # Memory: an image costs ~4 bytes per decoded pixel while it is decoded and converted (up to
 # ~12 with transparency). JPEGs decode at the smallest DCT scale that still covers the resize
 # (a 48 MP photo decodes to under 1 MP); other formats decode at full size. Decoded pixels are
@@ -194,6 +202,7 @@ class ServiceConfig:
     precision: str = PRECISIONS[0]
     runtime: str = RUNTIMES[0]
     openvino_mode: str = OPENVINO_MODES[0]
+    device: str = DEVICES[0]
     # Seconds an upload may take to arrive, whole: a trickling or stalled client is cut off
     # (408) instead of holding a request thread.
     upload_timeout: int = 10
@@ -233,6 +242,7 @@ ENVIRONMENT = {
     "PRECISION": ("precision", _choice(PRECISIONS)),
     "RUNTIME": ("runtime", _choice(RUNTIMES)),
     "OPENVINO_MODE": ("openvino_mode", _choice(OPENVINO_MODES)),
+    "DEVICE": ("device", _choice(DEVICES)),
     "UPLOAD_TIMEOUT": ("upload_timeout", _whole_number),
     "OOD_CHECK": ("ood_check", lambda name, value: _choice(OOD_CHECKS)(name, value) == "on"),
     "GUNICORN_BIND": ("bind", lambda _name, value: value),

@@ -7,7 +7,8 @@ core, overlapping forwards on a core each), torch otherwise (RUNTIME=torch, or C
 thread of its own (TorchForward). Requests that arrive together share one batched forward
 (Batcher, one batch per OpenVINO stream). Attention maps come from the torch backbone (on
 request only: they need the attention weights); the answer is the runtime's, with or without
-them."""
+them. On a GPU a predictor that is not warmed up at once keeps the model on the CPU until it
+is (Predictor.place): a gunicorn master loads it, each forked worker starts CUDA for itself."""
 
 from __future__ import annotations
 
@@ -143,34 +144,69 @@ class TorchForward:
             return self.backbone(batch), None
 
 
+class DeviceUnavailable(UserError, ValueError):
+    """A CUDA device was asked for where torch finds none."""
+
+
+def check_device(device: torch.device) -> None:
+    """Raise DeviceUnavailable, in one line, when `device` is a CUDA device torch does not have.
+
+    Counted by torch.cuda.device_count(), not is_available(): the latter initialises the CUDA
+    driver (cuInit), after which a forked child (a gunicorn worker) cannot use CUDA; the count
+    comes from NVML and leaves CUDA alone wherever NVML answers (torch's docs, "poison fork")."""
+    if device.type != "cuda":
+        return
+    if not torch.backends.cuda.is_built():
+        raise DeviceUnavailable(f"{device} asked for, but this torch build ({torch.__version__}) has no CUDA "
+                                "support: install a CUDA build of torch, or use the cpu")
+    count = torch.cuda.device_count()
+    if count == 0:
+        raise DeviceUnavailable(f"{device} asked for, but torch ({torch.__version__}) finds no CUDA device here "
+                                "(no GPU, no driver, or CUDA_VISIBLE_DEVICES hides them): use the cpu")
+    if (device.index or 0) >= count:
+        raise DeviceUnavailable(f"{device} asked for, but torch finds {count} CUDA device(s) here")
+
+
 class Predictor:
     def __init__(self, model: Model, precision: str = "auto", device: str = "cpu", runtime: str = "auto",
-                 max_batch: int = config.FORWARD_BATCH, openvino_mode: str = config.OPENVINO_MODES[0],
+                 max_batch: int | None = None, openvino_mode: str = config.OPENVINO_MODES[0],
                  warm_up: bool = True, ood_check: bool = True):
         """`warm_up=False` leaves compiling and warming up to a later `warm_up()` call: a
         gunicorn master must start no OpenVINO or OpenMP threads before it forks (runtime.py).
-        `ood_check=False` leaves every answer's `in_distribution` and `ood_score` None."""
+        On a GPU (any device but the CPU) it also leaves the model on the CPU until then (or until
+        `place()`, or the first use): a forked child cannot use a CUDA context its parent made,
+        so each worker makes its own. `ood_check=False` leaves every answer's `in_distribution` and `ood_score` None.
+        `max_batch`: images per shared forward (default config.FORWARD_BATCH, or _CUDA)."""
         self.model = model
         self.device = torch.device(device)
-        self.precision = resolve_precision(precision, self.device)
+        check_device(self.device)
+        if precision not in config.PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(config.PRECISIONS)}, not {precision!r}")
+        self.precision = precision  # "auto" is resolved for the device by place()
         if runtime not in config.RUNTIMES:
             raise ValueError(f"runtime must be one of {', '.join(config.RUNTIMES)}, not {runtime!r}")
         self.runtime = runtime_for(self.device) if runtime == "auto" else runtime
         if self.runtime == "openvino" and self.device.type != "cpu":
-            raise ValueError("the openvino runtime runs on cpu only")
+            raise ValueError(f"the openvino runtime runs on the cpu only, not on {self.device}: use runtime auto "
+                             "or torch")
+        self._openvino_mode = openvino_mode  # for the OpenVINO backbone, made by place()
         # The service's probabilities are the calibrated ones (training.calibrate fitted the temperature).
         self.temperature = float((model.metadata.get("calibration") or {}).get("temperature", 1.0))
         ood = model.metadata.get("ood")
         self.ood_threshold = ood["threshold"] if ood_check and ood and model.ood_references is not None else None
-        self.ood_references = model.ood_references.to(self.device) if self.ood_threshold is not None else None
         self.attention_available = has_cls_attention(model.backbone)
-        self.head = model.head.to(self.device).eval()
-        self.torch_forward = TorchForward(model.backbone.to(self.device).eval(), self.device, self.precision)
-        self.openvino = None
-        if self.runtime == "openvino":
-            self.openvino = OpenVINOBackbone(model.backbone, model.preprocessing["input_size"], self.precision,
-                                             mode=openvino_mode)
+        # Set by place(): the model's parts on the device, and its forwards.
+        self.head: nn.Module | None = None
+        self.ood_references: torch.Tensor | None = None
+        self.torch_forward: TorchForward | None = None
+        self.openvino: OpenVINOBackbone | None = None
+        self._placed = False
+        self._placing = threading.Lock()
+        if max_batch is None:
+            max_batch = config.FORWARD_BATCH_CUDA if self.device.type == "cuda" else config.FORWARD_BATCH
         self._batcher = Batcher(self._predict_batch, max_batch)  # one batch per stream: set by warm_up
+        if warm_up or self.device.type == "cpu":
+            self.place()
         if warm_up:
             self.warm_up()
 
@@ -186,10 +222,32 @@ class Predictor:
     def openvino_mode(self) -> str | None:
         return self.openvino.mode if self.openvino is not None else None
 
+    def place(self) -> None:
+        """Put the head, the reference features and the backbone on the device, settle the
+        precision ("auto": bf16 where the device runs it natively) and make the forwards, once.
+        On CUDA this starts CUDA in the calling process: a gunicorn worker does it in warm_up,
+        after the fork, never the master."""
+        if self._placed:
+            return
+        with self._placing:
+            if self._placed:
+                return
+            self.precision = resolve_precision(self.precision, self.device)
+            self.head = self.model.head.to(self.device).eval()
+            if self.ood_threshold is not None:
+                self.ood_references = self.model.ood_references.to(self.device)
+            backbone = self.model.backbone.to(self.device).eval()
+            self.torch_forward = TorchForward(backbone, self.device, self.precision)
+            if self.runtime == "openvino":
+                self.openvino = OpenVINOBackbone(backbone, self.model.preprocessing["input_size"], self.precision,
+                                                 mode=self._openvino_mode)
+            self._placed = True
+
     def warm_up(self) -> None:
-        """Compile for this process and run forwards (plain and with attention), so the
-        first request does not pay for kernel selection. Run again after a fork or after
-        changing torch's thread count."""
+        """Place the model (see place), compile for this process and run forwards (plain and
+        with attention), so the first request does not pay for kernel selection. Run again
+        after a fork or after changing torch's thread count."""
+        self.place()
         threads = torch.get_num_threads()
         self.torch_forward.start(threads)
         if self.openvino is not None:
@@ -221,6 +279,7 @@ class Predictor:
     def predict_tensors(self, tensors: list[torch.Tensor], attention: bool = False) -> list[Prediction]:
         """Predictions for preprocessed images (CHW tensors); without attention, batched with
         the calls of other threads waiting beside this one."""
+        self.place()  # a no-op once placed (warm_up places before the first request under gunicorn)
         if attention:
             return self._predict_batch(tensors, attention=True)
         return self._batcher(tensors)
@@ -238,6 +297,7 @@ class Predictor:
     def predict_features(self, features: torch.Tensor, maps: torch.Tensor | None = None) -> list[Prediction]:
         """Predictions from the backbone's features (one row per image, on any device). Batch
         prediction computes the features itself (features.backbone_features) and ends here."""
+        self.place()
         with torch.inference_mode(), torch_threads(1):  # the head, in fp32: a few small matmuls
             features = features.float().to(self.device)
             probabilities = (self.head(features) / self.temperature).softmax(dim=1).cpu()

@@ -1,0 +1,103 @@
+"""The service's DEVICE setting where there is no GPU (as in CI): its values, the refusals, and
+the deferred move to the device. A gunicorn master loads the model and forks its workers; a
+forked child cannot use a CUDA context its parent made, so with DEVICE=cuda nothing may touch
+CUDA before a worker's warm_up. Served on a real GPU: tests/test_cuda.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vehicle_classifier import config
+from vehicle_classifier.api import EXTENSION, create_app
+from vehicle_classifier.artifact import load_artifact
+from vehicle_classifier.config import ServiceConfig
+from vehicle_classifier.inference import DeviceUnavailable, Predictor, check_device
+
+
+class CudaTouched(Exception):
+    pass
+
+
+@pytest.fixture()
+def cuda_off_limits(monkeypatch):
+    """torch reports one GPU (so DEVICE=cuda passes its check), and starting CUDA raises:
+    torch.cuda._lazy_init is what every CUDA call goes through first (moving a tensor,
+    is_bf16_supported, current_device)."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+
+    def touched():
+        raise CudaTouched("CUDA initialised")
+
+    monkeypatch.setattr(torch.cuda, "_lazy_init", touched)
+
+
+def parts_devices(predictor: Predictor) -> set[str]:
+    """Where the head, the OOD reference features and the backbone are: the predictor's once
+    placed, the model's own (which place() moves) before."""
+    assert predictor.ood_threshold is not None  # the tiny model has reference features to move
+    if predictor.torch_forward is None:
+        model = predictor.model
+        tensors = [*model.head.parameters(), *model.backbone.parameters(), model.ood_references]
+    else:
+        tensors = [*predictor.head.parameters(), *predictor.torch_forward.backbone.parameters(),
+                   predictor.ood_references]
+    return {t.device.type for t in tensors}
+
+
+def test_device_setting_values():
+    assert ServiceConfig.from_env({}).device == "cpu"
+    assert ServiceConfig.from_env({"DEVICE": "cpu"}) == ServiceConfig()
+    assert ServiceConfig.from_env({"DEVICE": " cuda "}).device == "cuda"
+    with pytest.raises(ValueError, match=r"^DEVICE must be one of cpu, cuda, not 'gpu'$"):
+        ServiceConfig.from_env({"DEVICE": "gpu"})
+
+
+def test_cuda_where_torch_finds_none_is_refused_in_one_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(DeviceUnavailable, match=r"^cuda asked for, but torch \(.*\) finds no CUDA device here") as e:
+        check_device(torch.device("cuda"))
+    assert "\n" not in str(e.value)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(DeviceUnavailable, match=r"^cuda:1 asked for, but torch finds 1 CUDA device\(s\) here$"):
+        check_device(torch.device("cuda:1"))
+    check_device(torch.device("cuda:0"))
+    check_device(torch.device("cpu"))
+
+
+def test_the_app_on_cuda_leaves_cuda_alone_until_a_worker_warms_up(tiny_model_dir, cuda_off_limits):
+    app = create_app(ServiceConfig(model_dir=tiny_model_dir, device="cuda"))  # as in gunicorn's master
+    predictor = app.extensions[EXTENSION]["predictor"]
+    assert predictor.device == torch.device("cuda") and predictor.runtime == "torch"
+    assert predictor.torch_forward is None and parts_devices(predictor) == {"cpu"}
+    assert predictor.precision == "auto"  # bf16 or fp32 is the GPU's to say, in the worker
+    assert predictor._batcher.max_items == config.FORWARD_BATCH_CUDA
+    with pytest.raises(CudaTouched):
+        predictor.warm_up()  # gunicorn.conf.py's post_worker_init, after the fork
+    with pytest.raises(CudaTouched):  # or the first request, where nothing warmed it up
+        predictor.predict_tensors([torch.zeros(3, 32, 32)])
+
+
+def test_openvino_with_cuda_is_refused(tiny_model_dir, cuda_off_limits):
+    with pytest.raises(ValueError, match="the openvino runtime runs on the cpu only, not on cuda: use runtime auto "
+                                         "or torch"):
+        Predictor.from_dir(tiny_model_dir, device="cuda", runtime="openvino", warm_up=False)
+
+
+def test_place_moves_every_part_to_the_device_once(tiny_model_dir):
+    # "meta" stands in for a GPU: a device this machine has whose tensors are visibly not on
+    # the CPU. Like CUDA, a predictor for it defers the move while it is not warmed up.
+    model = load_artifact(tiny_model_dir / config.ARTIFACT_FILE)
+    predictor = Predictor(model, device="meta", precision="fp32", warm_up=False)
+    assert predictor.torch_forward is None and parts_devices(predictor) == {"cpu"}
+    predictor.place()
+    assert parts_devices(predictor) == {"meta"} and predictor.torch_forward.device == torch.device("meta")
+    forward = predictor.torch_forward
+    predictor.place()
+    assert predictor.torch_forward is forward
+
+
+def test_a_cpu_predictor_is_placed_at_once_even_unwarmed(tiny_model_dir):
+    predictor = Predictor.from_dir(tiny_model_dir, runtime="torch", warm_up=False)
+    assert predictor.torch_forward is not None and parts_devices(predictor) == {"cpu"}
+    assert predictor.precision in ("bf16", "fp32") and predictor._batcher.max_items == config.FORWARD_BATCH
