@@ -60,7 +60,8 @@ def test_temperature_scaling_is_fitted_on_out_of_fold_logits(metrics, real_model
     # ECE moves with a single photo's confidence, either way (README, "Calibration").
     fitted = calibration["out_of_fold"]
     assert fitted["ece_after"] <= fitted["ece_before"]
-    assert {"ece_before", "ece_after", "nll_before", "nll_after"} <= set(calibration["test"]) & set(calibration["val"])
+    reported = {"ece_before", "ece_after", "nll_before", "nll_after"}
+    assert reported <= set(calibration["test"]) & set(calibration["val"])
     with Image.open(real_model_dir / config.RELIABILITY_PLOT) as plot:
         assert plot.format == "PNG" and min(plot.size) > 300
 
