@@ -50,13 +50,18 @@ def test_neither_images_are_flagged_and_test_photos_accepted(metrics):
     assert ood["accepted"]["test"] >= 0.95  # at most 5 % of held-out cars and bikes flagged
 
 
-def test_temperature_scaling_is_fitted_on_validation(metrics, real_model_dir):
+def test_temperature_scaling_is_fitted_on_out_of_fold_logits(metrics, real_model_dir):
     calibration = metrics["calibration"]
-    assert calibration["temperature"] != 1.0
-    # Fitted on val: its calibration error there does not grow. (On the 60 test photos ECE moves by
-    # a single photo's confidence; metrics.json reports it, README says what it showed.)
-    assert calibration["val"]["ece_after"] <= calibration["val"]["ece_before"]
-    assert {"ece_before", "ece_after"} <= set(calibration["test"])
+    assert calibration["method"] == "temperature scaling on 5-fold out-of-fold logits of train+val"
+    assert calibration["out_of_fold"]["count"] == 340 and calibration["temperature"] != 1.0
+    assert calibration["test"]["errors"] == round((1 - metrics["test"]["accuracy"]) * 60)
+    # Fitted on the log-loss of those 340 held-out logits (which it lowers by construction); their
+    # calibration error, which it does not fit, does not grow. Val and test (60 photos each, 0-2
+    # errors) are reported, not asserted: there ECE mostly asks whether T < 1 (README, "Calibration").
+    fitted = calibration["out_of_fold"]
+    assert fitted["ece_after"] <= fitted["ece_before"]
+    reported = {"ece_before", "ece_after", "nll_before", "nll_after"}
+    assert reported <= set(calibration["test"]) & set(calibration["val"])
     with Image.open(real_model_dir / config.RELIABILITY_PLOT) as plot:
         assert plot.format == "PNG" and min(plot.size) > 300
 

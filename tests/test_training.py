@@ -13,7 +13,7 @@ from conftest import TINY_SPEC, make_dataset, sample_photos
 from vehicle_classifier import config, training
 from vehicle_classifier.artifact import ArtifactError, load_artifact, save_artifact
 from vehicle_classifier.backbone import create_backbone, load_backbone, preprocessing_for
-from vehicle_classifier.data import DataError, stratified_split
+from vehicle_classifier.data import DataError, stratified_folds, stratified_split
 from vehicle_classifier.features import autocast, resolve_precision
 from vehicle_classifier.fileio import atomic_path
 from vehicle_classifier.images import load_tensor
@@ -64,6 +64,9 @@ def test_training_learns_separable_classes(tiny_model_dir):
     best = metrics["summary"]["best_epoch"]
     history = metrics["history"]
     assert min(h["val_loss"] for h in history) == history[best - 1]["val_loss"]  # best epoch kept
+    calibration = metrics["calibration"]  # the temperature is fitted on every train+val photo, held out
+    assert calibration["out_of_fold"]["count"] == metrics["train"]["count"] + metrics["val"]["count"]
+    assert calibration["folds"] == config.CALIBRATION_FOLDS and calibration["test"]["count"] == metrics["test"]["count"]
     for name in (config.ARTIFACT_FILE, config.SPLIT_FILE, config.HISTORY_PLOT, config.CONFUSION_PLOT):
         assert (tiny_model_dir / name).stat().st_size > 0
     for plot in (config.HISTORY_PLOT, config.CONFUSION_PLOT):
@@ -226,6 +229,40 @@ def test_dataset_errors_are_one_line(tmp_path, tiny_weights):
     with pytest.raises(DataError, match="at least two readable"):
         run(data, tmp_path / "out", tiny_weights, tmp_path / "c")
     assert not (tmp_path / "out" / config.ARTIFACT_FILE).exists()
+
+
+def test_temperature_scaling_recovers_a_known_temperature():
+    # Labels drawn from softmax(z), logits handed over as 2.5 z: an overconfident head, T = 2.5.
+    generator = torch.Generator().manual_seed(0)
+    z = torch.randn(4000, 2, generator=generator) * 3
+    labels = torch.multinomial(z.softmax(1), 1, generator=generator)[:, 0]
+    assert training.fit_temperature(2.5 * z, labels) == pytest.approx(2.5, rel=0.08)
+    # Held-out logits without a single error: the prior keeps T near 1 instead of driving it to 0.
+    right = torch.stack([-5 * torch.ones(50), 5 * torch.ones(50)], 1)
+    assert 0.3 < training.fit_temperature(right, torch.ones(50, dtype=torch.long)) < 1
+
+
+def test_out_of_fold_logits_come_from_heads_that_never_saw_the_sample():
+    # Labels at random on unstructured features: a head memorises the photos it trains on and can
+    # only guess on the others.
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(100, 256, generator=generator), torch.randint(0, 2, (100,), generator=generator)
+    cfg = config.TrainConfig(seed=0, max_epochs=60, patience=60)
+    seen, _, _ = training.train_head(x, y, x[:0], y[:0], 2, cfg, progress=False)  # the same recipe, on all
+    with torch.no_grad():
+        assert (seen(x).argmax(1) == y).float().mean() >= 0.95
+    held_out = training.out_of_fold_logits(x, y, 2, 60, cfg)
+    assert (held_out.argmax(1) == y).float().mean() <= 0.7
+    assert torch.equal(held_out, training.out_of_fold_logits(x, y, 2, 60, cfg))  # seeded
+
+    labels = [0] * 23 + [1] * 12
+    folds = stratified_folds(labels, 5, seed=1)
+    assert folds == stratified_folds(labels, 5, seed=1) != stratified_folds(labels, 5, seed=2)
+    sizes = [folds.count(f) for f in range(5)]
+    assert sorted(sizes) == [7] * 5
+    for label, count in ((0, 23), (1, 12)):  # each fold holds its share of every class
+        per_fold = [sum(1 for f, lab in zip(folds, labels) if f == k and lab == label) for k in range(5)]
+        assert max(per_fold) - min(per_fold) <= 1 and sum(per_fold) == count
 
 
 def test_training_is_reproducible(tmp_path, tiny_weights):

@@ -95,10 +95,11 @@ BACKBONES: dict[str, BackboneSpec] = {
 }
 
 
-# --- "neither a car nor a bike" and calibration (ood.py, training.fit_temperature) -----------
+# --- "neither a car nor a bike" and calibration (ood.py, training.calibrate) -----------
 OOD_NEIGHBOURS = 5  # the score: mean cosine distance to this many nearest training features
 OOD_MAX_REFERENCES = 1024  # training features kept in the artifact (1024 x 1280 float16: 2.6 MB)
 CALIBRATION_BINS = 15  # confidence bins of the expected calibration error and reliability diagram
+CALIBRATION_FOLDS = 5  # heads trained for the out-of-fold logits the temperature is fitted on
 
 # --- data -----------------------------------------------------------------------------------
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")

@@ -1,4 +1,4 @@
-"""Image-folder datasets: class names from sub-folders, and a deterministic stratified split."""
+"""Image-folder datasets: class names from sub-folders, and deterministic stratified splits and folds."""
 
 from __future__ import annotations
 
@@ -63,3 +63,17 @@ def stratified_split(labels: list[int], val_fraction: float, test_fraction: floa
         split["val"] += members[n_test : n_test + n_val].tolist()
         split["train"] += members[n_test + n_val :].tolist()
     return {name: sorted(indices) for name, indices in split.items()}
+
+
+def stratified_folds(labels: list[int], folds: int, seed: int) -> list[int]:
+    """Each sample's fold, 0 to `folds` - 1: the classes, each in a seeded order, dealt one after
+    the other round-robin over the folds, so every fold holds its share of each class and the
+    folds' sizes differ by one at most. The same seed, the same folds."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    fold, dealt = np.zeros(len(labels), dtype=int), 0
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        fold[members] = (dealt + np.arange(len(members))) % folds
+        dealt += len(members)
+    return fold.tolist()

@@ -190,7 +190,7 @@ class Predictor:
             raise ValueError(f"the openvino runtime runs on the cpu only, not on {self.device}: use runtime auto "
                              "or torch")
         self._openvino_mode = openvino_mode  # for the OpenVINO backbone, made by place()
-        # The service's probabilities are the calibrated ones (temperature fitted on validation).
+        # The service's probabilities are the calibrated ones (training.calibrate fitted the temperature).
         self.temperature = float((model.metadata.get("calibration") or {}).get("temperature", 1.0))
         ood = model.metadata.get("ood")
         self.ood_threshold = ood["threshold"] if ood_check and ood and model.ood_references is not None else None

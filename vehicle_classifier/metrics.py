@@ -117,20 +117,23 @@ def learning_curves_png(history: list[dict], best_epoch: int) -> bytes:
     return _png(plt, fig)
 
 
-def reliability_diagram_png(before: dict, after: dict, bins: int, temperature: float, title: str) -> bytes:
-    """Accuracy against confidence per bin, before and after temperature scaling; the diagonal is
-    perfect calibration. Marker area shows how many photos a bin holds."""
+def reliability_diagram_png(panels: dict[str, tuple[dict, dict]], bins: int, temperature: float) -> bytes:
+    """Accuracy against confidence per bin, before and after temperature scaling, one panel per
+    title in `panels` (its calibration_error tables before and after); the diagonal is perfect
+    calibration. Marker area shows how many photos a bin holds."""
     plt = _figure()
-    fig, ax = plt.subplots(figsize=(5, 4.5))
-    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfectly calibrated")
-    for table, name in ((before, "before"), (after, f"after (T = {temperature:.2f})")):
-        rows = table["bins"]
-        ax.plot([r["confidence"] for r in rows], [r["accuracy"] for r in rows], marker="o", linewidth=1,
-                label=f"{name}: ECE {table['ece']:.4f}")
-        ax.scatter([r["confidence"] for r in rows], [r["accuracy"] for r in rows],
-                   s=[20 + 2 * r["count"] for r in rows], alpha=0.25)
-    ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), xlabel=f"confidence ({bins} bins)", ylabel="accuracy", title=title)
-    ax.legend(loc="upper left", fontsize=8)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5), squeeze=False)
+    for ax, (title, (before, after)) in zip(axes[0], panels.items()):
+        ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfectly calibrated")
+        for table, name in ((before, "before"), (after, f"after (T = {temperature:.2f})")):
+            rows = table["bins"]
+            ax.plot([r["confidence"] for r in rows], [r["accuracy"] for r in rows], marker="o", linewidth=1,
+                    label=f"{name}: ECE {table['ece']:.4f}")
+            ax.scatter([r["confidence"] for r in rows], [r["accuracy"] for r in rows],
+                       s=[20 + 2 * r["count"] for r in rows], alpha=0.25)
+        ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), xlabel=f"confidence ({bins} bins)", ylabel="accuracy",
+               title=title)
+        ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     return _png(plt, fig)
 
