@@ -54,6 +54,7 @@ from vehicle_classifier import config  # noqa: E402
 from vehicle_classifier.backbone import create_backbone, get_spec  # noqa: E402
 from vehicle_classifier.images import load_tensor  # noqa: E402
 from vehicle_classifier.inference import Predictor, torch_threads  # noqa: E402
+from vehicle_classifier.uploads import form_parts  # noqa: E402
 from vehicle_classifier.runtime import OpenVINOBackbone  # noqa: E402
 from vehicle_classifier.training import run_training  # noqa: E402
 
@@ -327,6 +328,27 @@ def floors(url: str, photos: dict[str, bytes], preprocessing: dict, repeats: int
                 for name, data in photos.items()}
 
 
+def multipart_parsers(photo: bytes, repeats: int) -> None:
+    """The service's multipart parsing (uploads.form_parts: python-multipart) against werkzeug's,
+    behind Flask's request.files, on the request photo and on a 3 MB body (a phone photo)."""
+    from werkzeug.test import EnvironBuilder
+    from werkzeug.wrappers import Request
+
+    def werkzeug_files(body):
+        environ = EnvironBuilder(method="POST", data=body[0], content_type=body[1]).get_environ()
+        return Request(environ).files["file"].read()
+
+    def service_files(body):
+        return form_parts(body[0], body[1].split("boundary=")[1].encode())[0][0][2]
+
+    print("\nmultipart parsing of one file part, median ms:")
+    for name, data in (("the request photo", photo), ("3 MB", (photo * (3_000_000 // len(photo) + 1))[:3_000_000])):
+        body = multipart(data)
+        assert werkzeug_files(body) == service_files(body) == data
+        slow, fast = (timed(parse, [body], repeats) for parse in (werkzeug_files, service_files))
+        print(f"  {name}: werkzeug {slow:.2f}, the service's {fast:.2f} ({slow / fast:.1f}x faster)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=60, help="sequential /predict requests for p50/p95")
@@ -352,6 +374,7 @@ def main() -> None:
         bare = served_forward(predictor)
         photo, described = photo_1920x1080(photos)
         small = jpeg_224(photo)
+        multipart_parsers(photo, args.repeats)
         print(f"\nrequest photos: {described}, {len(photo) / 1024:.0f} KB; and it at 224x224, {len(small) / 1024:.0f} KB")
         proc, url = serve(model_dir, work / "gunicorn.log")
         try:
