@@ -113,7 +113,13 @@ def test_bad_artifact_stops_gunicorn_with_one_line(tiny_model_dir, tmp_path, dam
         (model_dir / "model.safetensors").write_bytes(artifact.read_bytes()[: artifact.stat().st_size // 2])
     elif damage == "not an artifact":
         shutil.copy(REPO / "pyproject.toml", model_dir / "model.safetensors")
-    proc = gunicorn(model_dir, free_port())
+    line = failed_start(model_dir)
+    assert line.startswith("error: ") and "model.safetensors" in line
+
+
+def failed_start(model_dir, **env) -> str:
+    """gunicorn started with `env`, which must exit non-zero with one line on stderr: that line."""
+    proc = gunicorn(model_dir, free_port(), **env)
     try:
         _, err = proc.communicate(timeout=120)
     finally:
@@ -121,7 +127,7 @@ def test_bad_artifact_stops_gunicorn_with_one_line(tiny_model_dir, tmp_path, dam
     assert proc.returncode != 0
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
-    assert lines[0].startswith("error: ") and "model.safetensors" in lines[0]
+    return lines[0]
 
 
 @pytest.mark.parametrize("name, value, message", [
@@ -142,23 +148,11 @@ def test_bad_setting_stops_with_one_line(tiny_model_dir, name, value, message):
 
 
 def test_bad_gunicorn_setting_stops_gunicorn_with_one_line(tiny_model_dir):
-    proc = gunicorn(tiny_model_dir, free_port(), GUNICORN_THREADS="zero")  # read in gunicorn.conf.py
-    try:
-        _, err = proc.communicate(timeout=120)
-    finally:
-        stop(proc)
-    assert proc.returncode != 0
-    assert err.strip() == "error: GUNICORN_THREADS must be a whole number, not 'zero'"
+    line = failed_start(tiny_model_dir, GUNICORN_THREADS="zero")  # read in gunicorn.conf.py
+    assert line == "error: GUNICORN_THREADS must be a whole number, not 'zero'"
 
 
 def test_cuda_without_a_gpu_stops_gunicorn_with_one_line(tiny_model_dir):
     # CUDA_VISIBLE_DEVICES hides any GPU, so this holds on a machine that has one too.
-    proc = gunicorn(tiny_model_dir, free_port(), DEVICE="cuda", CUDA_VISIBLE_DEVICES="")
-    try:
-        _, err = proc.communicate(timeout=120)
-    finally:
-        stop(proc)
-    assert proc.returncode != 0
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: cuda asked for, but torch (") and "finds no CUDA device here" in lines[0]
+    line = failed_start(tiny_model_dir, DEVICE="cuda", CUDA_VISIBLE_DEVICES="")
+    assert line.startswith("error: cuda asked for, but torch (") and "finds no CUDA device here" in line
