@@ -60,8 +60,8 @@ def decode(image: Image.Image, draft_size: int = 0) -> Image.Image:
         image.seek(0)
         image.load()
         image = _reduced(image, draft_size)
-        try:
-            image = ImageOps.exif_transpose(image)
+        try:  # in place: otherwise an upright photo (most) is copied whole for nothing
+            ImageOps.exif_transpose(image, in_place=True)
         except Exception:  # a damaged EXIF block: keep the pixels as stored
             pass
         return to_rgb(image)
