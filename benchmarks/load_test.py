@@ -205,7 +205,7 @@ def naive_fp32_throughput(model_dir: Path, photo_paths: list[Path], count: int) 
 
 
 # --- main ---------------------------------------------------------------------------------------
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=30, help="length of the load phase")
@@ -218,8 +218,11 @@ def main() -> None:
     parser.add_argument("--storm-seconds", type=float, default=6)
     parser.add_argument("--memory-requests", type=int, default=2000)
     parser.add_argument("--json", type=Path, help="also write the figures here")
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def main() -> None:
+    args = parse_args()
     photo_paths = sample_photos()
     photos = [p.read_bytes() for p in photo_paths]
     figures: dict = {"clients": args.clients, "seconds": args.seconds}
@@ -231,72 +234,85 @@ def main() -> None:
             print(f"naive single-stream fp32 eager: {figures['naive_fp32_rps']:.2f} images/s")
 
         proc, url = serve(model_dir, work / "gunicorn.log")
-        port = int(url.rsplit(":", 1)[1])
         try:
             run_clients(url, photos, args.clients, 3, Recorder())  # warm-up
-            # 2. load, with a worker killed mid-way
-            recorder, kill_report = Recorder(), {}
-            killer = kill_one_worker_later(proc.pid, url, args.kill_after, kill_report) if args.kill_after >= 0 else None
-            elapsed = run_clients(url, photos, args.clients, args.seconds, recorder)
-            if killer:
-                killer.join(60)
-            figures["load"] = {**recorder.summary(elapsed), **kill_report}
-            if figures.get("naive_fp32_rps"):
-                figures["load"]["throughput_vs_naive"] = figures["load"]["throughput_rps"] / figures["naive_fp32_rps"]
-            if figures["load"]["p50_ms"]:
-                figures["load"]["p99_over_p50"] = figures["load"]["p99_ms"] / figures["load"]["p50_ms"]
-            print_phase("load" + (f", worker {kill_report.get('killed_pid')} killed at {args.kill_after:g} s"
-                                  if killer else ""), figures["load"])
-
-            # 3. slow clients
+            load_phase(url, proc, photos, args, figures)
             if args.slow_clients:
-                normal = max(2, args.clients // 4)
-                base = Recorder()
-                figures["slow_baseline"] = base.summary(run_clients(url, photos, normal, args.slow_seconds / 2, base))
-                for kind in ("trickle", "stalled"):
-                    stop, result = threading.Event(), {}
-                    slow = threading.Thread(target=lambda: result.update(slow_uploads(
-                        port, args.slow_clients, args.slow_seconds + 20, kind == "trickle", stop)), daemon=True)
-                    slow.start()
-                    time.sleep(1)
-                    rec = Recorder()
-                    figures[f"slow_{kind}"] = {**rec.summary(run_clients(url, photos, normal, args.slow_seconds, rec))}
-                    slow.join(args.slow_seconds + 25)
-                    stop.set()
-                    figures[f"slow_{kind}"].update(result)
-                    print_phase(f"{normal} clients beside {args.slow_clients} {kind} uploads "
-                                f"(alone: p50 {figures['slow_baseline']['p50_ms']:.0f} ms)", figures[f"slow_{kind}"])
-
-            # 4. storms
+                slow_phase(url, photos, args, figures)
             if args.storm_clients:
-                metadata = requests.get(f"{url}/metadata", timeout=10).json()
-                over = metadata["serving"]["max_batch_files"] + 1
-                rec = Recorder()
-                figures["storm_over_batch_limit"] = rec.summary(
-                    run_clients(url, photos[:over], args.storm_clients, args.storm_seconds, rec, files_per_request=over))
-                print_phase(f"{args.storm_clients} clients, {over} files each (over the batch limit)",
-                            figures["storm_over_batch_limit"])
-                rec = Recorder()
-                figures["storm_valid"] = rec.summary(run_clients(url, photos, args.storm_clients, args.storm_seconds, rec))
-                print_phase(f"{args.storm_clients} clients, valid single photos", figures["storm_valid"])
-
-            # 5. memory
+                storm_phase(url, photos, args, figures)
             if args.memory_requests:
-                pids = worker_pids(proc.pid)
-                before = sum(rss_mb(p) for p in pids)
-                rec = Recorder()
-                run_clients(url, photos, args.clients // 2 or 1, 3600, rec, max_requests=args.memory_requests)
-                after = sum(rss_mb(p) for p in worker_pids(proc.pid))
-                figures["memory"] = {"requests": len(rec.results), "failed": rec.summary(1)["failed"],
-                                     "rss_before_mb": before, "rss_after_mb": after,
-                                     "growth_pct": 100 * (after - before) / before, "same_workers": pids == worker_pids(proc.pid)}
-                print(f"\nmemory: workers' RSS {before:.0f} MB after warm-up, {after:.0f} MB after "
-                      f"{len(rec.results)} more requests ({figures['memory']['growth_pct']:+.1f}%)")
+                memory_phase(url, proc, photos, args, figures)
         finally:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=30)
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
+
+
+def load_phase(url: str, proc, photos: list[bytes], args, figures: dict) -> None:
+    """2. load, with a worker killed mid-way."""
+    recorder, kill_report = Recorder(), {}
+    killer = kill_one_worker_later(proc.pid, url, args.kill_after, kill_report) if args.kill_after >= 0 else None
+    elapsed = run_clients(url, photos, args.clients, args.seconds, recorder)
+    if killer:
+        killer.join(60)
+    figures["load"] = {**recorder.summary(elapsed), **kill_report}
+    if figures.get("naive_fp32_rps"):
+        figures["load"]["throughput_vs_naive"] = figures["load"]["throughput_rps"] / figures["naive_fp32_rps"]
+    if figures["load"]["p50_ms"]:
+        figures["load"]["p99_over_p50"] = figures["load"]["p99_ms"] / figures["load"]["p50_ms"]
+    print_phase("load" + (f", worker {kill_report.get('killed_pid')} killed at {args.kill_after:g} s"
+                          if killer else ""), figures["load"])
+
+
+def slow_phase(url: str, photos: list[bytes], args, figures: dict) -> None:
+    """3. slow uploads (trickled, then stalled) beside normal clients."""
+    port = int(url.rsplit(":", 1)[1])
+    normal = max(2, args.clients // 4)
+    base = Recorder()
+    figures["slow_baseline"] = base.summary(run_clients(url, photos, normal, args.slow_seconds / 2, base))
+    for kind in ("trickle", "stalled"):
+        stop, result = threading.Event(), {}
+        slow = threading.Thread(target=lambda: result.update(slow_uploads(
+            port, args.slow_clients, args.slow_seconds + 20, kind == "trickle", stop)), daemon=True)
+        slow.start()
+        time.sleep(1)
+        rec = Recorder()
+        figures[f"slow_{kind}"] = {**rec.summary(run_clients(url, photos, normal, args.slow_seconds, rec))}
+        slow.join(args.slow_seconds + 25)
+        stop.set()
+        figures[f"slow_{kind}"].update(result)
+        print_phase(f"{normal} clients beside {args.slow_clients} {kind} uploads "
+                    f"(alone: p50 {figures['slow_baseline']['p50_ms']:.0f} ms)", figures[f"slow_{kind}"])
+
+
+def storm_phase(url: str, photos: list[bytes], args, figures: dict) -> None:
+    """4. storms: clients over the batch limit, then valid ones."""
+    metadata = requests.get(f"{url}/metadata", timeout=10).json()
+    over = metadata["serving"]["max_batch_files"] + 1
+    rec = Recorder()
+    figures["storm_over_batch_limit"] = rec.summary(
+        run_clients(url, photos[:over], args.storm_clients, args.storm_seconds, rec, files_per_request=over))
+    print_phase(f"{args.storm_clients} clients, {over} files each (over the batch limit)",
+                figures["storm_over_batch_limit"])
+    rec = Recorder()
+    figures["storm_valid"] = rec.summary(run_clients(url, photos, args.storm_clients, args.storm_seconds, rec))
+    print_phase(f"{args.storm_clients} clients, valid single photos", figures["storm_valid"])
+
+
+def memory_phase(url: str, proc, photos: list[bytes], args, figures: dict) -> None:
+    """5. the workers' memory before and after many requests."""
+    pids = worker_pids(proc.pid)
+    before = sum(rss_mb(p) for p in pids)
+    rec = Recorder()
+    run_clients(url, photos, args.clients // 2 or 1, 3600, rec, max_requests=args.memory_requests)
+    after = sum(rss_mb(p) for p in worker_pids(proc.pid))
+    figures["memory"] = {"requests": len(rec.results), "failed": rec.summary(1)["failed"],
+                         "rss_before_mb": before, "rss_after_mb": after,
+                         "growth_pct": 100 * (after - before) / before, "same_workers": pids == worker_pids(proc.pid)}
+    print(f"\nmemory: workers' RSS {before:.0f} MB after warm-up, {after:.0f} MB after "
+          f"{len(rec.results)} more requests ({figures['memory']['growth_pct']:+.1f}%)")
 
 
 def print_phase(title: str, s: dict) -> None:
