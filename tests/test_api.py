@@ -469,3 +469,27 @@ def test_importing_the_api_loads_no_torch():
     code = "import sys, vehicle_classifier.api; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def raw_part(headers: str, data: bytes, boundary: str = "b0undary") -> bytes:
+    return f"--{boundary}\r\n{headers}\r\n\r\n".encode("latin-1") + data + f"\r\n--{boundary}--\r\n".encode()
+
+
+FILE_HEADER = 'Content-Disposition: form-data; name="file"; filename="a.jpg"'
+
+
+@pytest.mark.parametrize("content_type, body, words", [
+    ("multipart/form-data", raw_part(FILE_HEADER, b"x"), "without a boundary"),
+    ("multipart/form-data; boundary=b0undary", b"no delimiter anywhere", "malformed multipart body"),
+    ("multipart/form-data; boundary=b0undary", raw_part("\r\n".join(f"X-{i}: v" for i in range(9)) + "\r\n"
+                                                         + FILE_HEADER, b"x"), "header count"),
+    ("multipart/form-data; boundary=b0undary", raw_part(FILE_HEADER.replace(":", ""), b"x"), "malformed multipart"),
+    ("multipart/form-data; boundary=b0undary", raw_part("Content-Type: image/jpeg", b"x"), "no multipart field 'file';"),
+    ("multipart/form-data; boundary=b0undary", raw_part(FILE_HEADER, b"x")[:-14], "no multipart field 'file'"),
+], ids=["no boundary", "no delimiter", "too many part headers", "header without a colon", "no disposition",
+        "never closed"])
+def test_malformed_multipart_bodies_get_a_400_and_log_nothing(client, caplog, content_type, body, words):
+    with caplog.at_level("INFO"):
+        response = client.post("/predict", data=body, content_type=content_type)
+    assert_error(response, 400, words)
+    assert not caplog.records, [r.getMessage() for r in caplog.records]

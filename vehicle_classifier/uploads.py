@@ -12,6 +12,7 @@ import heapq
 import io
 import itertools
 import json
+import logging
 import os
 import socket
 import threading
@@ -34,6 +35,9 @@ HOW_TO_SEND = ("send the image as multipart field 'file' (curl -F file=@photo.jp
 # The values of a yes/no query parameter, each list once (the OpenAPI document lists them too).
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off", "")
+# python-multipart logs a warning for every malformed body before it raises; the client gets a
+# 400 naming the fault (form_parts), so the log would only let a client flood it.
+logging.getLogger("python_multipart").setLevel(logging.ERROR)
 # Multipart parts beyond the files themselves (werkzeug parses each part; a body of thousands
 # of tiny parts costs CPU for nothing).
 EXTRA_FORM_PARTS = 16
@@ -191,7 +195,7 @@ def _multipart(max_files: int) -> list[Upload]:
         if "file" in fields:  # no filename: a text field (or a filename that could not be parsed)
             raise BadRequest("multipart field 'file' came as a text field, not a file: send it as a file "
                              "part with a plain filename (curl -F file=@photo.jpg)")
-        others = sorted({printable(name, 40) for name in [*(field for field, _, _ in file_parts), *fields]})
+        others = sorted({printable(name, 40) for name in [*(field for field, _, _ in file_parts), *fields]} - {""})
         got = f" (got field{'s' if len(others) > 1 else ''}: {', '.join(others[:5])})" if others else ""
         raise BadRequest(f"no multipart field 'file'{got}; " + HOW_TO_SEND)
     if len(files) > max_files:
