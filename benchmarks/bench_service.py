@@ -410,6 +410,9 @@ def report(requests_: int, figures: dict, lowest: dict, fp32_ms, bare_rate, one,
         print(f"  HTTP p50 - bare forward p50, {name}: {overhead:.1f} ms  (goal <= {goal} ms: "
               f"{'met' if overhead <= goal else 'NOT met'}; floor: decode + preprocess + an empty round trip "
               f"{lowest[name]:.1f} ms)")
+        if overhead < lowest[name]:  # the pairing did not cancel other load: the figure means nothing
+            print("    below its floor: other load slowed the bare forwards more than the service's; rerun on a "
+                  "quiet machine")
     print(f"  16-client throughput / bare best = {sixteen:.1f} / {bare_rate:.1f} = {sixteen / bare_rate:.2f}"
           f"  (goal >= 0.70: {'met' if sixteen >= 0.7 * bare_rate else 'NOT met'})")
     large = statistics.median(figures["1920x1080"][1])
