@@ -4,13 +4,14 @@
     imgs/attention_banner.png   held-out test photos with the backbone's [CLS] attention and the model's answer
     imgs/learning_curves.png    the head's loss and accuracy per epoch
     imgs/confusion_matrix.png   the test split's confusion matrix
-    imgs/reliability.png        the test split's reliability diagram, before and after temperature scaling
+    imgs/reliability.png        reliability diagrams, before and after temperature scaling: the logits the
+                                temperature was fitted on, and the test split
 
 With real pretrained features on this project's offline machines (README, "Figures"):
 
     .venv/bin/python scripts/lite0_weights.py out/tf_efficientnet_lite0.safetensors
     .venv/bin/python scripts/make_figures.py --backbone timm:tf_efficientnet_lite0 \
-        --weights out/tf_efficientnet_lite0.safetensors
+        --weights out/tf_efficientnet_lite0.safetensors --calibration out-of-fold
 
     .venv/bin/python scripts/make_figures.py --weights path/to/dino_deitsmall16_pretrain.pth
 
@@ -51,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"backbone, one of {', '.join(config.BACKBONES)} or {config.TIMM_PREFIX}<model name> "
                              "(default: %(default)s)")
     parser.add_argument("--cache-dir", type=Path, default=config.FEATURE_CACHE_DIR, help="feature cache directory")
+    parser.add_argument("--calibration", choices=config.CALIBRATIONS, default=config.TrainConfig.calibration,
+                        help="where the temperature is fitted (as for train.py; default: %(default)s)")
     parser.add_argument("--per-class", type=int, default=6, help="photos per class in the sample grid")
     parser.add_argument("--banner-per-class", type=int, default=3, help="photos per class in the attention banner")
     parser.add_argument("--seed", type=int, default=0, help="which photos are drawn")
@@ -92,7 +95,7 @@ def main(argv=None) -> int:
         from vehicle_classifier.backbone import get_spec
 
         get_spec(args.backbone)  # an unknown name stops here, in one line
-        cfg = config.TrainConfig(backbone=args.backbone)
+        cfg = config.TrainConfig(backbone=args.backbone, calibration=args.calibration)
         ensure_model(args, cfg)
 
         from vehicle_classifier.data import scan_image_folder

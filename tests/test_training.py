@@ -64,9 +64,10 @@ def test_training_learns_separable_classes(tiny_model_dir):
     best = metrics["summary"]["best_epoch"]
     history = metrics["history"]
     assert min(h["val_loss"] for h in history) == history[best - 1]["val_loss"]  # best epoch kept
-    calibration = metrics["calibration"]  # the temperature is fitted on every train+val photo, held out
-    assert calibration["out_of_fold"]["count"] == metrics["train"]["count"] + metrics["val"]["count"]
-    assert calibration["folds"] == config.CALIBRATION_FOLDS and calibration["test"]["count"] == metrics["test"]["count"]
+    calibration = metrics["calibration"]  # by default, the temperature is fitted on the validation logits
+    assert calibration["method"] == "temperature scaling on the validation logits"
+    assert calibration["val"]["count"] == metrics["val"]["count"] and calibration["test"]["count"] == metrics["test"]["count"]
+    assert "out_of_fold" not in calibration and calibration["temperature"] > 0
     for name in (config.ARTIFACT_FILE, config.SPLIT_FILE, config.HISTORY_PLOT, config.CONFUSION_PLOT):
         assert (tiny_model_dir / name).stat().st_size > 0
     for plot in (config.HISTORY_PLOT, config.CONFUSION_PLOT):
@@ -309,3 +310,22 @@ def test_a_flipped_weight_is_detected(tiny_model_dir, tmp_path):
     damaged.write_bytes(bytes(blob))
     with pytest.raises(ArtifactError, match="checksum"):
         load_artifact(damaged)
+
+
+@pytest.mark.parametrize("where", config.CALIBRATIONS)
+def test_calibrate_fits_the_temperature_where_the_setting_says(where):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 16, generator=generator)
+    y = (x[:, 0] + 0.8 * torch.randn(200, generator=generator) > 0).long()  # learnable, with errors
+    part = {"train": (x[:120], y[:120]), "val": (x[120:160], y[120:160]), "test": (x[160:], y[160:])}
+    cfg = config.TrainConfig(calibration=where, max_epochs=30, patience=30)
+    head, _, best = training.train_head(*part["train"], *part["val"], 2, cfg, progress=False)
+    temperature, report, diagram = training.calibrate(head, part, best, cfg)
+    fitted = "val" if where == "val" else "out_of_fold"
+    logits, labels = (head.eval()(part["val"][0]).detach(), part["val"][1]) if where == "val" else (
+        training.out_of_fold_logits(x[:160], y[:160], 2, best, cfg), y[:160])
+    assert temperature == report["temperature"] == pytest.approx(training.fit_temperature(logits, labels))
+    assert report[fitted]["count"] == len(labels) and report["test"]["count"] == 40
+    assert ("out_of_fold" in report) == (where == "out-of-fold")
+    assert report[fitted]["nll_after"] <= report[fitted]["nll_before"]  # the fit lowers what it minimises
+    assert diagram[:8] == b"\x89PNG\r\n\x1a\n"

@@ -99,7 +99,11 @@ BACKBONES: dict[str, BackboneSpec] = {
 OOD_NEIGHBOURS = 5  # the score: mean cosine distance to this many nearest training features
 OOD_MAX_REFERENCES = 1024  # training features kept in the artifact (1024 x 1280 float16: 2.6 MB)
 CALIBRATION_BINS = 15  # confidence bins of the expected calibration error and reliability diagram
-CALIBRATION_FOLDS = 5  # heads trained for the out-of-fold logits the temperature is fitted on
+CALIBRATION_FOLDS = 5  # heads trained for the out-of-fold logits (calibration "out-of-fold")
+# Where the temperature is fitted (TrainConfig.calibration): the kept head's validation logits
+# (free), or out-of-fold logits of train+val (better held-out log-loss; CALIBRATION_FOLDS more
+# heads to train: README, "Calibration").
+CALIBRATIONS = ("val", "out-of-fold")
 
 # --- data -----------------------------------------------------------------------------------
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -141,6 +145,7 @@ class TrainConfig:
     # the images that are neither class whose flagged share metrics.json reports.
     ood_acceptance: float = 0.975
     neither_dir: str = str(NEITHER_DIR)
+    calibration: str = CALIBRATIONS[0]
 
 
 # --- service --------------------------------------------------------------------------------
