@@ -38,7 +38,8 @@ HELP = {
                    "held-out log-loss, costs those heads' training)",
 }
 
-CHOICES = {"precision": list(config.PRECISIONS), "calibration": list(config.CALIBRATIONS)}  # backbone names are checked by backbone.get_spec
+# Backbone names are checked by backbone.get_spec.
+CHOICES = {"precision": list(config.PRECISIONS), "calibration": list(config.CALIBRATIONS)}
 
 
 def build_parser() -> argparse.ArgumentParser:

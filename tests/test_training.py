@@ -66,7 +66,8 @@ def test_training_learns_separable_classes(tiny_model_dir):
     assert min(h["val_loss"] for h in history) == history[best - 1]["val_loss"]  # best epoch kept
     calibration = metrics["calibration"]  # by default, the temperature is fitted on the validation logits
     assert calibration["method"] == "temperature scaling on the validation logits"
-    assert calibration["val"]["count"] == metrics["val"]["count"] and calibration["test"]["count"] == metrics["test"]["count"]
+    assert calibration["val"]["count"] == metrics["val"]["count"]
+    assert calibration["test"]["count"] == metrics["test"]["count"]
     assert "out_of_fold" not in calibration and calibration["temperature"] > 0
     for name in (config.ARTIFACT_FILE, config.SPLIT_FILE, config.HISTORY_PLOT, config.CONFUSION_PLOT):
         assert (tiny_model_dir / name).stat().st_size > 0
