@@ -38,7 +38,7 @@ FALSE_WORDS = ("0", "false", "no", "off", "")
 # python-multipart logs a warning for every malformed body before it raises; the client gets a
 # 400 naming the fault (form_parts), so the log would only let a client flood it.
 logging.getLogger("python_multipart").setLevel(logging.ERROR)
-# Multipart parts beyond the files themselves (werkzeug parses each part; a body of thousands
+# Multipart parts beyond the files themselves (each part is parsed; a body of thousands
 # of tiny parts costs CPU for nothing).
 EXTRA_FORM_PARTS = 16
 
