@@ -174,3 +174,16 @@ def test_the_torch_runtime_runs_every_forward_in_its_one_forward_thread(tiny_mod
     assert len(answers) == 4 and all(a[0].label == answers[0][0].label for a in answers)
     assert with_attention.attention.shape == (4, 4)
     assert len(seen) == 1 and seen.pop().startswith("torch-forward")
+
+
+def test_deadlines_outlive_an_action_that_fails():
+    deadlines, fired = Deadlines(), threading.Event()
+
+    def broken():
+        raise RuntimeError("boom")
+
+    with deadlines.guard(0.02, broken):
+        time.sleep(0.1)
+    with deadlines.guard(0.02, fired.set):
+        time.sleep(0.1)
+    assert fired.wait(2)

@@ -38,6 +38,7 @@ FALSE_WORDS = ("0", "false", "no", "off", "")
 # python-multipart logs a warning for every malformed body before it raises; the client gets a
 # 400 naming the fault (form_parts), so the log would only let a client flood it.
 logging.getLogger("python_multipart").setLevel(logging.ERROR)
+log = logging.getLogger(__name__)
 # Multipart parts beyond the files themselves (each part is parsed; a body of thousands
 # of tiny parts costs CPU for nothing).
 EXTRA_FORM_PARTS = 16
@@ -107,7 +108,10 @@ class Deadlines:
                     changed.wait(wait)
                     continue
                 on_expiry = heapq.heappop(self._heap)[2]
-            on_expiry()
+            try:
+                on_expiry()
+            except Exception:  # the thread keeps every other deadline: it must outlive a failing one
+                log.exception("an upload deadline's action failed")
 
 
 _deadlines = Deadlines()
