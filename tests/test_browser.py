@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -37,34 +38,29 @@ def keep(screenshot: Path, name: str) -> None:
     print(f"screenshot: {screenshot}")
 
 
-def test_upload_photos_in_a_browser_and_see_the_answers(tiny_model_dir, tmp_path):
+@contextmanager
+def answered_page(model_dir: Path, tmp_path: Path, photos: list[Path], height: int):
+    """gunicorn serving `model_dir`, the page in front of it, headless Chromium on the page with
+    `photos` uploaded and their answers shown, each heading as the service answers it directly:
+    (the page, the service's answers). A failure leaves a screenshot and prints both logs."""
     from playwright.sync_api import expect, sync_playwright
 
-    photos = [sample_photos("Car")[0], sample_photos("Bike")[0]]
-    with gunicorn_service(tiny_model_dir, tmp_path / "gunicorn.log") as service, \
+    with gunicorn_service(model_dir, tmp_path / "gunicorn.log") as service, \
             streamlit_page(service, tmp_path / "streamlit.log") as page_url:
         expected = [PredictionClient(service).predict(p.read_bytes(), p.name) for p in photos]
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
-            page = browser.new_page(viewport={"width": 1280, "height": 1400})
+            page = browser.new_page(viewport={"width": 1280, "height": height})
             try:
                 page.set_default_timeout(60_000)
                 page.goto(page_url)
                 expect(page.get_by_text("Ready", exact=True)).to_be_visible(timeout=90_000)  # the sidebar
                 page.locator("input[type=file]").set_input_files([str(p) for p in photos])
-
                 headings = page.locator("h3").filter(has_text=ANSWER)
                 expect(headings).to_have_count(len(photos), timeout=120_000)
                 shown = [headings.nth(i).inner_text().strip() for i in range(len(photos))]
                 assert shown == [heading(a) for a in expected]
-
-                # Where the model looked: the first photo's overlay, fetched from the service on demand.
-                page.get_by_text("Show where the model looked").first.click()
-                expect(page.get_by_text(f"{photos[0].name}: attention overlay")).to_be_visible(timeout=60_000)
-                expect(page.get_by_text(f"{photos[1].name}: attention overlay")).to_have_count(0)
-
-                screenshot = tmp_path / "browser.png"
-                page.screenshot(path=str(screenshot), full_page=True)
+                yield page, expected
             except Exception:
                 page.screenshot(path=str(tmp_path / "browser-failure.png"), full_page=True)
                 for log in ("gunicorn.log", "streamlit.log"):  # shown by pytest with the failure
@@ -73,6 +69,19 @@ def test_upload_photos_in_a_browser_and_see_the_answers(tiny_model_dir, tmp_path
                 raise
             finally:
                 browser.close()
+
+
+def test_upload_photos_in_a_browser_and_see_the_answers(tiny_model_dir, tmp_path):
+    from playwright.sync_api import expect
+
+    photos = [sample_photos("Car")[0], sample_photos("Bike")[0]]
+    with answered_page(tiny_model_dir, tmp_path, photos, height=1400) as (page, _):
+        # Where the model looked: the first photo's overlay, fetched from the service on demand.
+        page.get_by_text("Show where the model looked").first.click()
+        expect(page.get_by_text(f"{photos[0].name}: attention overlay")).to_be_visible(timeout=60_000)
+        expect(page.get_by_text(f"{photos[1].name}: attention overlay")).to_have_count(0)
+        screenshot = tmp_path / "browser.png"
+        page.screenshot(path=str(screenshot), full_page=True)
     assert screenshot.stat().st_size > 10_000
     keep(screenshot, "browser.png")
 
@@ -80,33 +89,13 @@ def test_upload_photos_in_a_browser_and_see_the_answers(tiny_model_dir, tmp_path
 def test_a_photo_of_neither_in_a_browser(real_model_dir, tmp_path):
     """The real model behind the real page: a car is called a car, a portrait is "neither a car
     nor a bike?". The screenshot is README's picture of that state (imgs/page_neither.png)."""
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     photos = [sample_photos("Car")[0], NEITHER_DIR / "portrait.jpg"]
-    with gunicorn_service(real_model_dir, tmp_path / "gunicorn.log") as service, \
-            streamlit_page(service, tmp_path / "streamlit.log") as page_url:
-        expected = [PredictionClient(service).predict(p.read_bytes(), p.name) for p in photos]
+    with answered_page(real_model_dir, tmp_path, photos, height=1100) as (page, expected):
         assert [a["in_distribution"] for a in expected] == [True, False]
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
-            page = browser.new_page(viewport={"width": 1280, "height": 1100})
-            try:
-                page.set_default_timeout(60_000)
-                page.goto(page_url)
-                expect(page.get_by_text("Ready", exact=True)).to_be_visible(timeout=90_000)
-                page.locator("input[type=file]").set_input_files([str(p) for p in photos])
-                headings = page.locator("h3").filter(has_text=ANSWER)
-                expect(headings).to_have_count(len(photos), timeout=120_000)
-                assert [headings.nth(i).inner_text().strip() for i in range(2)] == [heading(a) for a in expected]
-                expect(page.get_by_text("This photo lies far from every photo")).to_be_visible()
-                screenshot = tmp_path / "page_neither.png"
-                page.screenshot(path=str(screenshot), full_page=True)
-            except Exception:
-                page.screenshot(path=str(tmp_path / "browser-failure.png"), full_page=True)
-                for log in ("gunicorn.log", "streamlit.log"):
-                    print(f"--- {log}\n" + (tmp_path / log).read_text(errors="replace")[-4000:])
-                raise
-            finally:
-                browser.close()
+        expect(page.get_by_text("This photo lies far from every photo")).to_be_visible()
+        screenshot = tmp_path / "page_neither.png"
+        page.screenshot(path=str(screenshot), full_page=True)
     assert screenshot.stat().st_size > 10_000
     keep(screenshot, "page_neither.png")
