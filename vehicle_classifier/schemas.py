@@ -29,7 +29,8 @@ class Prediction(BaseModel):
     label: str = Field(description="The predicted class")
     confidence: float = Field(ge=0, le=1, description="Probability of the predicted class")
     probabilities: dict[str, float] = Field(description="Probability of every class (calibrated: temperature "
-                                                        "scaling fitted on held-out training photos)")
+                                                        "scaling fitted on held-out photos, the validation split "
+                                                        "or out of fold)")
     in_distribution: bool | None = Field(
         None, description="false: the photo lies farther from the training photos than the threshold in "
                           "/metadata's ood (neither a car nor a bike?); null when the check is off (OOD_CHECK=off) "
