@@ -26,10 +26,10 @@ test: setup
 	$(PYTHON) -m pytest
 
 cluster: setup
-	$(PYTHON) -m vehicle_classifier.cluster serve
+	$(PYTHON) -m vehicle_classifier.serving.cluster serve
 
 reload: setup
-	$(PYTHON) -m vehicle_classifier.cluster reload
+	$(PYTHON) -m vehicle_classifier.serving.cluster reload
 
 page: setup
 	$(VENV)/bin/streamlit run streamlit_app.py

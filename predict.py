@@ -9,7 +9,7 @@ A missing or damaged artifact, or a bad setting, stops the process with one line
 import sys
 
 from vehicle_classifier import UserError
-from vehicle_classifier.api import EXTENSION, create_app
+from vehicle_classifier.serving.api import EXTENSION, create_app
 
 try:
     app = create_app()

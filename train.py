@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, handlers=[handler])
 
     from vehicle_classifier import UserError
-    from vehicle_classifier.fingerprint import training_fingerprint, up_to_date
+    from vehicle_classifier.training.fingerprint import training_fingerprint, up_to_date
 
     cfg = config.TrainConfig(**{f.name: getattr(args, f.name) for f in fields(config.TrainConfig)})
     try:
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
                   f"weights and settings (metrics in {args.output_dir / config.METRICS_FILE}; --force retrains)")
             return 0
         from vehicle_classifier.distributed import process_group
-        from vehicle_classifier.training import run_training
+        from vehicle_classifier.training.run import run_training
 
         with process_group() as group:  # under torchrun: this process's rank, else a group of one
             metrics = run_training(args.data_dir, args.output_dir, cfg, args.weights, args.cache_dir, args.device,

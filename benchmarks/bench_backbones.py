@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 
 from vehicle_classifier import config  # noqa: E402
 from vehicle_classifier.backbone import create_backbone, preprocessing_for  # noqa: E402
-from vehicle_classifier.features import resolve_precision  # noqa: E402
+from vehicle_classifier.runtime import resolve_precision  # noqa: E402
 from vehicle_classifier.runtime import OpenVINOBackbone  # noqa: E402
 
 # Input sizes not chosen, priced for the README's justification.

@@ -4,7 +4,7 @@
 
 One run, on a fresh clone (needs only ../shared/data/car-bike-sample):
   1. builds a ViT-S/16 model artifact: random weights in the official DINO format, head trained
-     by vehicle_classifier.training.run_training on a small subset of the sample photos;
+     by vehicle_classifier.training.run.run_training on a small subset of the sample photos;
   2. the batch-1 backbone forward of each CPU option on the preprocessed sample photos: fp32
      eager (the baseline), torch bf16 autocast, OpenVINO bf16 with one stream over all cores
      and with one stream per core (what the service runs; also its per-image rate with every
@@ -53,10 +53,11 @@ sys.path.insert(0, str(REPO))
 from vehicle_classifier import config  # noqa: E402
 from vehicle_classifier.backbone import create_backbone, get_spec  # noqa: E402
 from vehicle_classifier.images import load_tensor  # noqa: E402
-from vehicle_classifier.inference import Predictor, torch_threads  # noqa: E402
-from vehicle_classifier.uploads import form_parts  # noqa: E402
+from vehicle_classifier.runtime import torch_threads  # noqa: E402
+from vehicle_classifier.serving.predictor import Predictor  # noqa: E402
+from vehicle_classifier.serving.uploads import form_parts  # noqa: E402
 from vehicle_classifier.runtime import OpenVINOBackbone  # noqa: E402
-from vehicle_classifier.training import run_training  # noqa: E402
+from vehicle_classifier.training.run import run_training  # noqa: E402
 
 SAMPLE_DIR = config.SAMPLE_DIR
 

@@ -38,7 +38,7 @@ from load_test import Recorder, print_phase, rss_mb, run_clients, worker_pids  #
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from vehicle_classifier.cluster import free_port  # noqa: E402
+from vehicle_classifier.serving.cluster import free_port  # noqa: E402
 from vehicle_classifier.config import ARTIFACT_FILE, SAMPLE_DIR  # noqa: E402
 
 
@@ -49,7 +49,7 @@ def start_cluster(model_dir: Path, run_dir: Path, replicas: int, log: Path,
     port = free_port()
     env = {**os.environ, "PORT": str(port), "CLUSTER_HOST": "127.0.0.1", "REPLICAS": str(replicas),
            "MODEL_DIR": str(model_dir), "CLUSTER_DIR": str(run_dir), **(settings or {})}
-    proc = subprocess.Popen([sys.executable, "-m", "vehicle_classifier.cluster", "serve"], cwd=REPO, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "vehicle_classifier.serving.cluster", "serve"], cwd=REPO, env=env,
                             stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
     state_file = run_dir / str(port) / "state.json"
     deadline = time.monotonic() + 300
@@ -165,7 +165,7 @@ def new_artifact(model_dir: Path) -> str:
 
 def run_reload(env: dict, report: dict) -> None:
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "vehicle_classifier.cluster", "reload"], cwd=REPO, env=env,
+    done = subprocess.run([sys.executable, "-m", "vehicle_classifier.serving.cluster", "reload"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     report.update(reload_rc=done.returncode, reload_s=time.perf_counter() - started,
                   reload_output=(done.stdout + done.stderr).strip().splitlines()[-1:])

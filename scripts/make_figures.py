@@ -61,13 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def ensure_model(args, cfg: config.TrainConfig) -> None:
-    from vehicle_classifier.fingerprint import training_fingerprint, up_to_date
+    from vehicle_classifier.training.fingerprint import training_fingerprint, up_to_date
 
     fingerprint = training_fingerprint(args.data_dir, cfg, args.weights, "auto")
     if up_to_date(args.model_dir, fingerprint):
         print(f"reusing the model in {args.model_dir} (trained from these same photos, weights and settings)")
         return
-    from vehicle_classifier.training import run_training
+    from vehicle_classifier.training.run import run_training
 
     print(f"training a model into {args.model_dir}")
     run_training(args.data_dir, args.model_dir, cfg, args.weights, args.cache_dir, fingerprint=fingerprint)
@@ -77,7 +77,7 @@ def test_photos_by_class(split: dict, seed: int) -> dict[str, list[Path]]:
     """The model's held-out test photos per class in a seeded order, then its other photos
     (a tiny dataset may hold too few test photos)."""
     from vehicle_classifier.data import Sample
-    from vehicle_classifier.figures import shuffled_by_class
+    from vehicle_classifier.serving.figures import shuffled_by_class
 
     root, names = Path(split["data_dir"]), split["class_names"]
     by_class = {name: [] for name in names}
@@ -99,15 +99,15 @@ def main(argv=None) -> int:
         ensure_model(args, cfg)
 
         from vehicle_classifier.data import scan_image_folder
-        from vehicle_classifier.figures import (
+        from vehicle_classifier.serving.figures import (
             attention_banner,
             sample_grid,
             save_figure,
             shuffled_by_class,
         )
-        from vehicle_classifier.inference import Predictor
+        from vehicle_classifier.serving.predictor import Predictor
         from vehicle_classifier.fileio import write_file
-        from vehicle_classifier.metrics import plot_confusion_matrix, plot_learning_curves
+        from vehicle_classifier.training.metrics import plot_confusion_matrix, plot_learning_curves
 
         predictor = Predictor.from_dir(args.model_dir)
         out = args.out_dir

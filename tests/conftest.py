@@ -87,7 +87,7 @@ def synthetic_dataset(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, synthetic_dataset, tiny_weights) -> Path:
     """A trained tiny model: the artifact, metrics.json, split.json and plots."""
-    from vehicle_classifier.training import run_training
+    from vehicle_classifier.training.run import run_training
 
     out = tmp_path_factory.mktemp("model")
     cfg = config.TrainConfig(backbone=TINY_SPEC.name, max_epochs=60, patience=10)

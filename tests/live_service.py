@@ -29,7 +29,7 @@ def flask_service(model_dir: Path, **settings):
     """The real app from `create_app`, served by werkzeug on a free port; yields its URL once ready."""
     from werkzeug.serving import make_server
 
-    from vehicle_classifier.api import create_app
+    from vehicle_classifier.serving.api import create_app
     from vehicle_classifier.config import ServiceConfig
 
     app = create_app(ServiceConfig(model_dir=Path(model_dir), **settings))

@@ -18,7 +18,7 @@ from PIL import Image
 from urllib3 import encode_multipart_formdata
 
 from conftest import synthetic_image
-from vehicle_classifier.api import create_app
+from vehicle_classifier.serving.api import create_app
 from vehicle_classifier.config import ServiceConfig
 
 MAX_UPLOAD = 2 * 1024 * 1024
@@ -466,7 +466,7 @@ def test_importing_the_api_loads_no_torch():
     import subprocess
     import sys
 
-    code = "import sys, vehicle_classifier.api; print('torch' in sys.modules)"
+    code = "import sys, vehicle_classifier.serving.api; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -19,13 +19,13 @@ import train
 from conftest import make_dataset, synthetic_image
 from vehicle_classifier import backbone as backbone_mod
 from vehicle_classifier import config
-from vehicle_classifier.api import create_app
+from vehicle_classifier.serving.api import create_app
 from vehicle_classifier.backbone import (
     WeightsError, cls_attention, create_backbone, has_cls_attention, load_backbone, preprocessing_for,
 )
 from vehicle_classifier.config import ServiceConfig, TrainConfig
 from vehicle_classifier.runtime import OpenVINOBackbone
-from vehicle_classifier.training import run_training
+from vehicle_classifier.training.run import run_training
 
 NEW = [name for name in config.BACKBONES if name.startswith(("dinov2-", "dinov3-"))]
 

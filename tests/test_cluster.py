@@ -24,7 +24,7 @@ import yaml
 from conftest import REPO, sample_photos
 from live_service import free_port
 
-from vehicle_classifier import cluster
+from vehicle_classifier.serving import cluster
 from vehicle_classifier.config import ARTIFACT_FILE, NGINX_TEMPLATE, ClusterConfig
 
 NGINX = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
@@ -73,7 +73,7 @@ def test_cluster_on_a_busy_port_stops_at_once_with_one_line(tmp_path):
         busy.listen()
         port = busy.getsockname()[1]
         env = {**os.environ, "PORT": str(port), "CLUSTER_HOST": "127.0.0.1", "CLUSTER_DIR": str(tmp_path)}
-        done = subprocess.run([sys.executable, "-m", "vehicle_classifier.cluster", "serve"], cwd=REPO, env=env,
+        done = subprocess.run([sys.executable, "-m", "vehicle_classifier.serving.cluster", "serve"], cwd=REPO, env=env,
                               capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines() == [f"error: cannot listen on 127.0.0.1:{port} (Address already in use); "
@@ -83,7 +83,7 @@ def test_cluster_on_a_busy_port_stops_at_once_with_one_line(tmp_path):
 
 def test_reload_without_a_cluster_says_so_in_one_line(tmp_path, tiny_model_dir):
     env = {**os.environ, "PORT": str(free_port()), "CLUSTER_DIR": str(tmp_path), "MODEL_DIR": str(tiny_model_dir)}
-    done = subprocess.run([sys.executable, "-m", "vehicle_classifier.cluster", "reload"], cwd=REPO, env=env,
+    done = subprocess.run([sys.executable, "-m", "vehicle_classifier.serving.cluster", "reload"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr.strip().splitlines() == [f"error: no cluster is running on port {env['PORT']} "
@@ -130,7 +130,7 @@ def test_proxy_limits_uploads_and_a_damaged_rollout_is_refused(running):
     good = artifact.read_bytes()
     artifact.write_bytes(good[: len(good) // 2])  # a truncated copy, as an interrupted upload leaves
     try:
-        done = subprocess.run([sys.executable, "-m", "vehicle_classifier.cluster", "reload"], cwd=REPO,
+        done = subprocess.run([sys.executable, "-m", "vehicle_classifier.serving.cluster", "reload"], cwd=REPO,
                               env=running.env, capture_output=True, text=True, timeout=120)
         # Past that check (a SIGHUP straight to the cluster), the new replica itself refuses it.
         os.kill(state["pid"], signal.SIGHUP)

@@ -34,7 +34,8 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from vehicle_classifier import client as client_mod
-from vehicle_classifier import cluster, config
+from vehicle_classifier import config
+from vehicle_classifier.serving import cluster
 
 REPO = Path(__file__).resolve().parents[1]
 PREDICT_DOCKERFILE = REPO / "image-predict.dockerfile"
@@ -520,7 +521,7 @@ def test_serving_path_needs_only_what_the_predict_image_installs_and_copies(tmp_
     installed = installed_closure(requirements) | BASE_IMAGE_DISTS
     assert dists <= installed, f"loaded but not installed by the Dockerfile: {sorted(dists - installed)}"
     assert {"torch", "timm", "flask", "matplotlib", "pillow"} <= dists
-    assert "predict.py" in project and "vehicle_classifier/inference.py" in project
+    assert "predict.py" in project and "vehicle_classifier/serving/predictor.py" in project
 
 
 def test_page_runs_from_the_copied_files_alone_without_torch(tmp_path):

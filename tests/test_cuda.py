@@ -15,10 +15,13 @@ import torch
 
 from conftest import REPO, TINY_SPEC, sample_photos
 from live_service import gunicorn_service
-from vehicle_classifier import batch, config, training
+from vehicle_classifier import config
+from vehicle_classifier.serving import batch
+from vehicle_classifier.training import run as training
 from vehicle_classifier.backbone import create_backbone, preprocessing_for
-from vehicle_classifier.features import FeatureCache, extract_features, fit_batch_size
-from vehicle_classifier.inference import Predictor
+from vehicle_classifier.extraction import fit_batch_size
+from vehicle_classifier.training.features import FeatureCache, extract_features
+from vehicle_classifier.serving.predictor import Predictor
 
 pytestmark = pytest.mark.cuda
 CUDA = torch.device("cuda")

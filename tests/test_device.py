@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from vehicle_classifier import config
-from vehicle_classifier.api import EXTENSION, create_app
+from vehicle_classifier.serving.api import EXTENSION, create_app
 from vehicle_classifier.artifact import load_artifact
 from vehicle_classifier.config import ServiceConfig
-from vehicle_classifier.inference import DeviceUnavailable, Predictor, check_device
+from vehicle_classifier.runtime import DeviceUnavailable, check_device
+from vehicle_classifier.serving.predictor import Predictor
 
 
 class CudaTouched(Exception):

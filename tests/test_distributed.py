@@ -11,8 +11,10 @@ import torch
 
 from conftest import REPO, TINY_SPEC, make_dataset
 from live_service import free_port
-from vehicle_classifier import batch, config, training
-from vehicle_classifier.features import FeatureCache
+from vehicle_classifier import config
+from vehicle_classifier.serving import batch
+from vehicle_classifier.training import run as training
+from vehicle_classifier.training.features import FeatureCache
 
 
 def torchrun(*args):

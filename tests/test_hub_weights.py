@@ -33,7 +33,7 @@ LOOKUP = """
 import json, sys, time
 from vehicle_classifier.backbone import WeightsError, load_backbone, find_pretrained_weights
 from vehicle_classifier.config import BackboneSpec
-from vehicle_classifier.fingerprint import weights_identity
+from vehicle_classifier.training.fingerprint import weights_identity
 spec = BackboneSpec({name!r}, {architecture!r}, official_file={official!r}, model_kwargs={kwargs!r})
 started = time.monotonic()
 try:

@@ -21,7 +21,8 @@ from safetensors.torch import load, save
 
 from conftest import REPO, TINY_SPEC, make_dataset
 from test_training import backbone_calls  # noqa: F401 (a fixture)
-from vehicle_classifier import config, fileio, training
+from vehicle_classifier import config, fileio
+from vehicle_classifier.training import run as training
 from vehicle_classifier.artifact import read_metadata
 from vehicle_classifier.fileio import LockedError, WriteError, exclusive, publish, recover
 
@@ -110,7 +111,7 @@ def run_hooked(args, target, nth, when, signum, condition="True", timeout=300):
 def test_a_rerun_after_an_interrupted_extraction_extracts_only_the_missing_photos(
         tmp_path, tiny_weights, backbone_calls, signum, nth, when):
     data, out, cache = make_dataset(tmp_path / "data", PER_CLASS), tmp_path / "out", tmp_path / "cache"
-    done = run_hooked(train_args(data, out, cache, tiny_weights), "vehicle_classifier.features:FeatureCache.add",
+    done = run_hooked(train_args(data, out, cache, tiny_weights), "vehicle_classifier.training.features:FeatureCache.add",
                       nth, when, signum)
     if signum == signal.SIGKILL:
         assert done.returncode == -signal.SIGKILL

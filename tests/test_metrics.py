@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
-from vehicle_classifier.metrics import classification_metrics
+from vehicle_classifier.training.metrics import classification_metrics
 
 
 @pytest.mark.parametrize("seed, n_classes, n", [(0, 2, 50), (1, 2, 7), (2, 3, 80), (3, 2, 200)])

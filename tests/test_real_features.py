@@ -15,10 +15,10 @@ from conftest import LITE0_BACKBONE, NEITHER_DIR, REPO, SAMPLE_DIR, sample_photo
 from PIL import Image
 
 from vehicle_classifier import config
-from vehicle_classifier.api import create_app
+from vehicle_classifier.serving.api import create_app
 from vehicle_classifier.backbone import WeightsError, create_backbone, get_spec, load_backbone, preprocessing_for
 from vehicle_classifier.config import ServiceConfig
-from vehicle_classifier.inference import AttentionUnavailable, Predictor
+from vehicle_classifier.serving.predictor import AttentionUnavailable, Predictor
 
 
 @pytest.fixture(scope="module")

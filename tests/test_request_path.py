@@ -15,11 +15,11 @@ from PIL import Image
 
 from conftest import synthetic_image
 from vehicle_classifier.config import ServiceConfig
-from vehicle_classifier.errors import BadRequest, printable
-from vehicle_classifier.features import FeatureCache, extract_features
+from vehicle_classifier.serving.errors import BadRequest, printable
+from vehicle_classifier.training.features import FeatureCache, extract_features
 from vehicle_classifier.images import read_header
-from vehicle_classifier.inference import Predictor
-from vehicle_classifier.uploads import Deadlines, PixelBudget, Upload, decode_uploads
+from vehicle_classifier.serving.predictor import Predictor
+from vehicle_classifier.serving.uploads import Deadlines, PixelBudget, Upload, decode_uploads
 
 
 @pytest.fixture(scope="module")

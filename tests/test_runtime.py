@@ -11,7 +11,7 @@ import torch
 
 from conftest import TINY_SPEC
 from vehicle_classifier.backbone import create_backbone
-from vehicle_classifier.inference import Batcher
+from vehicle_classifier.serving.predictor import Batcher
 from vehicle_classifier.runtime import OpenVINOBackbone
 
 

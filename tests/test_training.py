@@ -10,14 +10,15 @@ import torch
 from PIL import Image
 
 from conftest import TINY_SPEC, make_dataset, sample_photos
-from vehicle_classifier import config, training
+from vehicle_classifier import config
+from vehicle_classifier.training import run as training
 from vehicle_classifier.artifact import ArtifactError, load_artifact, save_artifact
 from vehicle_classifier.backbone import create_backbone, load_backbone, preprocessing_for
 from vehicle_classifier.data import DataError, stratified_folds, stratified_split
-from vehicle_classifier.features import autocast, resolve_precision
+from vehicle_classifier.runtime import autocast, resolve_precision
 from vehicle_classifier.fileio import atomic_path
 from vehicle_classifier.images import load_tensor
-from vehicle_classifier.inference import Predictor
+from vehicle_classifier.serving.predictor import Predictor
 from vehicle_classifier.runtime import OpenVINOBackbone
 
 
@@ -279,9 +280,9 @@ def test_training_is_reproducible(tmp_path, tiny_weights):
 
 def test_precision_falls_back_to_fp32_without_bf16(monkeypatch):
     cpu = torch.device("cpu")
-    monkeypatch.setattr("vehicle_classifier.features.cpu_supports_bf16", lambda: False)
+    monkeypatch.setattr("vehicle_classifier.runtime.cpu_supports_bf16", lambda: False)
     assert resolve_precision("auto", cpu) == "fp32"
-    monkeypatch.setattr("vehicle_classifier.features.cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr("vehicle_classifier.runtime.cpu_supports_bf16", lambda: True)
     assert resolve_precision("auto", cpu) == "bf16"
     assert resolve_precision("fp32", cpu) == "fp32"
     with pytest.raises(ValueError):

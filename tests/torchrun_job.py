@@ -12,9 +12,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from conftest import TINY_SPEC  # noqa: E402
-from vehicle_classifier import backbone, batch, config  # noqa: E402
+from vehicle_classifier import backbone, config  # noqa: E402
+from vehicle_classifier.serving import batch  # noqa: E402
 from vehicle_classifier.distributed import process_group  # noqa: E402
-from vehicle_classifier.training import run_training  # noqa: E402
+from vehicle_classifier.training.run import run_training  # noqa: E402
 
 backbone.BACKBONES[TINY_SPEC.name] = TINY_SPEC
 data_dir, weights, output_dir, cache_dir, predictions = map(Path, sys.argv[1:6])

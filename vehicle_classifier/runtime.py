@@ -14,6 +14,7 @@ worker compiles after it forks (OpenVINOBackbone checks the process id).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import sys
@@ -27,7 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import OPENVINO_MODES
+from . import UserError
+from .config import OPENVINO_MODES, PRECISIONS
 
 OPENVINO_PRECISION = {"bf16": "bf16", "fp32": "f32"}
 
@@ -147,3 +149,70 @@ class OpenVINOBackbone:
                     yield running.popleft().result()
             while running:
                 yield running.popleft().result()
+
+
+# --- precision ------------------------------------------------------------------------------
+def cpu_supports_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """'auto' is bf16 where the hardware runs it natively (CUDA with bf16, CPUs with AVX512-BF16
+    or AMX: 1.3-1.6x fp32 in torch on this project's AMD EPYC (benchmarks/), features within ~1e-4 cosine of fp32), else fp32."""
+    if requested not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {requested!r}")
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_supports_bf16() else "fp32"
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def runtime_for(device: torch.device) -> str:
+    return "openvino" if device.type == "cpu" else "torch"
+
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """torch's thread count for the calling thread, inside the block. OpenMP keeps the count
+    per thread: a server's request threads start from OMP_NUM_THREADS, not from warm_up's."""
+    before = torch.get_num_threads()
+    if count != before:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if count != before:
+            torch.set_num_threads(before)
+
+
+class DeviceUnavailable(UserError, ValueError):
+    """A CUDA device was asked for where torch finds none."""
+
+
+def check_device(device: torch.device) -> None:
+    """Raise DeviceUnavailable, in one line, when `device` is a CUDA device torch does not have.
+
+    Counted by torch.cuda.device_count(), not is_available(): the latter initialises the CUDA
+    driver (cuInit), after which a forked child (a gunicorn worker) cannot use CUDA; the count
+    comes from NVML and leaves CUDA alone wherever NVML answers (torch's docs, "poison fork")."""
+    if device.type != "cuda":
+        return
+    if not torch.backends.cuda.is_built():
+        raise DeviceUnavailable(f"{device} asked for, but this torch build ({torch.__version__}) has no CUDA "
+                                "support: install a CUDA build of torch, or use the cpu")
+    count = torch.cuda.device_count()
+    if count == 0:
+        raise DeviceUnavailable(f"{device} asked for, but torch ({torch.__version__}) finds no CUDA device here "
+                                "(no GPU, no driver, or CUDA_VISIBLE_DEVICES hides them): use the cpu")
+    if (device.index or 0) >= count:
+        raise DeviceUnavailable(f"{device} asked for, but torch finds {count} CUDA device(s) here")

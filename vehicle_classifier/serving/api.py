@@ -17,8 +17,9 @@ import time
 
 from flask import Flask, Response, g, jsonify, redirect
 
-from . import __version__, schemas
-from .config import ServiceConfig
+from .. import __version__
+from ..config import ServiceConfig
+from . import schemas
 from .errors import register_error_handlers
 from .monitoring import Metrics
 from .uploads import (HOW_TO_SEND, BadRequest, PixelBudget, decode_uploads, flag, max_form_parts, read_uploads, receive_body,
@@ -37,7 +38,7 @@ def create_app(config: ServiceConfig | None = None, predictor=None) -> Flask:
     `predictor.warm_up()` (gunicorn.conf.py does, in each worker, before it takes requests)."""
     config = config or ServiceConfig.from_env()
     if predictor is None:
-        from .inference import Predictor  # torch is imported here, not at module import
+        from .predictor import Predictor  # torch is imported here, not at module import
 
         # warm_up=False: under gunicorn this runs in the master, which must start no threads and
         # no CUDA before it forks; each worker warms up (and on CUDA places) its own copy.
@@ -105,7 +106,7 @@ def _add_predict(app: Flask, docs, predictor, config: ServiceConfig, metrics: Me
         timings.append(("decode", time.perf_counter()))
         predictions = predictor.predict_tensors([item.tensor for item in decoded], attention=attention)
         timings.append(("model", time.perf_counter()))
-        from .inference import attention_overlay_png  # loaded with the predictor: costs nothing here
+        from .predictor import attention_overlay_png  # loaded with the predictor: costs nothing here
 
         answers = []
         for item, prediction in zip(decoded, predictions):

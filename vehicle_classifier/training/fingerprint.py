@@ -12,9 +12,9 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from . import __version__, config
-from .data import file_digest, scan_image_folder
-from .fileio import in_transition, read_safetensors_metadata
+from .. import __version__, config
+from ..data import file_digest, scan_image_folder
+from ..fileio import in_transition, read_safetensors_metadata
 
 
 def weights_identity(spec: config.BackboneSpec, weights: Path | None) -> str | None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .fileio import write_file
+from ..fileio import write_file
 
 
 def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, class_names: list[str]) -> dict:

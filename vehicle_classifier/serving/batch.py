@@ -1,7 +1,7 @@
 """Batch prediction without the service: image files and folders in, one row per image out.
 
-    python -m vehicle_classifier.batch photos/ more.jpg --model-dir models/ --output predictions.csv
-    torchrun --nproc-per-node=gpu -m vehicle_classifier.batch photos/ --output predictions.jsonl
+    python -m vehicle_classifier.serving.batch photos/ more.jpg --model-dir models/ --output predictions.csv
+    torchrun --nproc-per-node=gpu -m vehicle_classifier.serving.batch photos/ --output predictions.jsonl
 
 As timm's inference.py: a results table, written as batches complete, in CSV or JSON lines
 (by the --output suffix). Columns: path, label, confidence, one probability per class (named by
@@ -25,7 +25,7 @@ import logging
 import sys
 from pathlib import Path
 
-from . import UserError, config
+from .. import UserError, config
 
 FORMATS = (".csv", ".jsonl")
 FIXED_COLUMNS = ("path", "label", "confidence")
@@ -161,7 +161,7 @@ def predict_into(results: ResultsFile, predictor, paths: list[Path], batch_size:
     """Classify `paths` into `results`; how many were classified and how many were unreadable."""
     from tqdm.auto import tqdm
 
-    from .features import backbone_features
+    from ..extraction import backbone_features
 
     classified = unreadable = 0
     batches = backbone_features(predictor.model.backbone, paths, predictor.model.preprocessing, predictor.device,
@@ -179,7 +179,7 @@ def predict_into(results: ResultsFile, predictor, paths: list[Path], batch_size:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m vehicle_classifier.batch", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m vehicle_classifier.serving.batch", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+", type=Path, metavar="INPUT",
                         help="image files, and folders searched recursively for images")
@@ -200,10 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> tuple[int, int, int] | None:
     """Classify every input not yet in --output; (classified, unreadable, already there) on
     rank 0, None on the other ranks of a torchrun."""
-    from .artifact import load_artifact
-    from .distributed import part_suffix, process_group
-    from .features import decode_workers
-    from .inference import Predictor
+    from ..artifact import load_artifact
+    from ..distributed import part_suffix, process_group
+    from ..extraction import decode_workers
+    from .predictor import Predictor
 
     images = find_images(args.inputs)
     if not images:

@@ -12,7 +12,6 @@ is (Predictor.place): a gunicorn master loads it, each forked worker starts CUDA
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import threading
@@ -26,13 +25,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-from . import UserError, config
-from .artifact import Model, load_artifact
-from .backbone import cls_attention, has_cls_attention
-from .features import autocast, resolve_precision, runtime_for
-from .images import open_image, preprocess
-from .ood import ood_scores
-from .runtime import OpenVINOBackbone
+from .. import UserError, config
+from ..artifact import Model, load_artifact
+from ..backbone import cls_attention, has_cls_attention
+from ..images import open_image, preprocess
+from ..ood import ood_scores
+from ..runtime import OpenVINOBackbone, autocast, check_device, resolve_precision, runtime_for, torch_threads
 
 
 @dataclass
@@ -142,29 +140,6 @@ class TorchForward:
             if attention:
                 return cls_attention(self.backbone, batch)
             return self.backbone(batch), None
-
-
-class DeviceUnavailable(UserError, ValueError):
-    """A CUDA device was asked for where torch finds none."""
-
-
-def check_device(device: torch.device) -> None:
-    """Raise DeviceUnavailable, in one line, when `device` is a CUDA device torch does not have.
-
-    Counted by torch.cuda.device_count(), not is_available(): the latter initialises the CUDA
-    driver (cuInit), after which a forked child (a gunicorn worker) cannot use CUDA; the count
-    comes from NVML and leaves CUDA alone wherever NVML answers (torch's docs, "poison fork")."""
-    if device.type != "cuda":
-        return
-    if not torch.backends.cuda.is_built():
-        raise DeviceUnavailable(f"{device} asked for, but this torch build ({torch.__version__}) has no CUDA "
-                                "support: install a CUDA build of torch, or use the cpu")
-    count = torch.cuda.device_count()
-    if count == 0:
-        raise DeviceUnavailable(f"{device} asked for, but torch ({torch.__version__}) finds no CUDA device here "
-                                "(no GPU, no driver, or CUDA_VISIBLE_DEVICES hides them): use the cpu")
-    if (device.index or 0) >= count:
-        raise DeviceUnavailable(f"{device} asked for, but torch finds {count} CUDA device(s) here")
 
 
 class Predictor:
@@ -315,20 +290,6 @@ class Predictor:
                 ood_score=None if scores is None else scores[i],
             ))
         return predictions
-
-
-@contextlib.contextmanager
-def torch_threads(count: int):
-    """torch's thread count for the calling thread, inside the block. OpenMP keeps the count
-    per thread: a server's request threads start from OMP_NUM_THREADS, not from warm_up's."""
-    before = torch.get_num_threads()
-    if count != before:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        if count != before:
-            torch.set_num_threads(before)
 
 
 def attention_overlay_png(crop: Image.Image, attention: np.ndarray) -> bytes:

@@ -14,8 +14,8 @@ import traceback
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from . import UserError
-from .images import ImageError
+from .. import UserError
+from ..images import ImageError
 
 log = logging.getLogger(__name__)
 

@@ -16,15 +16,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import UserError, config
-from .artifact import OOD_REFERENCES, encode_artifact, read_metadata
-from .backbone import BackboneSpec, get_spec, load_backbone, preprocessing_for
-from .distributed import SINGLE, Group
-from .data import DataError, Sample, file_digest, scan_image_folder, stratified_folds, stratified_split
-from .features import FeatureCache, cache_key, extract_features, part_cache, resolve_precision, runtime_for
-from .fileio import clean_temporaries, exclusive, json_bytes, publish, recover
-from .head import MLPHead
-from .inference import torch_threads
+from .. import UserError, config
+from ..artifact import OOD_REFERENCES, encode_artifact, read_metadata
+from ..backbone import BackboneSpec, get_spec, load_backbone, preprocessing_for
+from ..distributed import SINGLE, Group
+from ..data import DataError, Sample, file_digest, scan_image_folder, stratified_folds, stratified_split
+from .features import FeatureCache, cache_key, extract_features, part_cache
+from ..fileio import clean_temporaries, exclusive, json_bytes, publish, recover
+from ..head import MLPHead
+from ..runtime import resolve_precision, runtime_for, torch_threads
 from .metrics import (
     calibration_error,
     classification_metrics,
@@ -32,7 +32,7 @@ from .metrics import (
     learning_curves_png,
     reliability_diagram_png,
 )
-from .ood import choose_threshold, flagged_rate, ood_scores, reference_features
+from ..ood import choose_threshold, flagged_rate, ood_scores, reference_features
 
 log = logging.getLogger(__name__)
 

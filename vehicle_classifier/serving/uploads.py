@@ -26,9 +26,9 @@ from python_multipart import MultipartParser
 from python_multipart.multipart import parse_options_header
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from .config import ServiceConfig
+from ..config import ServiceConfig
 from .errors import BadRequest, printable
-from .images import ImageError, center_crop, decode, read_header
+from ..images import ImageError, center_crop, decode, read_header
 
 HOW_TO_SEND = ("send the image as multipart field 'file' (curl -F file=@photo.jpg), as a raw body "
                "with an image/* content type, or as JSON {\"image\": \"<base64>\"}")

@@ -30,11 +30,11 @@ from pathlib import Path
 
 import requests
 
-from . import UserError
-from .config import ARTIFACT_FILE, NGINX_BINARY, NGINX_TEMPLATE, ClusterConfig, ServiceConfig
-from .fileio import write_json
+from .. import UserError
+from ..config import ARTIFACT_FILE, NGINX_BINARY, NGINX_TEMPLATE, ClusterConfig, ServiceConfig
+from ..fileio import write_json
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 POLL = 0.2  # seconds between looks at processes and files
 # Passive health checks, per replica (see the template): out for fail_timeout after max_fails.
 UPSTREAM_SERVER = "server 127.0.0.1:{port} max_fails=2 fail_timeout=5s;"
@@ -365,7 +365,7 @@ def reload(cfg: ClusterConfig, timeout: float = 900) -> int:
         raise UserError(f"no cluster is running on port {cfg.port} (start one with: make cluster)") from None
     if Path(state["model_dir"]) != cfg.model_dir.resolve():
         raise UserError(f"the cluster on port {cfg.port} serves MODEL_DIR={state['model_dir']}, not {cfg.model_dir}")
-    from .artifact import load_artifact  # torch: only once there is a cluster to roll out to
+    from ..artifact import load_artifact  # torch: only once there is a cluster to roll out to
 
     new_version = load_artifact(cfg.model_dir / ARTIFACT_FILE).metadata["model_version"]  # ArtifactError: one line
     if {r["model_version"] for r in state["replicas"]} == {new_version}:
@@ -390,7 +390,7 @@ def reload(cfg: ClusterConfig, timeout: float = 900) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv not in (["serve"], ["reload"]):
-        print("usage: python -m vehicle_classifier.cluster serve|reload (settings: see README, Operations)",
+        print("usage: python -m vehicle_classifier.serving.cluster serve|reload (settings: see README, Operations)",
               file=sys.stderr)
         return 2
     try:

@@ -16,7 +16,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, RootModel
 from spectree import Response, SpecTree
 
-from . import __version__
+from .. import __version__
 
 DOCS_PATH = "docs"  # Swagger UI at /docs, its document at /docs/openapi.json (also /openapi.json)
 

@@ -15,10 +15,10 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
-from .data import Sample
-from .fileio import atomic_path
-from .images import ImageError, center_crop, open_image
-from .inference import Predictor, attention_overlay_png
+from ..data import Sample
+from ..fileio import atomic_path
+from ..images import ImageError, center_crop, open_image
+from .predictor import Predictor, attention_overlay_png
 
 
 def shuffled_by_class(samples: list[Sample], class_names: list[str], seed: int = 0) -> dict[str, list[Path]]:
