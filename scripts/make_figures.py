@@ -1,4 +1,4 @@
-"""Regenerate the figures README shows, from a real run:
+"""Regenerate the figures docs/training.md shows, from a real run:
 
     imgs/sample_grid.png        photos of each class, as the centre crop the backbone sees
     imgs/attention_banner.png   held-out test photos with the backbone's [CLS] attention and the model's answer
@@ -7,7 +7,7 @@
     imgs/reliability.png        reliability diagrams, before and after temperature scaling: the logits the
                                 temperature was fitted on, and the test split
 
-With real pretrained features on this project's offline machines (README, "Figures"):
+With real pretrained features on this project's offline machines (docs/training.md, "Figures"):
 
     .venv/bin/python scripts/lite0_weights.py out/tf_efficientnet_lite0.safetensors
     .venv/bin/python scripts/make_figures.py --backbone timm:tf_efficientnet_lite0 \

@@ -126,8 +126,8 @@ def real_feature_cache(tmp_path_factory) -> Path:
 def real_model_dir(tmp_path_factory, lite0_weights, real_feature_cache) -> Path:
     """A model trained by train.py, as a user runs it, on the 400 real sample photos with real
     pretrained features, 'neither' images included; the temperature fitted out of fold (the
-    default, on validation, is checked on synthetic features: test_training), as README's
-    figures are."""
+    default, on validation, is checked on synthetic features: test_training), as the figures in
+    docs/training.md are."""
     import train
 
     sample_photos()  # skips when the photos are absent

@@ -88,7 +88,7 @@ def test_upload_photos_in_a_browser_and_see_the_answers(tiny_model_dir, tmp_path
 
 def test_a_photo_of_neither_in_a_browser(real_model_dir, tmp_path):
     """The real model behind the real page: a car is called a car, a portrait is "neither a car
-    nor a bike?". The screenshot is README's picture of that state (imgs/page_neither.png)."""
+    nor a bike?". The screenshot is the docs' picture of that state (imgs/page_neither.png)."""
     from playwright.sync_api import expect
 
     photos = [sample_photos("Car")[0], NEITHER_DIR / "portrait.jpg"]

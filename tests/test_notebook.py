@@ -1,5 +1,5 @@
 """notebook.ipynb executes headless, top to bottom, in quick mode on the real sample photos with
-real pretrained features (EfficientNet-Lite0); scripts/make_figures.py writes the README figures
+real pretrained features (EfficientNet-Lite0); scripts/make_figures.py writes the figures in docs/training.md
 from a real run."""
 
 from __future__ import annotations

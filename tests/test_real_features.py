@@ -57,7 +57,7 @@ def test_temperature_scaling_is_fitted_on_out_of_fold_logits(metrics, real_model
     assert calibration["test"]["errors"] == round((1 - metrics["test"]["accuracy"]) * 60)
     # Fitted on the log-loss of those 340 held-out logits (which it lowers by construction); their
     # calibration error, which it does not fit, does not grow. Val and test (60 photos each, 0-2
-    # errors) are reported, not asserted: there ECE mostly asks whether T < 1 (README, "Calibration").
+    # errors) are reported, not asserted: there ECE mostly asks whether T < 1 (docs/training.md, "Calibration").
     fitted = calibration["out_of_fold"]
     assert fitted["ece_after"] <= fitted["ece_before"]
     reported = {"ece_before", "ece_after", "nll_before", "nll_after"}

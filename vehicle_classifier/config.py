@@ -57,7 +57,7 @@ class BackboneSpec:
 
 # DINOv2 runs at 224 px, resized to 256 and centre-cropped as its linear evaluation does (the
 # ImageNet figures its paper reports), not at the 518 px its weights' position grid was trained
-# at: that measured 8x the cost per image of 224 px (benchmarks/bench_backbones.py, README).
+# at: that measured 8x the cost per image of 224 px (benchmarks/bench_backbones.py, docs/backbones.md).
 # timm resamples the position embeddings to the 16x16 grid when loading (backbone.load_strict).
 DINOV2_AT_224 = {"pretrained_cfg_overlay": {"input_size": [3, 224, 224], "crop_pct": 0.875}}
 # DINOv3: [CLS] pooling, as upstream and as the other backbones (timm's Eva default is the mean
@@ -102,7 +102,7 @@ CALIBRATION_BINS = 15  # confidence bins of the expected calibration error and r
 CALIBRATION_FOLDS = 5  # heads trained for the out-of-fold logits (calibration "out-of-fold")
 # Where the temperature is fitted (TrainConfig.calibration): the kept head's validation logits
 # (free), or out-of-fold logits of train+val (better held-out log-loss; CALIBRATION_FOLDS more
-# heads to train: README, "Calibration").
+# heads to train: docs/training.md, "Calibration").
 CALIBRATIONS = ("val", "out-of-fold")
 
 # --- data -----------------------------------------------------------------------------------

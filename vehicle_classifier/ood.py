@@ -2,7 +2,7 @@
 
 The score is the mean cosine distance from a photo's [CLS] feature to its `k` nearest training
 features; above a threshold chosen on the validation split the photo is out of distribution.
-Chosen by measurement (README, "Neither a car nor a bike"): on EfficientNet-Lite0 features of
+Chosen by measurement (docs/training.md, "Neither a car nor a bike"): on EfficientNet-Lite0 features of
 the 400 sample photos it separated every image of data/neither/ from every held-out car and
 bike (AUROC 1.000), where class-conditional Gaussians (Mahalanobis, shared covariance) reached
 0.96-0.97 and the softmax confidence 0.97, letting through most of data/neither/ at the same

@@ -75,7 +75,8 @@ def nginx_conf(prefix: Path, site: str) -> str:
 def nginx_binary() -> str:
     found = shutil.which(NGINX_BINARY) or shutil.which(NGINX_BINARY, path="/usr/sbin:/usr/local/sbin")
     if not found:
-        raise UserError("nginx is not installed: apt-get install nginx (Debian), or see README, Operations")
+        raise UserError("nginx is not installed: apt-get install nginx (Debian), "
+                        "or see docs/deployment.md, make cluster")
     return found
 
 
@@ -390,8 +391,8 @@ def reload(cfg: ClusterConfig, timeout: float = 900) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv not in (["serve"], ["reload"]):
-        print("usage: python -m vehicle_classifier.serving.cluster serve|reload (settings: see README, Operations)",
-              file=sys.stderr)
+        print("usage: python -m vehicle_classifier.serving.cluster serve|reload "
+              "(settings: see docs/deployment.md, make cluster)", file=sys.stderr)
         return 2
     try:
         cfg = ClusterConfig.from_env()

@@ -107,7 +107,7 @@ def fitting_logits(held_out: dict, part: dict, best_epoch: int, cfg: config.Trai
     added to it), and the report's method. "val": the kept head's validation logits, free but few
     (60 on the sample, which also chose its epoch). "out-of-fold": every train+val photo scored by
     a head that never saw it (out_of_fold_logits; 340 on the sample), which lowered held-out
-    log-loss by 18% where the validation fit did not (README, "Calibration"), for the training of
+    log-loss by 18% where the validation fit did not (docs/training.md, "Calibration"), for the training of
     config.CALIBRATION_FOLDS more heads."""
     if cfg.calibration == "out-of-fold":
         x, y = (torch.cat([part["train"][i], part["val"][i]]) for i in (0, 1))
