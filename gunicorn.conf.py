@@ -62,17 +62,11 @@ os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
 for stale in glob.glob(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "*.db")):
     os.remove(stale)  # counts of a previous run
 
-# torch in the master runs single-threaded: an OpenMP thread pool started before fork()
-# makes forked workers hang. Each worker sets its own thread count in post_fork. (The app
-# loaded in the master compiles nothing: OpenVINO compiles in each worker, post_worker_init.)
+# No thread pool may start in the master before fork(): forked workers would hang in it. The
+# master only reads the model (the exported graph, or torch's with RUNTIME=torch/DEVICE=cuda);
+# OpenMP, should torch be loaded, starts single-threaded, and each worker compiles (or places)
+# its own forward with its share of the cores in post_worker_init.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-import torch  # noqa: E402
-
-torch.set_num_threads(1)
-
-
-def post_fork(server, worker):
-    torch.set_num_threads(torch_threads)
 
 
 def post_worker_init(worker):
@@ -80,9 +74,9 @@ def post_worker_init(worker):
     # request, so that /ready answering means a forward has run in this worker. With DEVICE=cuda
     # this is also where the model moves to the GPU: CUDA starts in each worker, after the fork
     # (a forked child cannot use a CUDA context made by its parent; the master loads on the CPU).
-    predictor = getattr(worker.wsgi, "extensions", {}).get("vehicle_classifier", {}).get("predictor")
-    if predictor is not None:
-        predictor.warm_up()
+    service = getattr(worker.wsgi, "extensions", {}).get("vehicle_classifier")
+    if service is not None:
+        service.predictor.warm_up(torch_threads)
 
 
 def on_reload(server):
@@ -93,7 +87,7 @@ def on_reload(server):
 
 
 def when_ready(server):
-    server.log.info("serving with %d worker(s) x %d thread(s), %d torch thread(s) per worker",
+    server.log.info("serving with %d worker(s) x %d thread(s), %d forward thread(s) per worker",
                     workers, threads, torch_threads)
 
 

@@ -18,5 +18,5 @@ except (UserError, ValueError) as exc:  # ArtifactError, a bad setting (ServiceC
     sys.exit(1)
 
 if __name__ == "__main__":  # development server; use gunicorn for anything else
-    app.extensions[EXTENSION]["predictor"].warm_up()  # as gunicorn.conf.py does in each worker
+    app.extensions[EXTENSION].predictor.warm_up()  # as gunicorn.conf.py does in each worker
     app.run(host="0.0.0.0", port=9696)

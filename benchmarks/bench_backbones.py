@@ -28,7 +28,8 @@ sys.path.insert(0, str(REPO))
 from vehicle_classifier import config  # noqa: E402
 from vehicle_classifier.backbone import create_backbone, preprocessing_for  # noqa: E402
 from vehicle_classifier.runtime import resolve_precision  # noqa: E402
-from vehicle_classifier.runtime import OpenVINOBackbone  # noqa: E402
+from vehicle_classifier.export import to_openvino  # noqa: E402
+from vehicle_classifier.runtime import OpenVINOModel  # noqa: E402
 
 # Input sizes not chosen, priced for the justification in docs/backbones.md.
 ALTERNATIVES = {
@@ -43,20 +44,22 @@ def prepared(spec: config.BackboneSpec, precision: str) -> dict:
     torch.manual_seed(0)
     model = create_backbone(spec.architecture, spec.model_kwargs)
     size = preprocessing_for(model)["input_size"]
-    fast = OpenVINOBackbone(model, size, precision, mode="latency")
+    fast = OpenVINOModel(to_openvino(model, size), precision, mode="latency")
     fast.compile()
     batch = torch.randn(16, 3, size, size)
     with torch.inference_mode():
         reference = model(batch[:4])
+    batch = batch.numpy()
     fast(batch[:1]), fast(batch)  # the first call at each shape selects kernels: not timed
+    served = torch.from_numpy(fast(batch[:4]))
     return {
         "fast": fast, "batch": batch, "size": size, "b1": [], "b16": [],
         "params": sum(p.numel() for p in model.parameters()) / 1e6,
-        "cosine": float(torch.nn.functional.cosine_similarity(fast(batch[:4]), reference).min()),
+        "cosine": float(torch.nn.functional.cosine_similarity(served, reference).min()),
     }
 
 
-def timed_ms(fn, x: torch.Tensor) -> float:
+def timed_ms(fn, x) -> float:
     start = time.perf_counter()
     fn(x)
     return (time.perf_counter() - start) * 1000
@@ -70,7 +73,7 @@ def main() -> None:
                         help="timing rounds: batch-1 and batch-16 calls per backbone (default: 5)")
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     args = parser.parse_args()
-    precision = resolve_precision(args.precision, torch.device("cpu"))
+    precision = resolve_precision(args.precision, "cpu")
     specs = {name: config.BACKBONES.get(name) or ALTERNATIVES[name] for name in args.backbones}
     print(f"OpenVINO {precision}, one stream over {torch.get_num_threads()} threads; random weights\n")
     rows = {name: prepared(spec, precision) for name, spec in tqdm(specs.items(), desc="converting", unit="backbone")}

@@ -53,7 +53,7 @@ sys.path.insert(0, str(REPO))
 from vehicle_classifier import config  # noqa: E402
 from vehicle_classifier.backbone import create_backbone, get_spec  # noqa: E402
 from vehicle_classifier.images import load_tensor  # noqa: E402
-from vehicle_classifier.runtime import torch_threads  # noqa: E402
+from vehicle_classifier.devices import torch_threads  # noqa: E402
 from vehicle_classifier.serving.predictor import Predictor  # noqa: E402
 from vehicle_classifier.serving.uploads import form_parts  # noqa: E402
 from vehicle_classifier.runtime import OpenVINOBackbone  # noqa: E402

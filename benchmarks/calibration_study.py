@@ -33,7 +33,7 @@ from vehicle_classifier import config  # noqa: E402
 from vehicle_classifier.backbone import get_spec  # noqa: E402
 from vehicle_classifier.data import stratified_split  # noqa: E402
 from vehicle_classifier.distributed import SINGLE  # noqa: E402
-from vehicle_classifier.runtime import torch_threads  # noqa: E402
+from vehicle_classifier.devices import torch_threads  # noqa: E402
 from vehicle_classifier.training.metrics import calibration_error  # noqa: E402
 from vehicle_classifier.training.run import (  # noqa: E402
     _extract,

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv and install the project with its test and page extras, at constraints.txt's versions.
+# Create .venv and install the project with its training, test and page extras, at constraints.txt's versions.
 #   scripts/setup.sh            Python side (pip takes torch from this machine's wheel cache when
 #                               it has one; elsewhere from PyPI)
 #   scripts/setup.sh --browser  Debian's Chromium and nginx for the browser and proxy tests, when
@@ -31,6 +31,6 @@ command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 pip_install() {  # quiet, but the whole log when pip fails
     .venv/bin/python -m pip install --progress-bar off "$@" >.venv/pip.log 2>&1 || { cat .venv/pip.log; exit 1; }
 }
-pip_install -c constraints.txt -e ".[dev,page]"  # the tested versions (the lock)
+pip_install -c constraints.txt -e ".[train,dev,page]"  # the tested versions (the lock)
 .venv/bin/python -c "import torch, timm, flask, streamlit" # fail here, not later, if the install did
 touch .venv/.installed

@@ -183,7 +183,7 @@ def test_predict_multipart_single(client, app):
     assert response.status_code == 200
     answer = response.get_json()
     assert_prediction(answer)
-    assert answer["model_version"] == app.extensions["vehicle_classifier"]["predictor"].metadata["model_version"]
+    assert answer["model_version"] == app.extensions["vehicle_classifier"].predictor.metadata["model_version"]
     assert "attention_png" not in answer
     timing = dict(item.split(";dur=") for item in response.headers["Server-Timing"].split(", "))
     assert list(timing) == ["read", "decode", "model", "answer"] and all(float(v) >= 0 for v in timing.values())
@@ -366,10 +366,10 @@ def test_a_bug_is_a_logged_json_500_and_the_service_goes_on(tiny_model_dir, capl
     # A genuine bug inside the predictor (simulated by breaking its preprocessing) must not
     # leak a traceback to the client, and must not take the app down.
     app = create_app(ServiceConfig(model_dir=tiny_model_dir))
-    predictor = app.extensions["vehicle_classifier"]["predictor"]
+    predictor = app.extensions["vehicle_classifier"].predictor
     client = app.test_client()
-    original = predictor.to_tensor
-    predictor.to_tensor = lambda image: 1 / 0
+    original = predictor.crop
+    predictor.crop = lambda image: 1 / 0
     try:
         assert_error(predict_raw(client, good_jpeg()), 500, "internal error")
         assert "ZeroDivisionError" in caplog.text
@@ -377,7 +377,7 @@ def test_a_bug_is_a_logged_json_500_and_the_service_goes_on(tiny_model_dir, capl
         assert_error(predict_raw(client, good_jpeg()), 500, "internal error")
         assert caplog.text.count("Traceback") == 1 and "seen 2 times" in caplog.text
     finally:
-        predictor.to_tensor = original
+        predictor.crop = original
     assert_still_serving(client)
 
 
@@ -386,7 +386,7 @@ def test_health_and_ready(client, app):
     assert client.get("/health").get_json() == {"status": "ok"}
     ready = client.get("/ready")
     assert ready.status_code == 200
-    version = app.extensions["vehicle_classifier"]["predictor"].metadata["model_version"]
+    version = app.extensions["vehicle_classifier"].predictor.metadata["model_version"]
     assert ready.get_json() == {"ready": True, "model_version": version}
 
 

@@ -24,7 +24,8 @@ from vehicle_classifier.backbone import (
     WeightsError, cls_attention, create_backbone, has_cls_attention, load_backbone, preprocessing_for,
 )
 from vehicle_classifier.config import ServiceConfig, TrainConfig
-from vehicle_classifier.runtime import OpenVINOBackbone
+from vehicle_classifier.artifact import load_artifact
+from vehicle_classifier.images import preprocess
 from vehicle_classifier.training.run import run_training
 
 NEW = [name for name in config.BACKBONES if name.startswith(("dinov2-", "dinov3-"))]
@@ -273,10 +274,11 @@ def test_each_trains_and_serves_from_its_official_file(tmp_path, monkeypatch, sm
     assert metrics["test"]["count"] > 0
 
     app = create_app(ServiceConfig(model_dir=tmp_path / "out"))  # as served: bf16 where the CPU has it
-    predictor = app.extensions["vehicle_classifier"]["predictor"]
-    assert predictor.runtime == "openvino"  # the fast CPU path, not the torch fallback
+    predictor = app.extensions["vehicle_classifier"].predictor
+    assert predictor.runtime == "openvino" and predictor.source == "exported"  # the CPU path without torch
     assert predictor.metadata["backbone"]["name"] == spec.name
-    assert_loaded(predictor.model.backbone, state)  # the release file's weights, through the artifact
+    model = load_artifact(tmp_path / "out" / config.ARTIFACT_FILE)
+    assert_loaded(model.backbone, state)  # the release file's weights, through the artifact
     client = app.test_client()
     photo = io.BytesIO()
     synthetic_image("Car", np.random.default_rng(0)).save(photo, "JPEG")
@@ -290,10 +292,11 @@ def test_each_trains_and_serves_from_its_official_file(tmp_path, monkeypatch, sm
         assert with_attention.status_code == 200
         assert Image.open(io.BytesIO(base64.b64decode(with_attention.get_json()["attention_png"])))
 
-    # The served OpenVINO forward gives torch fp32's features (bf16 where the CPU has it).
-    size = predictor.model.preprocessing["input_size"]
-    x = torch.randn(3, 3, size, size)
+    # The served forward, the exported graph (bf16 where the CPU has it), gives torch fp32's
+    # features of the same crops.
+    size = model.preprocessing["input_size"]
+    pixels = np.random.default_rng(1).integers(0, 256, (3, size, size, 3), dtype=np.uint8)
     with torch.no_grad():
-        reference = predictor.model.backbone(x)
-    assert isinstance(predictor.openvino, OpenVINOBackbone)
-    assert torch.nn.functional.cosine_similarity(predictor.openvino(x), reference).min() > 0.999
+        reference = model.backbone(torch.stack([preprocess(Image.fromarray(p), model.preprocessing) for p in pixels]))
+    served, _ = predictor.forward(pixels, False)
+    assert torch.nn.functional.cosine_similarity(torch.from_numpy(served), reference).min() > 0.999

@@ -520,7 +520,8 @@ def test_serving_path_needs_only_what_the_predict_image_installs_and_copies(tmp_
     assert not unexplained, f"modules from neither the image's packages nor its files: {sorted(unexplained)}"
     installed = installed_closure(requirements) | BASE_IMAGE_DISTS
     assert dists <= installed, f"loaded but not installed by the Dockerfile: {sorted(dists - installed)}"
-    assert {"torch", "timm", "flask", "matplotlib", "pillow"} <= dists
+    assert {"openvino", "flask", "matplotlib", "pillow"} <= dists
+    assert not {"torch", "timm", "torchvision"} & dists  # the exported model: serving runs without torch
     assert "predict.py" in project and "vehicle_classifier/serving/predictor.py" in project
 
 

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from PIL import Image
 
 from vehicle_classifier import config
 from vehicle_classifier.serving.api import EXTENSION, create_app
-from vehicle_classifier.artifact import load_artifact
 from vehicle_classifier.config import ServiceConfig
-from vehicle_classifier.runtime import DeviceUnavailable, check_device
+from vehicle_classifier.devices import DeviceUnavailable, check_device
 from vehicle_classifier.serving.predictor import Predictor
+from vehicle_classifier.serving.torch_forward import torch_forward
 
 
 class CudaTouched(Exception):
@@ -33,17 +34,9 @@ def cuda_off_limits(monkeypatch):
     monkeypatch.setattr(torch.cuda, "_lazy_init", touched)
 
 
-def parts_devices(predictor: Predictor) -> set[str]:
-    """Where the head, the OOD reference features and the backbone are: the predictor's once
-    placed, the model's own (which place() moves) before."""
-    assert predictor.ood_threshold is not None  # the tiny model has reference features to move
-    if predictor.torch_forward is None:
-        model = predictor.model
-        tensors = [*model.head.parameters(), *model.backbone.parameters(), model.ood_references]
-    else:
-        tensors = [*predictor.head.parameters(), *predictor.torch_forward.backbone.parameters(),
-                   predictor.ood_references]
-    return {t.device.type for t in tensors}
+def backbone_device(predictor: Predictor) -> str:
+    """Where the torch forward's backbone is (the head and the references are numpy: the CPU's)."""
+    return next(predictor.forward.backbone.parameters()).device.type
 
 
 def test_device_setting_values():
@@ -68,15 +61,15 @@ def test_cuda_where_torch_finds_none_is_refused_in_one_line(monkeypatch):
 
 def test_the_app_on_cuda_leaves_cuda_alone_until_a_worker_warms_up(tiny_model_dir, cuda_off_limits):
     app = create_app(ServiceConfig(model_dir=tiny_model_dir, device="cuda"))  # as in gunicorn's master
-    predictor = app.extensions[EXTENSION]["predictor"]
-    assert predictor.device == torch.device("cuda") and predictor.runtime == "torch"
-    assert predictor.torch_forward is None and parts_devices(predictor) == {"cpu"}
+    predictor = app.extensions[EXTENSION].predictor
+    assert predictor.device == "cuda" and predictor.runtime == "torch" and predictor.source == "torch"
+    assert backbone_device(predictor) == "cpu"
     assert predictor.precision == "auto"  # bf16 or fp32 is the GPU's to say, in the worker
     assert predictor._batcher.max_items == config.FORWARD_BATCH_CUDA
     with pytest.raises(CudaTouched):
         predictor.warm_up()  # gunicorn.conf.py's post_worker_init, after the fork
     with pytest.raises(CudaTouched):  # or the first request, where nothing warmed it up
-        predictor.predict_tensors([torch.zeros(3, 32, 32)])
+        predictor.predict_crops([Image.new("RGB", (32, 32))])
 
 
 def test_openvino_with_cuda_is_refused(tiny_model_dir, cuda_off_limits):
@@ -85,20 +78,16 @@ def test_openvino_with_cuda_is_refused(tiny_model_dir, cuda_off_limits):
         Predictor.from_dir(tiny_model_dir, device="cuda", runtime="openvino", warm_up=False)
 
 
-def test_place_moves_every_part_to_the_device_once(tiny_model_dir):
+def test_the_torch_forward_moves_to_its_device_when_started(tiny_model_dir):
     # "meta" stands in for a GPU: a device this machine has whose tensors are visibly not on
-    # the CPU. Like CUDA, a predictor for it defers the move while it is not warmed up.
-    model = load_artifact(tiny_model_dir / config.ARTIFACT_FILE)
-    predictor = Predictor(model, device="meta", precision="fp32", warm_up=False)
-    assert predictor.torch_forward is None and parts_devices(predictor) == {"cpu"}
-    predictor.place()
-    assert parts_devices(predictor) == {"meta"} and predictor.torch_forward.device == torch.device("meta")
-    forward = predictor.torch_forward
-    predictor.place()
-    assert predictor.torch_forward is forward
+    # the CPU. Like CUDA, the forward stays on the CPU until a worker starts it.
+    forward = torch_forward(tiny_model_dir / config.ARTIFACT_FILE, "meta", "fp32")
+    assert next(forward.backbone.parameters()).device.type == "cpu"
+    forward.start(1)
+    assert next(forward.backbone.parameters()).device.type == "meta" and forward.mean.device.type == "meta"
 
 
-def test_a_cpu_predictor_is_placed_at_once_even_unwarmed(tiny_model_dir):
+def test_a_cpu_predictor_with_torch_runs_on_the_cpu(tiny_model_dir):
     predictor = Predictor.from_dir(tiny_model_dir, runtime="torch", warm_up=False)
-    assert predictor.torch_forward is not None and parts_devices(predictor) == {"cpu"}
+    assert backbone_device(predictor) == "cpu" and predictor.source == "torch"
     assert predictor.precision in ("bf16", "fp32") and predictor._batcher.max_items == config.FORWARD_BATCH

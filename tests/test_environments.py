@@ -55,7 +55,7 @@ def test_pyproject_declares_ranges_that_the_lock_satisfies():
             assert req.specifier.contains(LOCK[name]), f"constraints.txt has {name}=={LOCK[name]}, outside {line!r}"
     assert named == set(LOCK), f"in one file, not the other: {sorted(named ^ set(LOCK))}"
     # A GPU workstation's torch: another minor version, a CUDA build, Python 3.12.
-    torch_range = next(Requirement(r).specifier for r in PROJECT["dependencies"] if r.startswith("torch"))
+    torch_range = next(Requirement(r).specifier for r in PROJECT["optional-dependencies"]["train"] if r.startswith("torch"))
     assert torch_range.contains("2.11.0+cu128") and torch_range.contains(LOCK["torch"])
     for python in ("3.11.0", "3.12.0"):
         assert SpecifierSet(PROJECT["requires-python"]).contains(python)
@@ -63,7 +63,7 @@ def test_pyproject_declares_ranges_that_the_lock_satisfies():
 
 def test_setup_and_ci_install_the_lock():
     setup = (REPO / "scripts" / "setup.sh").read_text()
-    assert re.search(r"pip_install -c constraints\.txt -e \"\.\[dev,page\]\"", setup)
+    assert re.search(r"pip_install -c constraints\.txt -e \"\.\[train,dev,page\]\"", setup)
     assert "make test" in (REPO / ".ci" / "run").read_text()  # CI sets up through scripts/setup.sh
     assert "constraints.txt" in (REPO / "Makefile").read_text().split("scripts/setup.sh")[0]
 
@@ -90,7 +90,7 @@ def test_installing_beside_another_torch_keeps_it(tmp_path):
     report = tmp_path / "report.json"
     result = subprocess.run([sys.executable, "-m", "pip", "--python", str(env / "bin" / "python"), "install",
                              "--dry-run", "--no-index", "--no-build-isolation", "--quiet", "--report", str(report),
-                             f"{source}[dev,page]"], capture_output=True, text=True, timeout=300)
+                             f"{source}[train,dev,page]"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     planned = [(item["metadata"]["name"], item["metadata"]["version"]) for item in json.loads(report.read_text())["install"]]
     assert planned == [("vehicle-classifier", PROJECT["version"])]

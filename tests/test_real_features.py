@@ -17,7 +17,9 @@ from PIL import Image
 from vehicle_classifier import config
 from vehicle_classifier.serving.api import create_app
 from vehicle_classifier.backbone import WeightsError, create_backbone, get_spec, load_backbone, preprocessing_for
+from vehicle_classifier.artifact import load_artifact
 from vehicle_classifier.config import ServiceConfig
+from vehicle_classifier.images import preprocess
 from vehicle_classifier.serving.predictor import AttentionUnavailable, Predictor
 
 
@@ -77,12 +79,13 @@ def test_predictor_answers_calibrated_probabilities_and_in_distribution(predicto
     assert sum(accepted) / len(photos) == pytest.approx(metrics["ood"]["accepted"]["test"], abs=1 / len(photos))
     assert sum(flagged) / len(others) >= 0.90
     for answer in answers:
-        assert answer.to_json()["in_distribution"] == (answer.ood_score <= predictor.ood_threshold)
+        assert answer.in_distribution == (answer.ood_score <= predictor.ood_threshold)
 
     # The probabilities are the head's softmax at the fitted temperature, not at 1.
     image = predictor.load_image(photos[0])
+    model = load_artifact(real_model_dir / config.ARTIFACT_FILE)
     with torch.no_grad():
-        logits = predictor.head(predictor.model.backbone(predictor.to_tensor(image)[None]))[0]
+        logits = model.head(model.backbone(preprocess(image, model.preprocessing)[None]))[0]
     served = predictor.predict([image])[0].probabilities
     calibrated = (logits / predictor.temperature).softmax(0).tolist()
     assert predictor.temperature == metrics["calibration"]["temperature"]

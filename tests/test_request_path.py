@@ -4,6 +4,7 @@ filenames made safe to echo; the service settings read and checked in one place.
 
 from __future__ import annotations
 
+import base64
 import io
 import threading
 import time
@@ -14,12 +15,16 @@ import torch
 from PIL import Image
 
 from conftest import synthetic_image
+from vehicle_classifier import config
+from vehicle_classifier.artifact import load_artifact
 from vehicle_classifier.config import ServiceConfig
+from vehicle_classifier.images import center_crop, open_image, read_header
+from vehicle_classifier.serving.body import Deadlines
+from vehicle_classifier.serving.decoding import PixelBudget, decode_uploads
 from vehicle_classifier.serving.errors import BadRequest, printable
-from vehicle_classifier.training.features import FeatureCache, extract_features
-from vehicle_classifier.images import read_header
 from vehicle_classifier.serving.predictor import Predictor
-from vehicle_classifier.serving.uploads import Deadlines, PixelBudget, Upload, decode_uploads
+from vehicle_classifier.serving.uploads import Upload
+from vehicle_classifier.training.features import FeatureCache, extract_features
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +38,7 @@ def encoded(image: Image.Image, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
-def test_training_and_serving_see_the_same_pixels_and_features(predictor, photos, tmp_path):
+def test_training_and_serving_see_the_same_pixels_and_features(predictor, photos, tmp_path, tiny_model_dir):
     # Real photos of each class and format, and large synthetic ones: a JPEG decoded in DCT
     # draft mode, an RGBA PNG that is box-reduced before the resize.
     rng = np.random.default_rng(0)
@@ -42,24 +47,23 @@ def test_training_and_serving_see_the_same_pixels_and_features(predictor, photos
     for name, data in extra.items():
         (tmp_path / name).write_bytes(data)
     paths = list(photos) + [tmp_path / name for name in extra]
-    prep = predictor.model.preprocessing
+    prep = predictor.preprocessing
 
-    decoded, _ = decode_uploads([Upload(p.name, p.read_bytes()) for p in paths], predictor, ServiceConfig(),
-                                PixelBudget(10**9), keep_crops=False)
-    served = torch.cat([predictor.openvino(item.tensor[None]) if predictor.openvino else
-                        predictor.torch_forward([item.tensor], False)[0] for item in decoded])
+    crops, _ = decode_uploads([Upload(p.name, p.read_bytes()) for p in paths], ServiceConfig(), PixelBudget(10**9),
+                              predictor.draft_size, predictor.crop)
+    assert predictor.source == "exported"
+    served, _ = predictor.forward(np.stack([np.asarray(crop) for crop in crops]), False)
 
-    from vehicle_classifier.images import load_tensor  # training's decoding (features._ImageFiles)
-
-    for path, item in zip(paths, decoded):
-        assert torch.equal(load_tensor(path, prep), item.tensor), path.name
+    for path, crop in zip(paths, crops):  # training's decoding (load_tensor: this crop, normalised)
+        assert np.array_equal(np.asarray(center_crop(open_image(path, prep["resize_size"]), prep)), np.asarray(crop))
     digests = [str(i) for i in range(len(paths))]
+    backbone = load_artifact(tiny_model_dir / config.ARTIFACT_FILE).backbone
     with FeatureCache(tmp_path / "cache", "k") as cache:
-        trained, failures = extract_features(predictor.model.backbone, paths, digests, prep, cache,
-                                             torch.device("cpu"), predictor.precision)
+        trained, failures = extract_features(backbone, paths, digests, prep, cache, torch.device("cpu"),
+                                             predictor.precision)
     assert not failures
     training = torch.stack([trained[d] for d in digests])
-    cosine = torch.nn.functional.cosine_similarity(training, served.float())
+    cosine = torch.nn.functional.cosine_similarity(training, torch.from_numpy(served))
     assert cosine.min() > 0.999, cosine  # batched kernels differ in the last bits only
 
 
@@ -68,10 +72,10 @@ def test_a_request_over_its_decoded_pixel_budget_is_refused_before_decoding(pred
     settings = ServiceConfig(max_request_pixels=10_000_000)
     uploads = [Upload("a.png", png), Upload("b.png", png)]
     with pytest.raises(BadRequest, match="decode to 12,000,000 pixels, over the limit of 10,000,000") as caught:
-        decode_uploads(uploads, predictor, settings, PixelBudget(10**9), keep_crops=False)
+        decode_uploads(uploads, settings, PixelBudget(10**9), predictor.draft_size, predictor.crop)
     assert caught.value.status == 413
-    decoded, pixels = decode_uploads(uploads[:1], predictor, settings, PixelBudget(10**9), keep_crops=True)
-    assert pixels == 6_000_000 and decoded[0].crop.size == (32, 32)
+    crops, pixels = decode_uploads(uploads[:1], settings, PixelBudget(10**9), predictor.draft_size, predictor.crop)
+    assert pixels == 6_000_000 and crops[0].size == (32, 32)
 
 
 def test_jpegs_count_their_draft_size_against_the_budget():
@@ -160,19 +164,19 @@ def test_settings_are_read_and_checked_in_one_place():
 
 def test_the_torch_runtime_runs_every_forward_in_its_one_forward_thread(tiny_model_dir):
     predictor = Predictor.from_dir(tiny_model_dir, runtime="torch")
-    assert predictor.openvino is None and predictor.openvino_mode is None
+    assert predictor.source == "torch" and predictor.openvino_mode is None
     seen = set()
-    predictor.torch_forward.backbone.register_forward_hook(lambda *_: seen.add(threading.current_thread().name))
+    predictor.forward.backbone.register_forward_hook(lambda *_: seen.add(threading.current_thread().name))
     answers = []
-    blank = [torch.zeros(3, 32, 32)]
-    callers = [threading.Thread(target=lambda: answers.append(predictor.predict_tensors(blank))) for _ in range(4)]
+    blank = [Image.new("RGB", (32, 32))]
+    callers = [threading.Thread(target=lambda: answers.append(predictor.predict_crops(blank))) for _ in range(4)]
     for caller in callers:
         caller.start()
     for caller in callers:
         caller.join(30)
-    with_attention = predictor.predict_tensors(blank, attention=True)[0]
+    with_attention = predictor.predict_crops(blank, attention=True)[0]
     assert len(answers) == 4 and all(a[0].label == answers[0][0].label for a in answers)
-    assert with_attention.attention.shape == (4, 4)
+    assert Image.open(io.BytesIO(base64.b64decode(with_attention.attention_png))).size == (32, 32)
     assert len(seen) == 1 and seen.pop().startswith("torch-forward")
 
 

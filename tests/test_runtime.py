@@ -11,8 +11,16 @@ import torch
 
 from conftest import TINY_SPEC
 from vehicle_classifier.backbone import create_backbone
-from vehicle_classifier.serving.predictor import Batcher
-from vehicle_classifier.runtime import OpenVINOBackbone
+from vehicle_classifier.export import to_openvino
+from vehicle_classifier.runtime import OpenVINOModel
+from vehicle_classifier.serving.batcher import Batcher
+
+
+def openvino(backbone, precision: str, mode: str = "latency"):
+    """The backbone through OpenVINO, torch tensors in and out (as training's extraction feeds it)."""
+    model = OpenVINOModel(to_openvino(backbone, 32), precision, mode)
+    model.torch = lambda images: torch.from_numpy(model(images.numpy()))
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -26,32 +34,32 @@ def test_openvino_features_match_torch_fp32(tiny_backbone, precision, tolerance)
     images = torch.randn(5, 3, 32, 32)
     with torch.inference_mode():
         expected = tiny_backbone(images)
-    fast = OpenVINOBackbone(tiny_backbone, 32, precision)
-    got = fast(images)
+    fast = openvino(tiny_backbone, precision)
+    got = fast.torch(images)
     assert got.shape == expected.shape and got.dtype == torch.float32
     assert torch.nn.functional.cosine_similarity(got, expected).min() > 1 - tolerance
     if precision == "fp32":
         assert torch.allclose(got, expected, atol=tolerance)
-    assert torch.equal(fast(images[:1]), fast(images[:1]))  # batch 1 too, deterministic
+    assert torch.equal(fast.torch(images[:1]), fast.torch(images[:1]))  # batch 1 too, deterministic
 
 
 def test_map_returns_every_batch_in_order_with_its_tag(tiny_backbone):
-    fast = OpenVINOBackbone(tiny_backbone, 32, "fp32", mode="throughput")
-    batches = [(f"b{i}", torch.randn(n, 3, 32, 32)) for i, n in enumerate([3, 1, 4, 2, 5])]
+    fast = openvino(tiny_backbone, "fp32", mode="throughput")
+    batches = [(f"b{i}", torch.randn(n, 3, 32, 32).numpy()) for i, n in enumerate([3, 1, 4, 2, 5])]
     results = list(fast.map(iter(batches)))
     assert [tag for tag, _ in results] == [tag for tag, _ in batches]
     for (_, batch), (_, features) in zip(batches, results):
-        assert torch.allclose(features, fast(batch), atol=1e-5)
+        assert torch.allclose(torch.from_numpy(features), torch.from_numpy(fast(batch)), atol=1e-5)
 
 
 def test_adaptive_mode_answers_lone_and_overlapping_calls_alike(tiny_backbone):
     """A lone call runs on the one stream over every core, overlapping calls on a stream each:
     the same features either way, and every caller gets its own."""
-    fast = OpenVINOBackbone(tiny_backbone, 32, "fp32", mode="adaptive")
+    fast = openvino(tiny_backbone, "fp32", mode="adaptive")
     images = [torch.randn(n, 3, 32, 32) for n in (1, 2, 3, 1, 2, 4, 1, 3)]
-    alone = [fast(x) for x in images]
+    alone = [fast.torch(x) for x in images]
     with ThreadPoolExecutor(4) as pool:
-        together = list(pool.map(fast, images))
+        together = list(pool.map(fast.torch, images))
     for a, b in zip(alone, together):
         assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
     assert fast._running == 0
@@ -59,7 +67,7 @@ def test_adaptive_mode_answers_lone_and_overlapping_calls_alike(tiny_backbone):
 
 def test_openvino_sends_no_telemetry(tiny_backbone):
     """OpenVINO's converter would start a child process to send usage events; ours never does."""
-    OpenVINOBackbone(tiny_backbone, 32, "fp32")
+    openvino(tiny_backbone, "fp32")
     assert sys.modules.get("openvino_telemetry") is None
     assert multiprocessing.active_children() == []
 

@@ -15,11 +15,12 @@ from vehicle_classifier.training import run as training
 from vehicle_classifier.artifact import ArtifactError, load_artifact, save_artifact
 from vehicle_classifier.backbone import create_backbone, load_backbone, preprocessing_for
 from vehicle_classifier.data import DataError, stratified_folds, stratified_split
-from vehicle_classifier.runtime import autocast, resolve_precision
+from vehicle_classifier.devices import autocast
+from vehicle_classifier.runtime import resolve_precision
 from vehicle_classifier.fileio import atomic_path
 from vehicle_classifier.images import load_tensor
 from vehicle_classifier.serving.predictor import Predictor
-from vehicle_classifier.runtime import OpenVINOBackbone
+from vehicle_classifier.runtime import OpenVINOModel
 
 
 def tiny_cfg(**kw):
@@ -36,7 +37,7 @@ def backbone_calls(monkeypatch):
     """Counts images that go through the backbone (OpenVINO's, on CPU) and the backbones
     converted for it, by wrapping the real ones."""
     calls = {"images": 0, "converted": 0}
-    real_init, real_map = OpenVINOBackbone.__init__, OpenVINOBackbone.map
+    real_init, real_map = OpenVINOModel.__init__, OpenVINOModel.map
 
     def counting_init(self, *args, **kwargs):
         calls["converted"] += 1
@@ -49,8 +50,8 @@ def backbone_calls(monkeypatch):
                 yield tag, batch
         return real_map(self, counted())
 
-    monkeypatch.setattr(OpenVINOBackbone, "__init__", counting_init)
-    monkeypatch.setattr(OpenVINOBackbone, "map", counting_map)
+    monkeypatch.setattr(OpenVINOModel, "__init__", counting_init)
+    monkeypatch.setattr(OpenVINOModel, "map", counting_map)
     return calls
 
 
@@ -191,8 +192,8 @@ def test_artifact_round_trips_to_identical_predictions(tiny_model_dir, synthetic
     with torch.inference_mode():
         assert torch.equal(out1, third.head(third.backbone(batch)))
 
-    # The predictor (bf16 where available) agrees with the training-time labels.
-    predictor = Predictor(model)
+    # The predictor (the exported model, bf16 where available) agrees with the training-time labels.
+    predictor = Predictor.from_dir(tiny_model_dir)
     labels = [p.label for p in predictor.predict([predictor.load_image(p) for p in images])]
     assert labels == [p.parent.name for p in images]
 

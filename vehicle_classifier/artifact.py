@@ -1,6 +1,11 @@
 """The self-contained model artifact: one safetensors file holding the backbone and head weights,
 with the JSON metadata (classes, backbone, preprocessing, training config, metrics, version) in
 its header. Serving needs nothing else and no network; the file is replaced atomically.
+
+Reading the metadata and the small tensors (the head, the "neither" references) needs numpy
+alone: the torch-free CPU service (serving/predictor.py) reads those, and the fingerprint check
+reads the header before torch is imported. Rebuilding the torch modules (`load_artifact`) and
+writing an artifact (`encode_artifact`) import torch, the backbone and the head when called.
 """
 
 from __future__ import annotations
@@ -10,19 +15,21 @@ import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 from safetensors import safe_open
-from safetensors.torch import save
-from torch import nn
 
 from . import UserError, __version__, config
-from .backbone import build_loaded
-from .fileio import read_safetensors_metadata, write_file
-from .head import MLPHead
+from .fileio import write_file
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 FORMAT_VERSION = 1
 OOD_REFERENCES = "ood.references"  # the training features that 'neither' scores are measured against
+BACKBONE, HEAD = "backbone.", "head."  # prefixes of the two modules' tensors
 
 
 class ArtifactError(UserError):
@@ -32,7 +39,7 @@ class ArtifactError(UserError):
 @dataclass
 class Model:
     backbone: nn.Module
-    head: MLPHead
+    head: nn.Module
     metadata: dict
     ood_references: torch.Tensor | None = None  # absent in artifacts trained without a validation split
 
@@ -45,7 +52,7 @@ class Model:
         return self.metadata["preprocessing"]
 
 
-def save_artifact(path: Path, backbone: nn.Module, head: MLPHead, metadata: dict,
+def save_artifact(path: Path, backbone: nn.Module, head: nn.Module, metadata: dict,
                   extra_tensors: dict[str, torch.Tensor] | None = None) -> dict:
     """Write the artifact; returns the metadata as stored (with version and creation time)."""
     data, metadata = encode_artifact(backbone, head, metadata, extra_tensors)
@@ -53,12 +60,14 @@ def save_artifact(path: Path, backbone: nn.Module, head: MLPHead, metadata: dict
     return metadata
 
 
-def encode_artifact(backbone: nn.Module, head: MLPHead, metadata: dict,
+def encode_artifact(backbone: nn.Module, head: nn.Module, metadata: dict,
                     extra_tensors: dict[str, torch.Tensor] | None = None) -> tuple[bytes, dict]:
     """The artifact file's bytes and the metadata they store (with version and creation time);
     `extra_tensors` (e.g. OOD_REFERENCES) are stored under their own names."""
-    tensors = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
-    tensors.update({f"head.{k}": v for k, v in head.state_dict().items()})
+    from safetensors.torch import save
+
+    tensors = {f"{BACKBONE}{k}": v for k, v in backbone.state_dict().items()}
+    tensors.update({f"{HEAD}{k}": v for k, v in head.state_dict().items()})
     tensors.update(extra_tensors or {})
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     metadata = {
@@ -66,26 +75,28 @@ def encode_artifact(backbone: nn.Module, head: MLPHead, metadata: dict,
         "format_version": FORMAT_VERSION,
         "package_version": __version__,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model_version": _version(tensors),
+        "model_version": _version({k: v.numpy() for k, v in tensors.items()}),
         "head": head.config,
     }
     return save(tensors, metadata={config.ARTIFACT_METADATA_KEY: json.dumps(metadata)}), metadata
 
 
-def _version(tensors: dict[str, torch.Tensor]) -> str:
+def _version(tensors: dict[str, np.ndarray]) -> str:
     """The model version: a digest of every tensor, so that loading can tell a damaged file."""
     digest = hashlib.sha256()
     for key in sorted(tensors):
-        digest.update(key.encode() + tensors[key].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(key.encode() + np.ascontiguousarray(tensors[key]).tobytes())
     return digest.hexdigest()[:12]
 
 
 def read_metadata(path: Path) -> dict:
+    """The artifact's metadata, from the file's header alone (no tensor is read)."""
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"no model artifact at {path}; train one with: python train.py --output-dir {path.parent}")
     try:
-        metadata = json.loads(read_safetensors_metadata(path)[config.ARTIFACT_METADATA_KEY])
+        with safe_open(str(path), framework="np") as f:
+            metadata = json.loads(f.metadata()[config.ARTIFACT_METADATA_KEY])
     except Exception as exc:
         raise ArtifactError(f"{path} is not a readable model artifact ({type(exc).__name__}: {exc})") from None
     if metadata.get("format_version") != FORMAT_VERSION:
@@ -93,19 +104,37 @@ def read_metadata(path: Path) -> dict:
     return metadata
 
 
-def load_artifact(path: Path) -> Model:
-    """Rebuild backbone and head from the artifact alone, loading every weight strictly."""
-    metadata = read_metadata(path)
+def read_tensors(path: Path, keep=lambda name: True) -> dict[str, np.ndarray]:
+    """The artifact's tensors whose names `keep` accepts, as numpy arrays (no torch)."""
     try:
-        with safe_open(str(path), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        if _version(tensors) != metadata["model_version"]:
+        with safe_open(str(path), framework="np") as f:
+            return {k: f.get_tensor(k) for k in f.keys() if keep(k)}
+    except Exception as exc:
+        raise ArtifactError(f"{path} is damaged or incomplete ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+
+
+def load_artifact(path: Path) -> Model:
+    """Rebuild backbone and head as torch modules from the artifact alone, loading every weight
+    strictly, after checking every tensor against the version it was saved with."""
+    import torch
+
+    from .backbone import build_loaded
+    from .head import MLPHead
+
+    metadata = read_metadata(path)
+    arrays = read_tensors(path)
+    try:
+        if _version(arrays) != metadata["model_version"]:
             raise ValueError("its weights do not match the checksum it was saved with")
+        tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
         spec = metadata["backbone"]
-        backbone = build_loaded(spec["architecture"], spec.get("model_kwargs"),
-                                {k[9:]: v for k, v in tensors.items() if k.startswith("backbone.")}, str(path))
+        backbone = build_loaded(spec["architecture"], spec.get("model_kwargs"), _part(tensors, BACKBONE), str(path))
         head = MLPHead(**metadata["head"]).eval()
-        head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")}, strict=True)
+        head.load_state_dict(_part(tensors, HEAD), strict=True)
     except Exception as exc:
         raise ArtifactError(f"{path} is damaged or incomplete ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
     return Model(backbone=backbone, head=head, metadata=metadata, ood_references=tensors.get(OOD_REFERENCES))
+
+
+def _part(tensors: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}

@@ -27,8 +27,10 @@ SPLIT_FILE = "split.json"
 HISTORY_PLOT = "learning_curves.png"
 CONFUSION_PLOT = "confusion_matrix.png"
 RELIABILITY_PLOT = "reliability.png"
+# The backbone exported for OpenVINO (export.py): what the CPU service runs, without torch.
+EXPORT_FILES = ("backbone.xml", "backbone.bin")
 # One training run's outputs: published together, as one set (fileio.publish).
-OUTPUT_FILES = (ARTIFACT_FILE, METRICS_FILE, SPLIT_FILE, HISTORY_PLOT, CONFUSION_PLOT, RELIABILITY_PLOT)
+OUTPUT_FILES = (ARTIFACT_FILE, *EXPORT_FILES, METRICS_FILE, SPLIT_FILE, HISTORY_PLOT, CONFUSION_PLOT, RELIABILITY_PLOT)
 ARTIFACT_METADATA_KEY = "vehicle_classifier"  # the artifact header entry holding its JSON metadata
 
 # --- backbones ------------------------------------------------------------------------------

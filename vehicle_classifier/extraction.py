@@ -5,7 +5,6 @@ Shared by training's feature cache (training/features.py) and batch prediction (
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -14,7 +13,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .images import ImageError, load_tensor
-from .runtime import OpenVINOBackbone, autocast, runtime_for
+from .devices import autocast
+from .export import to_openvino
+from .runtime import OpenVINOModel, runtime_for, usable_cores
 
 
 # --- loading: decode on every core, feed the device without waiting ------------------------
@@ -24,15 +25,6 @@ CUDA_MAX_BATCH_SIZE = 256  # ViT-S/16 bf16 on an H100 runs ~18,000 img/s from ba
 # photos) against what a stream of the CPU backbone computes (~40): on CPU one decoding
 # worker keeps up with about six cores of backbone.
 CPU_CORES_PER_DECODER = 6
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity: a container's or a job scheduler's
-    share, not the machine's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def decode_workers(device: torch.device, processes: int = 1) -> int:
@@ -145,7 +137,9 @@ def backbone_features(model: nn.Module, paths: list[Path], preprocessing: dict, 
                 yield indices, batch
 
     if runtime_for(device) == "openvino":
-        results = OpenVINOBackbone(model, preprocessing["input_size"], precision, mode="throughput").map(readable())
+        forward = OpenVINOModel(to_openvino(model, preprocessing["input_size"]), precision, mode="throughput")
+        computed = forward.map((indices, batch.numpy()) for indices, batch in readable())
+        results = ((indices, torch.from_numpy(features)) for indices, features in computed)
     else:
         results = _cuda_forward(model, readable(), device, precision)
     for indices, features in results:

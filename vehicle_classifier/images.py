@@ -153,3 +153,19 @@ def preprocess(image: Image.Image, preprocessing: dict) -> "torch.Tensor":
 def load_tensor(source: bytes | str | Path, preprocessing: dict, max_pixels: int = MAX_IMAGE_PIXELS) -> "torch.Tensor":
     """Decode and preprocess in one call: the path every image takes to the backbone."""
     return preprocess(open_image(source, preprocessing["resize_size"], max_pixels), preprocessing)
+
+
+def attention_overlay_png(crop: Image.Image, attention: np.ndarray) -> bytes:
+    """An attention map (grid_h, grid_w) as a heat overlay on `crop` (the centre crop the
+    backbone saw: center_crop), as PNG bytes."""
+    from matplotlib import colormaps  # here: only attention answers and figures draw
+
+    size = crop.size
+    heat = attention - attention.min()
+    heat = heat / heat.max() if heat.max() > 0 else heat
+    heat_image = Image.fromarray((heat * 255).astype(np.uint8)).resize(size, Image.Resampling.BILINEAR)
+    colored = (colormaps["inferno"](np.asarray(heat_image) / 255.0)[..., :3] * 255).astype(np.uint8)
+    blended = Image.blend(crop.convert("RGB"), Image.fromarray(colored), alpha=0.55)
+    buffer = io.BytesIO()
+    blended.save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -13,33 +13,39 @@ acceptance rate. The artifact stores the training features (unit length, float16
 from __future__ import annotations
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from . import config
 
 
-def reference_features(train_features: torch.Tensor, seed: int) -> torch.Tensor:
+def _unit(features) -> np.ndarray:
+    features = np.asarray(features, dtype=np.float32)
+    return features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+
+
+def reference_features(train_features, seed: int) -> np.ndarray:
     """The training features the artifact keeps: unit length, float16, a seeded subset when
     there are more than `config.OOD_MAX_REFERENCES` (the artifact stays small)."""
-    features = F.normalize(train_features.float(), dim=1)
+    features = _unit(train_features)
     if len(features) > config.OOD_MAX_REFERENCES:
-        chosen = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed))
-        features = features[chosen[: config.OOD_MAX_REFERENCES].sort().values]
-    return features.half().contiguous()
+        chosen = np.random.default_rng(seed).permutation(len(features))[: config.OOD_MAX_REFERENCES]
+        features = features[np.sort(chosen)]
+    return np.ascontiguousarray(features.astype(np.float16))
 
 
-def ood_scores(features: torch.Tensor, references: torch.Tensor, k: int = config.OOD_NEIGHBOURS) -> torch.Tensor:
-    """Mean cosine distance (0: the same direction, 2: opposite) to the `k` nearest references."""
-    similarity = F.normalize(features.float(), dim=1) @ references.float().T
-    nearest = similarity.topk(min(k, references.shape[0]), dim=1).values
-    return 1.0 - nearest.mean(dim=1)
+def ood_scores(features, references, k: int = config.OOD_NEIGHBOURS) -> np.ndarray:
+    """Mean cosine distance (0: the same direction, 2: opposite) to the `k` nearest references.
+    Features and references: arrays or CPU tensors, one row each."""
+    references = np.asarray(references, dtype=np.float32)
+    similarity = _unit(features) @ references.T
+    k = min(k, references.shape[0])
+    nearest = -np.partition(-similarity, k - 1, axis=1)[:, :k]
+    return 1.0 - nearest.mean(axis=1)
 
 
-def choose_threshold(validation_scores: torch.Tensor, acceptance: float) -> float:
+def choose_threshold(validation_scores, acceptance: float) -> float:
     """The score below which `acceptance` of the validation photos fall."""
-    return float(np.quantile(validation_scores.numpy(), acceptance))
+    return float(np.quantile(np.asarray(validation_scores), acceptance))
 
 
-def flagged_rate(scores: torch.Tensor, threshold: float) -> float | None:
-    return float((scores > threshold).float().mean()) if len(scores) else None
+def flagged_rate(scores, threshold: float) -> float | None:
+    return float((np.asarray(scores) > threshold).mean()) if len(scores) else None

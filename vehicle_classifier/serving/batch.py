@@ -25,6 +25,8 @@ import logging
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from .. import UserError, config
 
 FORMATS = (".csv", ".jsonl")
@@ -141,37 +143,38 @@ def merge_parts(results: ResultsFile, order: list[Path]) -> None:
 
 def result_columns(predictor) -> list[str]:
     """path, label, confidence, a probability per class, what else the predictor reports, error."""
-    import torch
-
-    example = _flat(predictor.predict_features(torch.zeros(1, predictor.model.head.config["in_dim"]))[0].to_json())
-    columns = [*FIXED_COLUMNS, *predictor.model.class_names]
+    example = _flat(predictor.predict_features(np.zeros((1, predictor.metadata["head"]["in_dim"]), np.float32))[0])
+    columns = [*FIXED_COLUMNS, *predictor.class_names]
     columns += [key for key in example if key not in columns]
     if len(set(columns)) != len(columns) or "error" in columns:
-        raise BatchError(f"class names clash with the result columns: {predictor.model.class_names}")
+        raise BatchError(f"class names clash with the result columns: {predictor.class_names}")
     return [*columns, "error"]
 
 
-def _flat(prediction: dict) -> dict:
-    """A Prediction's JSON with its probabilities as one entry per class."""
-    return {key: value for key, value in prediction.items() if key != "probabilities"} | prediction["probabilities"]
+def _flat(prediction) -> dict:
+    """A prediction's answer with its probabilities as one entry per class."""
+    answer = prediction.model_dump(exclude_unset=True)
+    return {key: value for key, value in answer.items() if key != "probabilities"} | answer["probabilities"]
 
 
-def predict_into(results: ResultsFile, predictor, paths: list[Path], batch_size: int = 0,
+def predict_into(results: ResultsFile, predictor, backbone, paths: list[Path], batch_size: int = 0,
                  num_workers: int | None = None) -> tuple[int, int]:
-    """Classify `paths` into `results`; how many were classified and how many were unreadable."""
+    """Classify `paths` into `results` with the torch `backbone` and the predictor's head; how
+    many were classified and how many were unreadable."""
+    import torch
     from tqdm.auto import tqdm
 
     from ..extraction import backbone_features
 
     classified = unreadable = 0
-    batches = backbone_features(predictor.model.backbone, paths, predictor.model.preprocessing, predictor.device,
+    batches = backbone_features(backbone, paths, predictor.preprocessing, torch.device(predictor.device),
                                 predictor.precision, batch_size, num_workers)
     with tqdm(total=len(paths), desc="predicting", unit="img") as bar:
         for indices, features, failed in batches:
             rows = [{"path": str(paths[i]), "error": reason} for i, reason in failed]
             if features is not None:
-                predictions = predictor.predict_features(features)
-                rows += [{"path": str(paths[i]), **_flat(p.to_json())} for i, p in zip(indices, predictions)]
+                predictions = predictor.predict_features(features.numpy())
+                rows += [{"path": str(paths[i]), **_flat(p)} for i, p in zip(indices, predictions)]
             results.append(rows)
             classified, unreadable = classified + len(indices), unreadable + len(failed)
             bar.update(len(rows))
@@ -203,17 +206,21 @@ def run(args: argparse.Namespace) -> tuple[int, int, int] | None:
     from ..artifact import load_artifact
     from ..distributed import part_suffix, process_group
     from ..extraction import decode_workers
-    from .predictor import Predictor
+    from ..devices import check_device
+    from ..runtime import resolve_precision
+    from .predictor import Predictor, ServedModel
 
     images = find_images(args.inputs)
     if not images:
         raise BatchError(f"no image files in {', '.join(map(str, args.inputs))}")
-    model = load_artifact(args.model_dir / config.ARTIFACT_FILE)
+    path = args.model_dir / config.ARTIFACT_FILE
+    backbone = load_artifact(path).backbone
     with process_group() as group:
-        # torch runs only the head here: features come from backbone_features' own runtime.
-        predictor = Predictor(model, precision=args.precision, device=str(group.device(args.device)),
-                              runtime="torch", warm_up=False)
-        predictor.place()  # on its device now, precision settled: backbone_features below takes both
+        device = group.device(args.device)
+        check_device(device)
+        # The predictor answers from features: backbone_features runs the backbone (extraction.py).
+        predictor = Predictor(ServedModel.read(path), forward=None, device=str(device),
+                              precision=resolve_precision(args.precision, device))
         columns = result_columns(predictor)
         final = ResultsFile(args.output, columns, repair=group.is_main)
         todo = [p for p in images if str(p) not in final.done]
@@ -223,9 +230,9 @@ def run(args: argparse.Namespace) -> tuple[int, int, int] | None:
         else:
             target = final
         mine = [p for p in group.shard(todo) if str(p) not in target.done]
-        workers = decode_workers(predictor.device, group.local_world_size) if args.workers is None else args.workers
+        workers = decode_workers(device, group.local_world_size) if args.workers is None else args.workers
         try:
-            counts = predict_into(target, predictor, mine, args.batch_size, workers)
+            counts = predict_into(target, predictor, backbone, mine, args.batch_size, workers)
         finally:
             target.close()
         gathered = group.gather(counts)

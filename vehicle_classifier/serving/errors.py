@@ -15,7 +15,6 @@ from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from .. import UserError
-from ..images import ImageError
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +41,14 @@ def error_response(message: str, status: int, headers: dict | None = None):
     return jsonify(error=message), status, headers or {}
 
 
-def register_error_handlers(app: Flask, max_upload_bytes: int) -> None:
+def init_app(app: Flask, max_upload_bytes: int) -> None:
+    """Every error of `app` as JSON: the client's faults as their 4xx, bugs as a logged 500."""
     seen_bugs: dict[tuple, int] = {}
     lock = threading.Lock()
 
-    @app.errorhandler(BadRequest)
-    def _bad_request(exc: BadRequest):
-        return error_response(str(exc), exc.status)
-
-    @app.errorhandler(ImageError)
-    def _bad_image(exc: ImageError):
-        return error_response(str(exc), 400)
+    @app.errorhandler(UserError)
+    def _bad_request(exc: UserError):  # BadRequest, a bad image, attention of a CNN, ...
+        return error_response(str(exc), getattr(exc, "status", 400))
 
     @app.errorhandler(RequestEntityTooLarge)
     def _too_large(_exc):

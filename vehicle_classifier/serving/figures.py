@@ -8,6 +8,7 @@ saves them, and neither leaves global pyplot state behind.
 
 from __future__ import annotations
 
+import base64
 import io
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from PIL import Image
 from ..data import Sample
 from ..fileio import atomic_path
 from ..images import ImageError, center_crop, open_image
-from .predictor import Predictor, attention_overlay_png
+from .predictor import Predictor
 
 
 def shuffled_by_class(samples: list[Sample], class_names: list[str], seed: int = 0) -> dict[str, list[Path]]:
@@ -66,7 +67,7 @@ def attention_banner(predictor: Predictor, paths_by_class: dict[str, list[Path]]
     """For `per_class` photos of each class: the photo (top) and the last block's [CLS]
     attention over it with the model's answer (bottom). A backbone without attention maps (a
     CNN) gets the photos with the answers alone."""
-    preprocessing = predictor.model.preprocessing
+    preprocessing = predictor.preprocessing
     photos = [(name, path, image) for name, paths in paths_by_class.items()
               for path, image in _readable(paths, per_class, preprocessing["resize_size"])]
     attention = predictor.attention_available
@@ -74,11 +75,10 @@ def attention_banner(predictor: Predictor, paths_by_class: dict[str, list[Path]]
     fig = Figure(figsize=(1.7 * len(photos), 3.7 if attention else 2.1), layout="constrained")
     axes = fig.subplots(2 if attention else 1, len(photos), squeeze=False)
     for col, ((name, path, image), prediction) in enumerate(zip(photos, predictions)):
-        axes[0, col].imshow(center_crop(image, preprocessing))
+        axes[0, col].imshow(predictor.crop(image))
         axes[0, col].set_title(name, fontsize=10)
         if attention:
-            overlay = attention_overlay_png(center_crop(image, preprocessing), prediction.attention)
-            axes[1, col].imshow(Image.open(io.BytesIO(overlay)))
+            axes[1, col].imshow(Image.open(io.BytesIO(base64.b64decode(prediction.attention_png))))
         answer = f"{prediction.label} {prediction.confidence:.2f}"
         if prediction.in_distribution is False:
             answer = f"neither? ({answer})"

@@ -27,18 +27,20 @@ class Metrics:
         self.images = Counter("predicted_images", "Images classified, by predicted label",
                               ["label"], registry=self.registry)
 
-    def exposition(self) -> bytes:
-        from prometheus_client import CollectorRegistry, generate_latest
+    def exposition(self) -> tuple[bytes, str]:
+        """The metrics in Prometheus' text format, and its mimetype."""
+        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+        mimetype = CONTENT_TYPE_LATEST.split(";")[0]
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             from prometheus_client import multiprocess
 
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
-            return generate_latest(registry)
-        return generate_latest(self.registry)
+            return generate_latest(registry), mimetype
+        return generate_latest(self.registry), mimetype
 
-    def track(self, app: Flask) -> None:
+    def init_app(self, app: Flask) -> None:
         """Count and time every request of `app`."""
 
         @app.before_request

@@ -67,8 +67,15 @@ class PredictAnswer(RootModel[SingleAnswer | BatchAnswer]):
     pass
 
 
+# What the service decodes as base64: the standard alphabet, whitespace ignored, padded to whole
+# groups of four (or a data: URL whose payload is that). Stated in the document so that a
+# generated request such as {"image": "0"} is not schema-valid yet rejected.
+BASE64_PATTERN = r"^(data:[^,]*,)?\s*(([A-Za-z0-9+/]\s*){4})*(([A-Za-z0-9+/]\s*){2}==|([A-Za-z0-9+/]\s*){3}=)?\s*$"
+
+
 class PredictJSON(BaseModel):
-    image: str = Field(min_length=1, description="The image file's bytes in base64 (a data: URL works too)")
+    image: str = Field(min_length=4, pattern=BASE64_PATTERN,
+                       description="The image file's bytes in base64 (a data: URL works too)")
     filename: str | None = Field(None, description="Echoed in errors")
 
 
@@ -101,6 +108,43 @@ class Metadata(BaseModel):
     class_names: list[str]
     model_version: str
     serving: dict
+
+
+def answer(names: list[str], predictions: list[Prediction], model_version: str) -> SingleAnswer | BatchAnswer:
+    """One image, however it was sent: the flat answer; several: one prediction each, named."""
+    if len(predictions) == 1:
+        return SingleAnswer(**predictions[0].model_dump(exclude_unset=True), model_version=model_version)
+    named = [FilePrediction(filename=name, **p.model_dump(exclude_unset=True)) for name, p in zip(names, predictions)]
+    return BatchAnswer(predictions=named, model_version=model_version)
+
+
+def metadata(predictor, config, package_version: str) -> dict:
+    """/metadata: what the model is (from its artifact) and how it is served."""
+    meta = predictor.metadata
+    return dict(
+        class_names=meta["class_names"], backbone=meta["backbone"], model_version=meta["model_version"],
+        created_at=meta.get("created_at"), metrics=meta.get("metrics", {}), training=meta.get("training", {}),
+        preprocessing=meta["preprocessing"], head=meta.get("head"), package_version=package_version,
+        calibration=meta.get("calibration"), ood=meta.get("ood"), attention_maps=predictor.attention_available,
+        serving={"device": predictor.device, "precision": predictor.precision, "runtime": predictor.runtime,
+                 "model": predictor.source, "openvino_mode": predictor.openvino_mode,
+                 "max_upload_bytes": config.max_upload_bytes, "max_batch_files": config.max_batch_files,
+                 "max_image_pixels": config.max_image_pixels, "max_request_pixels": config.max_request_pixels,
+                 "ood_check": predictor.ood_threshold is not None},
+    )
+
+
+def endpoints(document: dict) -> list[str]:
+    """The index's list of endpoints, from the document."""
+    listed = [f"{method.upper()} {path}" for path, operations in document["paths"].items() for method in operations]
+    return listed + ["GET /openapi.json", "GET /docs"]
+
+
+def init_app(app, docs: SpecTree, max_files: int) -> dict:
+    """Serve `docs` (Swagger UI) on `app` and return its OpenAPI document, built once."""
+    docs.register(app)
+    with app.app_context():  # spectree reads the routes from the current app
+        return openapi_document(docs, max_files)
 
 
 def make_docs(description: str) -> SpecTree:

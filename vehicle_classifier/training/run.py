@@ -22,9 +22,11 @@ from ..backbone import BackboneSpec, get_spec, load_backbone, preprocessing_for
 from ..distributed import SINGLE, Group
 from ..data import DataError, Sample, file_digest, scan_image_folder, stratified_folds, stratified_split
 from .features import FeatureCache, cache_key, extract_features, part_cache
+from ..export import export_files
 from ..fileio import clean_temporaries, exclusive, json_bytes, publish, recover
 from ..head import MLPHead
-from ..runtime import resolve_precision, runtime_for, torch_threads
+from ..devices import torch_threads
+from ..runtime import resolve_precision, runtime_for
 from .metrics import (
     calibration_error,
     classification_metrics,
@@ -122,7 +124,7 @@ def fitting_logits(held_out: dict, part: dict, best_epoch: int, cfg: config.Trai
 
 
 def fit_ood(part: dict, neither: list[torch.Tensor], acceptance: float,
-            seed: int) -> tuple[torch.Tensor | None, dict | None]:
+            seed: int) -> tuple[np.ndarray | None, dict | None]:
     """The reference features the artifact keeps and the 'neither' threshold, at `acceptance`
     of the validation photos; with the share of test photos accepted and of the 'neither'
     images flagged. None without a validation split to choose the threshold on."""
@@ -401,7 +403,7 @@ def _fit(x: torch.Tensor, y: torch.Tensor, split: dict, class_names: list[str], 
     if ood:
         ood["neither"]["dir"] = str(cfg.neither_dir)
     trust = {"calibration": calibration, "ood": ood,
-             "tensors": {OOD_REFERENCES: references} if references is not None else {},
+             "tensors": {OOD_REFERENCES: torch.from_numpy(references)} if references is not None else {},
              "files": {config.RELIABILITY_PLOT: diagram} if diagram else {}}
     return head, history, best_epoch, metrics, trust
 
@@ -414,6 +416,7 @@ def publish_outputs(output_dir: Path, backbone: nn.Module, head: MLPHead, artifa
     version = stored["model_version"]
     files = {
         config.ARTIFACT_FILE: artifact,
+        **export_files(backbone, stored),  # what the CPU service runs, without torch
         config.METRICS_FILE: json_bytes({"model_version": version, **metrics_doc}),
         config.SPLIT_FILE: json_bytes({"model_version": version, **split_doc}),
         config.HISTORY_PLOT: learning_curves_png(metrics_doc["history"], metrics_doc["summary"]["best_epoch"]),

@@ -1,0 +1,118 @@
+"""The backbone as an exported OpenVINO model: what the CPU service runs, without torch.
+
+    python -m vehicle_classifier.export --model-dir models/    # for an artifact trained before
+
+Training writes it beside model.safetensors, in the same transaction (config.EXPORT_FILES). The
+graph takes the centre crops as they are (uint8, NHWC) and normalises them itself (OpenVINO's
+preprocessing, folded into the graph), and returns the [CLS] feature and, for a ViT, the last
+block's [CLS] attention map: one forward answers with or without ?attention=1. The head, the
+calibration and the "neither" check are a few small matmuls on the artifact's own tensors,
+done by the predictor in numpy. The graph records the artifact's model_version, so a service
+never pairs it with another model.
+
+Weights stay float32 in the file (`compress_to_fp16=False`): the service compiles it in the
+precision it chooses (bf16 where the CPU has it), exactly as it would the torch model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import UserError, config
+from .artifact import load_artifact
+from .backbone import cls_attention, has_cls_attention
+from .fileio import exclusive, publish, recover
+from .runtime import RT_INFO_VERSION, import_openvino
+
+FEATURES, ATTENTION = "features", "attention"  # the graph's output names
+
+
+class _WithAttention(nn.Module):
+    """features and the [CLS] attention map from one forward (backbone.cls_attention)."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, images):
+        return cls_attention(self.backbone, images)
+
+
+def to_openvino(backbone: nn.Module, input_size: int, preprocessing: dict | None = None, attention: bool = False):
+    """The backbone converted to an `openvino.Model`: float NCHW input (as training feeds it), or
+    with `preprocessing` uint8 NHWC crops normalised in the graph; outputs FEATURES and, with
+    `attention`, ATTENTION. Traced here rather than by OpenVINO, to skip the trace check (a
+    second forward and comparison, ~1 s); tracing and converting start no OpenVINO threads."""
+    ov = import_openvino()
+    module = _WithAttention(backbone.eval()) if attention else backbone.eval()
+    example = torch.zeros(1, 3, input_size, input_size)
+    with torch.no_grad(), warnings.catch_warnings():
+        # Tracing warns about timm's shape asserts, which hold for the one input size we serve.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace is deprecated
+        traced = torch.jit.trace(module, example, check_trace=False)
+        model = ov.convert_model(traced, example_input=example)
+    for output, name in zip(model.outputs, (FEATURES, ATTENTION)):
+        output.set_names({name})
+    return _with_preprocessing(model, preprocessing) if preprocessing else model
+
+
+def _with_preprocessing(model, preprocessing: dict):
+    """uint8 NHWC in; (x - 255 mean) / (255 std) in float32, as images.preprocess computes it."""
+    ov = import_openvino()
+    from openvino.preprocess import PrePostProcessor
+
+    steps = PrePostProcessor(model)
+    steps.input().tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC"))
+    steps.input().model().set_layout(ov.Layout("NCHW"))
+    steps.input().preprocess().convert_element_type(ov.Type.f32) \
+        .mean([255 * m for m in preprocessing["mean"]]).scale([255 * s for s in preprocessing["std"]])
+    return steps.build()
+
+
+def export_files(backbone: nn.Module, metadata: dict) -> dict[str, bytes]:
+    """The exported model's files (config.EXPORT_FILES) for the artifact with this `metadata`
+    (as stored: with its model_version), as bytes to publish with the artifact."""
+    ov = import_openvino()
+    preprocessing = metadata["preprocessing"]
+    graph = to_openvino(backbone, preprocessing["input_size"], preprocessing, attention=has_cls_attention(backbone))
+    graph.set_rt_info(metadata["model_version"], RT_INFO_VERSION)
+    with tempfile.TemporaryDirectory() as folder:
+        xml = Path(folder) / config.EXPORT_FILES[0]
+        ov.save_model(graph, str(xml), compress_to_fp16=False)
+        return {name: (Path(folder) / name).read_bytes() for name in config.EXPORT_FILES}
+
+
+def export(model_dir: Path) -> Path:
+    """Write the exported model beside the artifact in `model_dir`, as one set, under the
+    folder's lock (a training run publishing there meanwhile would pair it with another model)."""
+    with exclusive(model_dir, "model folder", wait=False):
+        recover(model_dir)
+        model = load_artifact(model_dir / config.ARTIFACT_FILE)
+        publish(model_dir, export_files(model.backbone, model.metadata))
+    return model_dir / config.EXPORT_FILES[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Export a trained artifact's backbone for the torch-free CPU service.")
+    parser.add_argument("--model-dir", type=Path, default=config.OUTPUT_DIR,
+                        help="folder holding model.safetensors (default: %(default)s)")
+    args = parser.parse_args(argv)
+    try:
+        path = export(args.model_dir)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"exported {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
