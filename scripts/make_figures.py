@@ -113,7 +113,7 @@ def main(argv=None) -> int:
         out = args.out_dir
         class_names, samples = scan_image_folder(args.data_dir)
         save_figure(sample_grid(shuffled_by_class(samples, class_names, args.seed), args.per_class,
-                                predictor.preprocessing), out / FIGURES[0])
+                                predictor.model.preprocessing), out / FIGURES[0])
 
         split = json.loads((args.model_dir / config.SPLIT_FILE).read_text())
         if predictor.attention_available:

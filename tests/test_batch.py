@@ -38,7 +38,7 @@ def test_csv_has_a_row_per_image_with_the_predictors_answer(tiny_model_dir, phot
     code = batch.main([str(photos_dir), "--model-dir", str(tiny_model_dir), "--output", str(out)])
     assert code == 1  # one file was unreadable
     predictor = Predictor.from_dir(tiny_model_dir)
-    names = predictor.class_names
+    names = predictor.model.class_names
     rows = read_csv(out)
     # then what else the Predictor reports (the 'neither' check), then the error
     assert list(rows[0]) == ["path", "label", "confidence", *names, "in_distribution", "ood_score", "error"]

@@ -49,20 +49,27 @@ def test_training_writes_the_export_with_the_artifact(tiny_model_dir):
 
 def test_real_features_exported_answers_equal_the_torch_paths(real_model_dir, tmp_path):
     """EfficientNet-Lite0's ImageNet weights on 100 sample photos: the exported graph against the
-    artifact's torch backbone converted at start (the service's CPU path before export) and
-    against torch itself (RUNTIME=torch), both in bf16 where the CPU has it."""
+    artifact's torch backbone converted at start (the service's CPU path before export), both
+    OpenVINO bf16 where the CPU has it; and against torch itself (RUNTIME=torch) in fp32, and in
+    bf16, where the two engines' bf16 differ (measured: torch's autocast lies 0.018 from fp32 in
+    probability, OpenVINO's 0.006, and 0.013 from each other: the labels agree)."""
     photos = sample_photos()[::4]
     exported = Predictor.from_dir(real_model_dir)
     converted = Predictor.from_dir(without_export(real_model_dir, tmp_path / "old"))
-    in_torch = Predictor.from_dir(real_model_dir, runtime="torch")
-    assert (exported.source, converted.source, in_torch.source) == ("exported", "converted", "torch")
-    assert exported.precision == converted.precision == in_torch.precision
+    assert (exported.source, converted.source) == ("exported", "converted")
+    assert exported.precision == converted.precision
     crops = crops_of(exported, photos)
-    served, before, torch_answers = (answers_of(p, crops) for p in (exported, converted, in_torch))
-    assert [a.label for a in served] == [a.label for a in before] == [a.label for a in torch_answers]
+    served, before = answers_of(exported, crops), answers_of(converted, crops)
+    assert [a.label for a in served] == [a.label for a in before]
     assert largest_difference(served, before) < 1e-3
-    assert largest_difference(served, torch_answers) < 1e-3
-    assert [a.in_distribution for a in served] == [a.in_distribution for a in torch_answers]
+    assert [a.in_distribution for a in served] == [a.in_distribution for a in before]
+
+    fp32 = [answers_of(Predictor.from_dir(real_model_dir, runtime=runtime, precision="fp32"), crops)
+            for runtime in ("openvino", "torch")]
+    assert largest_difference(*fp32) < 1e-5  # the same graph: equal to rounding
+    in_torch = answers_of(Predictor.from_dir(real_model_dir, runtime="torch", precision=exported.precision), crops)
+    assert [a.label for a in served] == [a.label for a in in_torch]
+    assert largest_difference(served, in_torch) < 0.03
 
 
 def test_attention_maps_of_the_export_match_torchs(tiny_model_dir, photos):
@@ -107,7 +114,7 @@ from vehicle_classifier.serving.api import create_app
 client = create_app(ServiceConfig(model_dir={str(tiny_model_dir)!r})).test_client()
 data = open({str(photos[0])!r}, "rb").read()
 answer = client.post("/predict?attention=1", data={{"file": (__import__("io").BytesIO(data), "p.jpg")}})
-print(answer.status_code, answer.get_data(as_text=True))
+print(answer.status_code, __import__("json").dumps(answer.get_json()))
 print(client.get("/metadata").get_json()["serving"]["model"])
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)

@@ -47,7 +47,7 @@ def test_training_and_serving_see_the_same_pixels_and_features(predictor, photos
     for name, data in extra.items():
         (tmp_path / name).write_bytes(data)
     paths = list(photos) + [tmp_path / name for name in extra]
-    prep = predictor.preprocessing
+    prep = predictor.model.preprocessing
 
     crops, _ = decode_uploads([Upload(p.name, p.read_bytes()) for p in paths], ServiceConfig(), PixelBudget(10**9),
                               predictor.draft_size, predictor.crop)

@@ -36,12 +36,10 @@ class ArtifactError(UserError):
     """The artifact is missing, damaged or of another format; the message says which."""
 
 
-@dataclass
-class Model:
-    backbone: nn.Module
-    head: nn.Module
+class Described:
+    """What an artifact's `metadata` says of its model."""
+
     metadata: dict
-    ood_references: torch.Tensor | None = None  # absent in artifacts trained without a validation split
 
     @property
     def class_names(self) -> list[str]:
@@ -50,6 +48,16 @@ class Model:
     @property
     def preprocessing(self) -> dict:
         return self.metadata["preprocessing"]
+
+
+@dataclass
+class Model(Described):
+    """The artifact as torch modules (training, batch prediction, the service's torch paths)."""
+
+    backbone: nn.Module
+    head: nn.Module
+    metadata: dict
+    ood_references: torch.Tensor | None = None  # absent in artifacts trained without a validation split
 
 
 def save_artifact(path: Path, backbone: nn.Module, head: nn.Module, metadata: dict,
@@ -110,7 +118,7 @@ def read_tensors(path: Path, keep=lambda name: True) -> dict[str, np.ndarray]:
         with safe_open(str(path), framework="np") as f:
             return {k: f.get_tensor(k) for k in f.keys() if keep(k)}
     except Exception as exc:
-        raise ArtifactError(f"{path} is damaged or incomplete ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+        raise _damaged(path, exc) from None
 
 
 def load_artifact(path: Path) -> Model:
@@ -132,9 +140,13 @@ def load_artifact(path: Path) -> Model:
         head = MLPHead(**metadata["head"]).eval()
         head.load_state_dict(_part(tensors, HEAD), strict=True)
     except Exception as exc:
-        raise ArtifactError(f"{path} is damaged or incomplete ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+        raise _damaged(path, exc) from None
     return Model(backbone=backbone, head=head, metadata=metadata, ood_references=tensors.get(OOD_REFERENCES))
 
 
 def _part(tensors: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def _damaged(path: Path, exc: Exception) -> ArtifactError:
+    return ArtifactError(f"{path} is damaged or incomplete ({type(exc).__name__}: {str(exc).splitlines()[0]})")

@@ -60,7 +60,8 @@ def create_app(config: ServiceConfig | None = None, predictor: Predictor | None 
         openvino_mode=config.openvino_mode, ood_check=config.ood_check, warm_up=False)
     app = Flask(__name__)
     app.config.update(MAX_CONTENT_LENGTH=config.max_upload_bytes, MAX_FORM_PARTS=max_form_parts(config.max_batch_files))
-    svc = app.extensions[EXTENSION] = Service(predictor, config, Metrics(), PixelBudget(config.max_worker_decode_pixels))
+    svc = Service(predictor, config, Metrics(), PixelBudget(config.max_worker_decode_pixels))
+    app.extensions[EXTENSION] = svc
     errors.init_app(app, config.max_upload_bytes)
     svc.metrics.init_app(app)
     docs = schemas.make_docs("A frozen DINO ViT backbone and a small MLP head. " + HOW_TO_SEND + ".")
@@ -69,66 +70,76 @@ def create_app(config: ServiceConfig | None = None, predictor: Predictor | None 
     return app
 
 
+def predict():
+    """Classify one image, or a batch (several multipart 'file' parts)
+
+    400: no image, a damaged or unsupported one, over the pixel limit, malformed JSON or
+    base64, too many files; 408: the upload did not arrive in time; 413: over the upload
+    size, the parts limit or the request's decoded-pixel budget; 415: another content type.
+    """
+    return _predict(service())
+
+
+def index():
+    """The service, its model version and its endpoints"""
+    return jsonify(service="vehicle-classifier", model_version=service().predictor.metadata["model_version"],
+                   endpoints=schemas.endpoints(service().document))
+
+
+def health():
+    """Liveness: the process answers"""
+    return jsonify(status="ok")
+
+
+def ready():
+    """Readiness: the model is loaded (under gunicorn, also compiled and warmed up)"""
+    # The app only exists once its model is loaded; a gunicorn worker takes requests only
+    # after post_worker_init has warmed it up.
+    return jsonify(ready=True, model_version=service().predictor.metadata["model_version"])
+
+
+def metadata():
+    """Classes, backbone, training metrics, model version and serving settings"""
+    return jsonify(schemas.metadata(service().predictor, service().config, __version__))
+
+
+def metrics():
+    """Prometheus metrics (text format)"""
+    exposition, mimetype = service().metrics.exposition()
+    return Response(exposition, mimetype=mimetype)
+
+
+def openapi():
+    return jsonify(service().document)
+
+
+def docs_page():
+    return redirect(f"/{schemas.DOCS_PATH}/swagger/")
+
+
+# (method, rule, view, what the document says of it: request models and answers by status).
+ROUTES = [
+    ("POST", "/predict", predict, dict(query=schemas.PredictQuery, json=schemas.PredictJSON, form=schemas.PredictForm,
+                                       resp=schemas.errors(400, 408, 413, 415, 500, HTTP_200=schemas.PredictAnswer))),
+    ("GET", "/", index, dict(resp=schemas.errors(HTTP_200=schemas.Index))),
+    ("GET", "/health", health, dict(resp=schemas.errors(HTTP_200=schemas.Health))),
+    ("GET", "/ready", ready, dict(resp=schemas.errors(HTTP_200=schemas.Ready))),
+    ("GET", "/metadata", metadata, dict(resp=schemas.errors(HTTP_200=schemas.Metadata))),
+    ("GET", "/metrics", metrics, dict(resp=schemas.errors(HTTP_200=None))),
+    ("GET", "/openapi.json", openapi, None),  # the document itself and its page are not in it
+    ("GET", "/docs", docs_page, None),
+]
+
+
 def blueprint(docs) -> Blueprint:
-    """The endpoints, documented by `docs` (spectree documents the views its own instance
-    decorated, so each app gets its blueprint and document)."""
+    """The endpoints, documented by `docs`: spectree documents the views its own instance
+    decorated, so each app gets its blueprint and document. The views parse requests themselves
+    (/predict takes three body shapes), so the document does not validate them."""
     api = Blueprint("api", __name__)
-    document = docs.validate  # documents the view; the views parse requests themselves
-
-    @api.post("/predict")
-    @document(query=schemas.PredictQuery, json=schemas.PredictJSON, form=schemas.PredictForm,
-              resp=schemas.errors(400, 408, 413, 415, 500, HTTP_200=schemas.PredictAnswer), skip_validation=True)
-    def predict():
-        """Classify one image, or a batch (several multipart 'file' parts)
-
-        400: no image, a damaged or unsupported one, over the pixel limit, malformed JSON or
-        base64, too many files; 408: the upload did not arrive in time; 413: over the upload
-        size, the parts limit or the request's decoded-pixel budget; 415: another content type.
-        """
-        return _predict(service())
-
-    @api.get("/")
-    @document(resp=schemas.errors(HTTP_200=schemas.Index), skip_validation=True)
-    def index():
-        """The service, its model version and its endpoints"""
-        return jsonify(service="vehicle-classifier", model_version=service().predictor.metadata["model_version"],
-                       endpoints=schemas.endpoints(service().document))
-
-    @api.get("/health")
-    @document(resp=schemas.errors(HTTP_200=schemas.Health), skip_validation=True)
-    def health():
-        """Liveness: the process answers"""
-        return jsonify(status="ok")
-
-    @api.get("/ready")
-    @document(resp=schemas.errors(HTTP_200=schemas.Ready), skip_validation=True)
-    def ready():
-        """Readiness: the model is loaded (under gunicorn, also compiled and warmed up)"""
-        # The app only exists once its model is loaded; a gunicorn worker takes requests only
-        # after post_worker_init has warmed it up.
-        return jsonify(ready=True, model_version=service().predictor.metadata["model_version"])
-
-    @api.get("/metadata")
-    @document(resp=schemas.errors(HTTP_200=schemas.Metadata), skip_validation=True)
-    def metadata():
-        """Classes, backbone, training metrics, model version and serving settings"""
-        return jsonify(schemas.metadata(service().predictor, service().config, __version__))
-
-    @api.get("/metrics")
-    @document(resp=schemas.errors(HTTP_200=None), skip_validation=True)
-    def metrics():
-        """Prometheus metrics (text format)"""
-        exposition, mimetype = service().metrics.exposition()
-        return Response(exposition, mimetype=mimetype)
-
-    @api.get("/openapi.json")
-    def openapi():
-        return jsonify(service().document)
-
-    @api.get("/docs")
-    def docs_page():
-        return redirect(f"/{schemas.DOCS_PATH}/swagger/")
-
+    for method, rule, view, documented in ROUTES:
+        if documented is not None:
+            view = docs.validate(**documented, skip_validation=True)(view)
+        api.add_url_rule(rule, view_func=view, methods=[method])
     return api
 
 

@@ -144,10 +144,10 @@ def merge_parts(results: ResultsFile, order: list[Path]) -> None:
 def result_columns(predictor) -> list[str]:
     """path, label, confidence, a probability per class, what else the predictor reports, error."""
     example = _flat(predictor.predict_features(np.zeros((1, predictor.metadata["head"]["in_dim"]), np.float32))[0])
-    columns = [*FIXED_COLUMNS, *predictor.class_names]
+    columns = [*FIXED_COLUMNS, *predictor.model.class_names]
     columns += [key for key in example if key not in columns]
     if len(set(columns)) != len(columns) or "error" in columns:
-        raise BatchError(f"class names clash with the result columns: {predictor.class_names}")
+        raise BatchError(f"class names clash with the result columns: {predictor.model.class_names}")
     return [*columns, "error"]
 
 
@@ -167,7 +167,7 @@ def predict_into(results: ResultsFile, predictor, backbone, paths: list[Path], b
     from ..extraction import backbone_features
 
     classified = unreadable = 0
-    batches = backbone_features(backbone, paths, predictor.preprocessing, torch.device(predictor.device),
+    batches = backbone_features(backbone, paths, predictor.model.preprocessing, torch.device(predictor.device),
                                 predictor.precision, batch_size, num_workers)
     with tqdm(total=len(paths), desc="predicting", unit="img") as bar:
         for indices, features, failed in batches:
@@ -219,8 +219,7 @@ def run(args: argparse.Namespace) -> tuple[int, int, int] | None:
         device = group.device(args.device)
         check_device(device)
         # The predictor answers from features: backbone_features runs the backbone (extraction.py).
-        predictor = Predictor(ServedModel.read(path), forward=None, device=str(device),
-                              precision=resolve_precision(args.precision, device))
+        predictor = Predictor(ServedModel.read(path), device=str(device), precision=resolve_precision(args.precision, device))
         columns = result_columns(predictor)
         final = ResultsFile(args.output, columns, repair=group.is_main)
         todo = [p for p in images if str(p) not in final.done]

@@ -67,7 +67,7 @@ def attention_banner(predictor: Predictor, paths_by_class: dict[str, list[Path]]
     """For `per_class` photos of each class: the photo (top) and the last block's [CLS]
     attention over it with the model's answer (bottom). A backbone without attention maps (a
     CNN) gets the photos with the answers alone."""
-    preprocessing = predictor.preprocessing
+    preprocessing = predictor.model.preprocessing
     photos = [(name, path, image) for name, paths in paths_by_class.items()
               for path, image in _readable(paths, per_class, preprocessing["resize_size"])]
     attention = predictor.attention_available

@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from .. import UserError, config
-from ..artifact import HEAD, OOD_REFERENCES, read_metadata, read_tensors
+from ..artifact import HEAD, OOD_REFERENCES, Described, read_metadata, read_tensors
 from ..images import attention_overlay_png, center_crop, open_image
 from ..ood import ood_scores
 from ..runtime import OpenVINOModel, read_exported, resolve_precision, runtime_for, usable_cores
@@ -47,7 +47,7 @@ class AttentionUnavailable(UserError, ValueError):
 
 
 @dataclass
-class ServedModel:
+class ServedModel(Described):
     """What an answer needs besides the backbone, read without torch: the metadata, the head's
     weights, the training features the "neither" check measures against."""
 
@@ -132,14 +132,6 @@ class Predictor:
         return self.model.metadata
 
     @property
-    def class_names(self) -> list[str]:
-        return self.metadata["class_names"]
-
-    @property
-    def preprocessing(self) -> dict:
-        return self.metadata["preprocessing"]
-
-    @property
     def precision(self) -> str:
         """bf16 or fp32 ("auto" on a GPU until a worker starts the forward there)."""
         return self._precision or self.forward.precision
@@ -154,7 +146,7 @@ class Predictor:
         with self._warming:
             self.forward.start(threads or usable_cores())
             self._batcher.concurrency = self.forward.streams
-            size = self.preprocessing["input_size"]
+            size = self.model.preprocessing["input_size"]
             blank = [Image.new("RGB", (size, size))]
             self._answer(blank)
             # Other batch sizes need no warm-up: OpenVINO's first call at a new shape costs ~5 ms
@@ -165,12 +157,12 @@ class Predictor:
 
     def load_image(self, source: bytes | str | Path, max_pixels: int = config.MAX_IMAGE_PIXELS) -> Image.Image:
         """Decode an image (raises images.ImageError with a message fit for the user)."""
-        return open_image(source, self.preprocessing["resize_size"], max_pixels)
+        return open_image(source, self.model.preprocessing["resize_size"], max_pixels)
 
     @property
     def draft_size(self) -> int:
         """The smallest size a photo may be decoded at (JPEG draft mode) and still cover the crop."""
-        return self.preprocessing["resize_size"]
+        return self.model.preprocessing["resize_size"]
 
     def check_attention(self, attention: bool) -> None:
         """Raise AttentionUnavailable if attention maps are asked of a backbone without them."""
@@ -179,7 +171,7 @@ class Predictor:
 
     def crop(self, image: Image.Image) -> Image.Image:
         """What the backbone sees of `image`: its centre crop, at the input size."""
-        return center_crop(image, self.preprocessing)
+        return center_crop(image, self.model.preprocessing)
 
     def predict(self, images: list[Image.Image], attention: bool = False) -> list[Prediction]:
         return self.predict_crops([self.crop(image) for image in images], attention)
@@ -209,12 +201,12 @@ class Predictor:
         exp = np.exp(logits - logits.max(axis=1, keepdims=True))
         probabilities = (exp / exp.sum(axis=1, keepdims=True)).tolist()
         scores = None if self.ood_threshold is None else ood_scores(features, self.model.ood_references).tolist()
-        answers = []
+        answers, names = [], self.model.class_names
         for i, probs in enumerate(probabilities):
             best = int(np.argmax(probs))
             overlay = {} if overlays is None else {"attention_png": base64.b64encode(overlays[i]).decode()}
             answers.append(Prediction(
-                label=self.class_names[best], confidence=probs[best], probabilities=dict(zip(self.class_names, probs)),
+                label=names[best], confidence=probs[best], probabilities=dict(zip(names, probs)),
                 in_distribution=None if scores is None else scores[i] <= self.ood_threshold,
                 ood_score=None if scores is None else scores[i], **overlay))
         return answers
