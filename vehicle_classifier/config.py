@@ -107,6 +107,17 @@ CALIBRATION_FOLDS = 5  # heads trained for the out-of-fold logits (calibration "
 # heads to train: docs/training.md, "Calibration").
 CALIBRATIONS = ("val", "out-of-fold")
 
+# --- the data audit (python -m vehicle_classifier.audit) ------------------------------------
+AUDIT_DIR = Path("audit")
+AUDIT_FILE = "audit.json"  # label_issues, near_duplicates, outliers
+AUDIT_SHEET = "audit.png"  # the top suspects, captioned
+# Two photos are near-duplicates (audit/duplicates.py) when their perceptual hashes lie within
+# this distance (0: the same, ~0.5: unrelated; planted altered copies measured 0.05-0.21) and
+# their aligned thumbnails correlate at least this well (copies 0.973-0.999, different cars
+# photographed alike on white up to 0.94).
+DUPLICATE_HASH_DISTANCE = 0.30
+DUPLICATE_MIN_CORRELATION = 0.96
+
 # --- data -----------------------------------------------------------------------------------
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # Pixel limit checked from the header, before decoding: a 48 MP phone photo passes, a
