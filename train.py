@@ -82,10 +82,12 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, handlers=[handler])
 
     from vehicle_classifier import UserError
+    from vehicle_classifier.training.fetch import ensure_dataset
     from vehicle_classifier.training.fingerprint import training_fingerprint, up_to_date
 
     cfg = config.TrainConfig(**{f.name: getattr(args, f.name) for f in fields(config.TrainConfig)})
     try:
+        ensure_dataset(args.data_dir)  # the first run on a fresh clone: the Kaggle set, fetched
         # Checked before torch is even imported: an unchanged rerun costs well under a second.
         fingerprint = training_fingerprint(args.data_dir, cfg, args.weights, args.device)
         if not args.force and up_to_date(args.output_dir, fingerprint):

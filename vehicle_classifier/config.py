@@ -12,6 +12,12 @@ from pathlib import Path
 
 # --- paths ----------------------------------------------------------------------------------
 DATA_DIR = Path("data/Car-Bike-Dataset")
+# The public Kaggle data set that DATA_DIR holds, fetched by train.py when DATA_DIR is missing
+# (training/fetch.py, through kagglehub: its cache, KAGGLEHUB_CACHE and proxies apply). The
+# version is pinned: the same photos for every user, and a cached copy is found offline.
+KAGGLE_DATASET = "utkarshsaxenadn/car-vs-bike-classification-dataset"
+KAGGLE_VERSION = 1
+KAGGLE_CLASSES = ("Bike", "Car")  # the class folders inside the download (its Car-Bike-Dataset/)
 OUTPUT_DIR = Path("models")
 FEATURE_CACHE_DIR = Path(".cache/features")
 # Images that are neither a car nor a bike (scripts/make_neither_set.py, committed): train.py

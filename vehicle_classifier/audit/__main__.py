@@ -54,12 +54,14 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     from .. import UserError
+    from ..training.fetch import ensure_dataset
     from .run import run_audit
 
     cfg = config.TrainConfig(backbone=args.backbone, precision=args.precision, seed=args.seed,
                              extract_batch_size=args.extract_batch_size, val_fraction=args.val_fraction,
                              test_fraction=args.test_fraction)
     try:
+        ensure_dataset(args.data_dir)
         report = run_audit(args.data_dir, args.output_dir, cfg, args.weights, args.cache_dir, args.device)
     except (UserError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
