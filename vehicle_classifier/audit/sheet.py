@@ -22,17 +22,23 @@ def _tile(ax, path: Path, preprocessing: dict, title: str, color: str = "black")
     ax.set_title(title, fontsize=7.5, color=color)
 
 
+def _label_caption(item: dict) -> str:
+    if item["suggested"] == item["given"]:
+        return f"{item['given']} ({item['score']:.2f})"
+    return f"{item['given']} -> {item['suggested']}? ({item['score']:.2f})"
+
+
 def _tiles(report: dict) -> list[tuple[str, list[tuple[str, str, str]]]]:
     """Rows of (section title, [(relative path, caption, color)...])."""
-    suspects = [(item["path"], f"{item['given']} -> {item['suggested']}?\n{item['score']:.2f}  {Path(item['path']).name[:18]}",
-                 "red" if item["issue"] else "black") for item in report["label_issues"][:SUSPECTS]]
+    suspects = [(item["path"], f"{_label_caption(item)}\n{Path(item['path']).name[:22]}", "red" if item["issue"] else "black")
+                for item in report["label_issues"][:SUSPECTS]]
     pairs = [(path, f"{pair['similarity']:.2f}{' across split' if pair['crosses_split'] else ''}\n{Path(path).name[:22]}",
               "red" if pair["crosses_split"] else "black")
              for pair in report["near_duplicates"][:PAIRS] for path in pair["paths"]]
     outliers = [(item["path"], f"neither? {item['score']:.2f}\n{Path(item['path']).name[:22]}", "black")
                 for item in report["outliers"][:OUTLIERS]]
     return [(title, tiles) for title, tiles in (
-        ("Most suspicious labels (given -> suggested, label quality; red: flagged)", suspects),
+        ("Most suspicious labels: given -> suggested (label quality); red: a label issue", suspects),
         ("Near-duplicate pairs (similarity)", pairs),
         ("Least like either class", outliers)) if tiles]
 
