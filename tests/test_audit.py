@@ -155,3 +155,10 @@ def test_the_audit_runs_as_a_module_on_a_synthetic_folder(tmp_path, lite0_weight
     assert report["label_issues"][0]["path"] == "Bike/filed_wrong.png"
     assert report["label_issues"][0]["suggested"] == "Car"
     assert "hashing photos" in result.stderr  # progress
+
+
+def test_the_audit_imports_training_never_serving():
+    code = ("import sys, vehicle_classifier.audit.run, vehicle_classifier.audit.__main__; "
+            "print(sorted(m for m in sys.modules if m.startswith('vehicle_classifier.serving')))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr[-2000:]

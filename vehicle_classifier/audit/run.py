@@ -14,10 +14,10 @@ import torch
 from .. import config
 from ..backbone import get_spec
 from ..data import DataError, stratified_split
-from ..features import usable_cores
-from ..fileio import json_bytes, publish
 from ..distributed import SINGLE
-from ..training import Extraction, _extract, unique_readable
+from ..extraction import usable_cores
+from ..fileio import json_bytes, publish
+from ..training.run import Extraction, _extract, unique_readable
 from .duplicates import fingerprint_all, near_duplicate_pairs
 from .labels import label_issues, out_of_fold_probabilities, outlier_scores
 from .sheet import contact_sheet_png
