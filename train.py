@@ -33,9 +33,9 @@ HELP = {
     "precision": "backbone precision: auto (bf16 where the hardware has it), bf16 or fp32",
     "ood_acceptance": "share of validation photos the 'neither a car nor a bike' threshold accepts",
     "neither_dir": "images that are neither class, for the flagged share in metrics.json (skipped when absent or '')",
-    "calibration": "where the temperature is fitted: val (the validation logits; free) or out-of-fold (every "
-                   f"train+val photo scored by one of {config.CALIBRATION_FOLDS} heads that never saw it: better "
-                   "held-out log-loss, costs those heads' training)",
+    "calibration": f"where the temperature is fitted: out-of-fold (every train+val photo scored by one of "
+                   f"{config.CALIBRATION_FOLDS} heads that never saw it: better held-out log-loss, costs those "
+                   "heads' training) or val (the validation logits: free, but few)",
 }
 
 # Backbone names are checked by backbone.get_spec.

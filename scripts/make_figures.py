@@ -11,7 +11,7 @@ With real pretrained features on this project's offline machines (docs/training.
 
     .venv/bin/python scripts/lite0_weights.py out/tf_efficientnet_lite0.safetensors
     .venv/bin/python scripts/make_figures.py --backbone timm:tf_efficientnet_lite0 \
-        --weights out/tf_efficientnet_lite0.safetensors --calibration out-of-fold
+        --weights out/tf_efficientnet_lite0.safetensors
 
     .venv/bin/python scripts/make_figures.py --weights path/to/dino_deitsmall16_pretrain.pth
 
