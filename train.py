@@ -36,6 +36,8 @@ HELP = {
     "calibration": f"where the temperature is fitted: out-of-fold (every train+val photo scored by one of "
                    f"{config.CALIBRATION_FOLDS} heads that never saw it: better held-out log-loss, costs those "
                    "heads' training) or val (the validation logits: free, but few)",
+    "exclude": f"an {config.AUDIT_FILE} of python -m vehicle_classifier.audit: its label issues and all but one "
+               "photo of each near-duplicate group are left out ('': none)",
 }
 
 # Backbone names are checked by backbone.get_spec.

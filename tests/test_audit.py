@@ -61,13 +61,26 @@ def plant_faults(root: Path, seed: int, per_class: int = 150) -> dict:
     return planted
 
 
-@pytest.mark.parametrize("seed", [1, 2])
-def test_the_audit_finds_planted_faults_on_real_features(seed, tmp_path, lite0_weights, real_feature_cache, capsys):
-    planted = plant_faults(tmp_path / "data", seed)
-    out = tmp_path / "audit"
-    code = audit_main(["--data-dir", str(tmp_path / "data"), "--output-dir", str(out), "--backbone", LITE0_BACKBONE,
-                       "--weights", str(lite0_weights), "--cache-dir", str(real_feature_cache)])
+@pytest.fixture(scope="module", params=[1, 2], ids=["plant1", "plant2"])
+def planted_audit(request, tmp_path_factory, lite0_weights, real_feature_cache):
+    """An audit, as a user runs it, of ~300 sample photos with faults planted (seeded: two
+    different draws): (data folder, output folder, what was planted, the terminal's lines)."""
+    import contextlib
+    import io
+
+    root = tmp_path_factory.mktemp(f"planted{request.param}")
+    planted = plant_faults(root / "data", request.param)
+    out = root / "audit"
+    terminal = io.StringIO()
+    with contextlib.redirect_stdout(terminal):
+        code = audit_main(["--data-dir", str(root / "data"), "--output-dir", str(out), "--backbone", LITE0_BACKBONE,
+                           "--weights", str(lite0_weights), "--cache-dir", str(real_feature_cache)])
     assert code == 0
+    return root / "data", out, planted, terminal.getvalue().splitlines()
+
+
+def test_the_audit_finds_planted_faults_on_real_features(planted_audit):
+    _, out, planted, summary = planted_audit
     report = json.loads((out / config.AUDIT_FILE).read_text())
     issues = report["label_issues"]
     assert len(issues) == report["photos"] == 2 * 150 + COPIES
@@ -85,9 +98,31 @@ def test_the_audit_finds_planted_faults_on_real_features(seed, tmp_path, lite0_w
     assert 0 < len(report["outliers"]) < 0.05 * len(issues)
     with Image.open(out / config.AUDIT_SHEET) as sheet:
         assert sheet.format == "PNG" and min(sheet.size) > 500
-    summary = capsys.readouterr().out.splitlines()
     assert summary[0].startswith(f"{len(issues)} photos audited in ") and f"{len(pairs)} near-duplicate pairs" in summary[0]
     assert summary[-1] == f"written: {out / config.AUDIT_FILE}, {out / config.AUDIT_SHEET}"
+
+
+def test_training_leaves_out_what_the_audit_flagged(planted_audit, tmp_path, lite0_weights, real_feature_cache):
+    import train
+
+    data, out, planted, _ = planted_audit
+    report = json.loads((out / config.AUDIT_FILE).read_text())
+    code = train.main(["--data-dir", str(data), "--output-dir", str(tmp_path / "model"), "--backbone", LITE0_BACKBONE,
+                       "--weights", str(lite0_weights), "--cache-dir", str(real_feature_cache), "--neither-dir", "",
+                       "--exclude", str(out / config.AUDIT_FILE)])
+    assert code == 0
+    metrics = json.loads((tmp_path / "model" / config.METRICS_FILE).read_text())
+    excluded = metrics["summary"]["excluded"]
+    flagged = [item["path"] for item in report["label_issues"] if item["issue"]]
+    assert excluded["label_issues"] == len(flagged) and sum(p in flagged for p in planted["moved"]) >= 14
+    assert excluded["near_duplicate_copies"] >= 10 and excluded["not_found"] == 0
+    # The split the run would have made is the one the audit reported crossings of.
+    assert excluded["pairs_across_split_without_exclusion"] == sum(p["crosses_split"] for p in report["near_duplicates"])
+    split = json.loads((tmp_path / "model" / config.SPLIT_FILE).read_text())
+    used = set(split["train"] + split["val"] + split["test"])
+    assert not used & set(flagged)
+    assert all(not set(p["paths"]) <= used for p in report["near_duplicates"])  # one photo of each pair at most
+    assert metrics["summary"]["images_found"] - len(used) >= excluded["label_issues"] + excluded["near_duplicate_copies"]
 
 
 # --- the pieces, on synthetic images -----------------------------------------------------------
@@ -155,6 +190,16 @@ def test_the_audit_runs_as_a_module_on_a_synthetic_folder(tmp_path, lite0_weight
     assert report["label_issues"][0]["path"] == "Bike/filed_wrong.png"
     assert report["label_issues"][0]["suggested"] == "Car"
     assert "hashing photos" in result.stderr  # progress
+
+
+def test_extra_copies_keep_one_photo_of_each_group_and_a_bad_audit_is_one_line(tmp_path):
+    from vehicle_classifier.data import DataError
+    from vehicle_classifier.training.exclude import extra_copies, read_audit
+
+    assert extra_copies([["b", "a"], ["c", "b"], ["x", "y"]]) == {"b", "c", "y"}  # a~b~c: a kept; x~y: x kept
+    (tmp_path / "audit.json").write_text('{"label_issues": []}')
+    with pytest.raises(DataError, match=r"--exclude .*audit.json: not a readable audit.json \(KeyError"):
+        read_audit(tmp_path / "audit.json")
 
 
 def test_the_audit_imports_training_never_serving():

@@ -166,6 +166,8 @@ class TrainConfig:
     ood_acceptance: float = 0.975
     neither_dir: str = str(NEITHER_DIR)
     calibration: str = CALIBRATIONS[0]
+    # An audit.json (python -m vehicle_classifier.audit) whose flagged photos are left out; "": none.
+    exclude: str = ""
 
 
 # --- service --------------------------------------------------------------------------------
