@@ -120,8 +120,8 @@ AUDIT_FILE = "audit.json"  # label_issues, near_duplicates, outliers
 AUDIT_SHEET = "audit.png"  # the top suspects, captioned
 # Two photos are near-duplicates (audit/duplicates.py) when their perceptual hashes lie within
 # this distance (0: the same, ~0.5: unrelated; planted altered copies measured 0.05-0.21) and
-# their aligned thumbnails correlate at least this well (copies 0.973-0.999, different cars
-# photographed alike on white up to 0.94).
+# their aligned thumbnails correlate at least this well (copies 0.975-0.999, different cars
+# photographed alike on white up to 0.935).
 DUPLICATE_HASH_DISTANCE = 0.30
 DUPLICATE_MIN_CORRELATION = 0.96
 

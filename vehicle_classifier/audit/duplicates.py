@@ -1,9 +1,9 @@
 """Near-duplicates: the same photo twice, resized, recompressed, cropped a little or mirrored.
 
 Found from the pixels, not from the backbone's features, in two steps. Chosen by measurement
-(docs, "Auditing the data"): on 312 sample photos with 12 planted altered copies (4% crop, 0.7x
+(docs/audit.md): on 312 sample photos with 12 planted altered copies (4% crop, 0.7x
 resize, JPEG quality 60, half of them mirrored), EfficientNet-Lite0's pooled features gave a copy
-a cosine of only 0.80-0.92 to its original while different photos reached 0.91-0.94 (a threshold
+a cosine of only 0.70-0.92 to its original while two different photos reached 0.90 (a threshold
 finding 8 of 12 reported 26 pairs; the mirror image's features changed nothing, the CNN is nearly
 mirror-invariant already): resizing and recompression blur what the features see.
 
@@ -11,10 +11,10 @@ mirror-invariant already): resizing and recompression blur what the features see
    reach: the mean of a 256-bit DCT hash's (phash) and a 64-bit gradient hash's (dhash) Hamming
    distances, each as a share of its bits, the smaller of the distance to the other photo and to
    its mirror image. Planted copies measured 0.05-0.21; but two different cars photographed
-   alike on white measured from 0.22 (4 of the 18-21 pairs a hash threshold alone reported).
+   alike on white measured from 0.195 (2-3 of the 18-21 pairs a hash threshold alone reported).
 2. Check: the two photos' 32x32 colour thumbnails, aligned by trying small crops of either one
-   and the mirror image, correlated (Pearson). Copies measured 0.973-0.999, those look-alike
-   cars 0.94 at most.
+   and the mirror image, correlated (Pearson). Copies measured 0.975-0.999, those look-alike
+   cars 0.935 at most.
 On three plants this found 11, 12 and 12 of the 12 copies (the one missed: a transparent PNG
 copied onto black) with 16, 18 and 17 pairs in all: the rest are duplicates the Kaggle set holds.
 """

@@ -5,7 +5,7 @@ does it: training.run.out_of_fold_logits), then cleanlab's confident learning on
 probabilities: its label quality score (the out-of-fold probability of the given label) ranks
 every photo, and find_label_issues says which ones are likely wrong (per-class thresholds from
 the data, not a fixed cut). On 312 sample photos with 16 moved to the other class it ranked all
-16 among the 17 most suspicious, on two plants (docs, "Auditing the data").
+16 among the 17 most suspicious, on three plants (docs/audit.md).
 
 Outliers: the "neither" score that training uses (ood.py): mean cosine distance to the nearest
 photos' features, here to the other photos of the data set (the photo itself and identical

@@ -61,5 +61,5 @@ def contact_sheet_png(report: dict, data_dir: Path, preprocessing: dict) -> byte
         for ax, (path, caption, color) in zip(axes, tiles):
             _tile(ax, data_dir / path, preprocessing, caption, color)
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
+    fig.savefig(buffer, format="png", dpi=85)
     return buffer.getvalue()
