@@ -33,9 +33,11 @@ HELP = {
     "precision": "backbone precision: auto (bf16 where the hardware has it), bf16 or fp32",
     "ood_acceptance": "share of validation photos the 'neither a car nor a bike' threshold accepts",
     "neither_dir": "images that are neither class, for the flagged share in metrics.json (skipped when absent or '')",
-    "calibration": "where the temperature is fitted: val (the validation logits; free) or out-of-fold (every "
-                   f"train+val photo scored by one of {config.CALIBRATION_FOLDS} heads that never saw it: better "
-                   "held-out log-loss, costs those heads' training)",
+    "calibration": f"where the temperature is fitted: out-of-fold (every train+val photo scored by one of "
+                   f"{config.CALIBRATION_FOLDS} heads that never saw it: better held-out log-loss, costs those "
+                   "heads' training) or val (the validation logits: free, but few)",
+    "exclude": f"an {config.AUDIT_FILE} of python -m vehicle_classifier.audit: its label issues and all but one "
+               "photo of each near-duplicate group are left out ('': none)",
 }
 
 # Backbone names are checked by backbone.get_spec.
@@ -82,10 +84,12 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, handlers=[handler])
 
     from vehicle_classifier import UserError
+    from vehicle_classifier.training.fetch import ensure_dataset
     from vehicle_classifier.training.fingerprint import training_fingerprint, up_to_date
 
     cfg = config.TrainConfig(**{f.name: getattr(args, f.name) for f in fields(config.TrainConfig)})
     try:
+        ensure_dataset(args.data_dir)  # the first run on a fresh clone: the Kaggle set, fetched
         # Checked before torch is even imported: an unchanged rerun costs well under a second.
         fingerprint = training_fingerprint(args.data_dir, cfg, args.weights, args.device)
         if not args.force and up_to_date(args.output_dir, fingerprint):

@@ -7,8 +7,8 @@ Features of the 400 sample photos come from the feature cache (extracted once). 
   1. The choice, made without the test split: the default split's train+val photos (340) are
      re-split, --resplits times, into train/val/pseudo-test (70/15/15); on each, the head is
      trained as train.py trains it and its pseudo-test predictions are scored with no temperature,
-     with T fitted on the head's validation logits (--calibration val, the default) and with T
-     fitted on 5-fold out-of-fold logits of train+val (--calibration out-of-fold). Prints the mean ECE, log-loss
+     with T fitted on the head's validation logits (--calibration val) and with T
+     fitted on 5-fold out-of-fold logits of train+val (--calibration out-of-fold, the default). Prints the mean ECE, log-loss
      and Brier score, how often ECE after <= ECE before, and ECE over all resplits pooled.
   2. The goal, reported: the real test split for seeds 0..--seeds-1 (split and head), ECE before
      and after, with a bootstrap 95% interval of the difference (test photos resampled).

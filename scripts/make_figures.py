@@ -1,4 +1,4 @@
-"""Regenerate the figures docs/training.md shows, from a real run:
+"""Regenerate the figures docs/training.md and docs/audit.md show, from a real run:
 
     imgs/sample_grid.png        photos of each class, as the centre crop the backbone sees
     imgs/attention_banner.png   held-out test photos with the backbone's [CLS] attention and the model's answer
@@ -6,12 +6,13 @@
     imgs/confusion_matrix.png   the test split's confusion matrix
     imgs/reliability.png        reliability diagrams, before and after temperature scaling: the logits the
                                 temperature was fitted on, and the test split
+    imgs/audit.png              the data audit's top suspects (python -m vehicle_classifier.audit)
 
 With real pretrained features on this project's offline machines (docs/training.md, "Figures"):
 
     .venv/bin/python scripts/lite0_weights.py out/tf_efficientnet_lite0.safetensors
     .venv/bin/python scripts/make_figures.py --backbone timm:tf_efficientnet_lite0 \
-        --weights out/tf_efficientnet_lite0.safetensors --calibration out-of-fold
+        --weights out/tf_efficientnet_lite0.safetensors
 
     .venv/bin/python scripts/make_figures.py --weights path/to/dino_deitsmall16_pretrain.pth
 
@@ -34,7 +35,8 @@ sys.path.insert(0, str(REPO))  # run as a plain script from any directory
 from vehicle_classifier import UserError, config
 
 SAMPLE_DIR = config.SAMPLE_DIR
-FIGURES = ("sample_grid.png", "attention_banner.png", "learning_curves.png", "confusion_matrix.png", "reliability.png")
+FIGURES = ("sample_grid.png", "attention_banner.png", "learning_curves.png", "confusion_matrix.png", "reliability.png",
+           "audit.png")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,6 +130,10 @@ def main(argv=None) -> int:
                               f"test split ({metrics['test']['count']} photos)")
         # Drawn by training, which has every bin.
         write_file(out / FIGURES[4], (args.model_dir / config.RELIABILITY_PLOT).read_bytes())
+        from vehicle_classifier.audit.run import run_audit
+
+        run_audit(args.data_dir, args.model_dir / config.AUDIT_DIR, cfg, args.weights, args.cache_dir)
+        write_file(out / FIGURES[5], (args.model_dir / config.AUDIT_DIR / config.AUDIT_SHEET).read_bytes())
     except (UserError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

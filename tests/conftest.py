@@ -125,16 +125,15 @@ def real_feature_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def real_model_dir(tmp_path_factory, lite0_weights, real_feature_cache) -> Path:
     """A model trained by train.py, as a user runs it, on the 400 real sample photos with real
-    pretrained features, 'neither' images included; the temperature fitted out of fold (the
-    default, on validation, is checked on synthetic features: test_training), as the figures in
-    docs/training.md are."""
+    pretrained features, 'neither' images included, with the default settings (the temperature
+    fitted out of fold), as the figures in docs/training.md are."""
     import train
 
     sample_photos()  # skips when the photos are absent
     out = tmp_path_factory.mktemp("real-model")
     code = train.main(["--data-dir", str(SAMPLE_DIR), "--output-dir", str(out), "--backbone", LITE0_BACKBONE,
                        "--weights", str(lite0_weights), "--cache-dir", str(real_feature_cache),
-                       "--neither-dir", str(NEITHER_DIR), "--calibration", "out-of-fold"])
+                       "--neither-dir", str(NEITHER_DIR)])
     assert code == 0
     return out
 

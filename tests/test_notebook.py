@@ -75,7 +75,7 @@ def test_notebook_executes_in_quick_mode(tmp_path, lite0_weights, real_feature_c
     # Real pretrained features, from the cache the other real-feature tests fill.
     km = venv_kernel(tmp_path, {
         "NB_QUICK": "1", "NB_DATA_DIR": str(SAMPLE_DIR), "NB_WEIGHTS": str(lite0_weights),
-        "NB_BACKBONE": LITE0_BACKBONE, "NB_CACHE_DIR": str(real_feature_cache),
+        "NB_BACKBONE": LITE0_BACKBONE, "NB_CACHE_DIR": str(real_feature_cache), "NB_AUDIT_DIR": str(tmp_path / "audit"),
     })
     nb = nbformat.read(NOTEBOOK, as_version=4)
     # Raises CellExecutionError, with the failing cell and its traceback, on any error.
@@ -90,6 +90,10 @@ def test_notebook_executes_in_quick_mode(tmp_path, lite0_weights, real_feature_c
     assert "80 photos with features" in features and "1280-d" in features
     assert "split: train 56, val 12, test 12" in features
     assert re.search(r"\d+ near-duplicate pairs, \d+ of them across splits", text_of(nb, "leakage"))
+    # The data audit of the whole folder (400 photos), as python -m vehicle_classifier.audit runs it.
+    audit = text_of(nb, "audit")
+    assert f"{sum(per_class.values())} photos audited in " in audit and "Bike/Bike (1411).jpeg" in audit
+    assert (tmp_path / "audit" / config.AUDIT_FILE).is_file()
 
     # The quick sweep: train.py's defaults and three other grid points, ranked.
     html = next(o.data["text/html"] for o in outputs(nb, "sweep-results") if "text/html" in o.get("data", {}))
@@ -104,7 +108,7 @@ def test_notebook_executes_in_quick_mode(tmp_path, lite0_weights, real_feature_c
     test = re.search(r"test: accuracy ([01]\.\d{3}), ROC-AUC ([01]\.\d{3}) on 12 photos", text_of(nb, "test"))
     assert test and float(test[1]) >= 11 / 12 - 1e-3 and float(test[2]) >= 0.95, text_of(nb, "test")
 
-    for tag in ("class-balance", "sizes", "sample-grid", "projection", "validation-curves", "attention"):
+    for tag in ("class-balance", "sizes", "sample-grid", "audit", "projection", "validation-curves", "attention"):
         images = pngs_of(nb, tag)
         assert images and all(min(im.size) > 100 for im in images), tag
 

@@ -66,11 +66,12 @@ def test_training_learns_separable_classes(tiny_model_dir):
     best = metrics["summary"]["best_epoch"]
     history = metrics["history"]
     assert min(h["val_loss"] for h in history) == history[best - 1]["val_loss"]  # best epoch kept
-    calibration = metrics["calibration"]  # by default, the temperature is fitted on the validation logits
-    assert calibration["method"] == "temperature scaling on the validation logits"
+    calibration = metrics["calibration"]  # by default, the temperature is fitted out of fold
+    assert calibration["method"] == f"temperature scaling on {config.CALIBRATION_FOLDS}-fold out-of-fold logits of train+val"
+    assert calibration["out_of_fold"]["count"] == metrics["train"]["count"] + metrics["val"]["count"]
     assert calibration["val"]["count"] == metrics["val"]["count"]
     assert calibration["test"]["count"] == metrics["test"]["count"]
-    assert "out_of_fold" not in calibration and calibration["temperature"] > 0
+    assert calibration["temperature"] > 0
     for name in (config.ARTIFACT_FILE, config.SPLIT_FILE, config.HISTORY_PLOT, config.CONFUSION_PLOT):
         assert (tiny_model_dir / name).stat().st_size > 0
     for plot in (config.HISTORY_PLOT, config.CONFUSION_PLOT):

@@ -12,6 +12,12 @@ from pathlib import Path
 
 # --- paths ----------------------------------------------------------------------------------
 DATA_DIR = Path("data/Car-Bike-Dataset")
+# The public Kaggle data set that DATA_DIR holds, fetched by train.py when DATA_DIR is missing
+# (training/fetch.py, through kagglehub: its cache, KAGGLEHUB_CACHE and proxies apply). The
+# version is pinned: the same photos for every user, and a cached copy is found offline.
+KAGGLE_DATASET = "utkarshsaxenadn/car-vs-bike-classification-dataset"
+KAGGLE_VERSION = 1
+KAGGLE_CLASSES = ("Bike", "Car")  # the class folders inside the download (its Car-Bike-Dataset/)
 OUTPUT_DIR = Path("models")
 FEATURE_CACHE_DIR = Path(".cache/features")
 # Images that are neither a car nor a bike (scripts/make_neither_set.py, committed): train.py
@@ -102,10 +108,22 @@ OOD_NEIGHBOURS = 5  # the score: mean cosine distance to this many nearest train
 OOD_MAX_REFERENCES = 1024  # training features kept in the artifact (1024 x 1280 float16: 2.6 MB)
 CALIBRATION_BINS = 15  # confidence bins of the expected calibration error and reliability diagram
 CALIBRATION_FOLDS = 5  # heads trained for the out-of-fold logits (calibration "out-of-fold")
-# Where the temperature is fitted (TrainConfig.calibration): the kept head's validation logits
-# (free), or out-of-fold logits of train+val (better held-out log-loss; CALIBRATION_FOLDS more
-# heads to train: docs/training.md, "Calibration").
-CALIBRATIONS = ("val", "out-of-fold")
+# Where the temperature is fitted (TrainConfig.calibration): out-of-fold logits of train+val (the
+# default: 18% lower held-out log-loss, for CALIBRATION_FOLDS more heads to train, +2.4 s on a
+# 600-photo --force run on 2 cores), or the kept head's validation logits (free, but few; they
+# also chose its epoch): docs/training.md, "Calibration".
+CALIBRATIONS = ("out-of-fold", "val")
+
+# --- the data audit (python -m vehicle_classifier.audit) ------------------------------------
+AUDIT_DIR = Path("audit")
+AUDIT_FILE = "audit.json"  # label_issues, near_duplicates, outliers
+AUDIT_SHEET = "audit.png"  # the top suspects, captioned
+# Two photos are near-duplicates (audit/duplicates.py) when their perceptual hashes lie within
+# this distance (0: the same, ~0.5: unrelated; planted altered copies measured 0.05-0.21) and
+# their aligned thumbnails correlate at least this well (copies 0.975-0.999, different cars
+# photographed alike on white up to 0.935).
+DUPLICATE_HASH_DISTANCE = 0.30
+DUPLICATE_MIN_CORRELATION = 0.96
 
 # --- data -----------------------------------------------------------------------------------
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -148,6 +166,8 @@ class TrainConfig:
     ood_acceptance: float = 0.975
     neither_dir: str = str(NEITHER_DIR)
     calibration: str = CALIBRATIONS[0]
+    # An audit.json (python -m vehicle_classifier.audit) whose flagged photos are left out; "": none.
+    exclude: str = ""
 
 
 # --- service --------------------------------------------------------------------------------

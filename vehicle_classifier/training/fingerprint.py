@@ -47,6 +47,8 @@ def training_fingerprint(data_dir: Path, cfg: config.TrainConfig, weights: Path 
         "device": device,
         "classes": class_names,
         "files": [[str(s.path.relative_to(data_dir)), s.label, file_digest(s.path)] for s in samples],
+        # The audit's content, not only its name: a new audit of the same folder is a new run.
+        "exclude": file_digest(Path(cfg.exclude)) if cfg.exclude and Path(cfg.exclude).is_file() else None,
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 

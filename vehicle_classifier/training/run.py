@@ -21,6 +21,7 @@ from ..artifact import OOD_REFERENCES, encode_artifact, read_metadata
 from ..backbone import BackboneSpec, get_spec, load_backbone, preprocessing_for
 from ..distributed import SINGLE, Group
 from ..data import DataError, Sample, file_digest, scan_image_folder, stratified_folds, stratified_split
+from .exclude import apply_exclusions
 from .features import FeatureCache, cache_key, extract_features, part_cache
 from ..export import export_files
 from ..fileio import clean_temporaries, exclusive, json_bytes, publish, recover
@@ -348,6 +349,7 @@ def _run(data_dir: Path, output_dir: Path, cfg: config.TrainConfig, weights: Pat
     neither = [features[d] for d in ex.other_digests if d in features]
 
     kept, duplicates = unique_readable(samples, digests, features)
+    kept, excluded = apply_exclusions(kept, data_dir, cfg)
     labels = [s.label for s, _ in kept]
     counts = {name: labels.count(i) for i, name in enumerate(class_names)}
     if any(n < 2 for n in counts.values()):
@@ -360,7 +362,7 @@ def _run(data_dir: Path, output_dir: Path, cfg: config.TrainConfig, weights: Pat
         "images_found": len(samples), "images_skipped": len(failures), "duplicates_dropped": duplicates,
         "class_counts": counts, "best_epoch": best_epoch, "epochs_run": len(history), "precision": ex.precision,
         "runtime": ex.runtime, "device": str(ex.device), "extract_seconds": round(ex.seconds, 2),
-        "seconds": round(time.perf_counter() - started, 2),
+        "seconds": round(time.perf_counter() - started, 2), **({"excluded": excluded} if excluded else {}),
     }
     split_doc = {
         "data_dir": str(data_dir), "seed": cfg.seed, "class_names": class_names,
