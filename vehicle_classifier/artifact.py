@@ -105,8 +105,9 @@ def read_metadata(path: Path) -> dict:
     try:
         with safe_open(str(path), framework="np") as f:
             metadata = json.loads(f.metadata()[config.ARTIFACT_METADATA_KEY])
-    except Exception as exc:
-        raise ArtifactError(f"{path} is not a readable model artifact ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:  # not safetensors at all, or cut short: its header no longer covers the file
+        raise ArtifactError(f"{path} is not a readable model artifact: damaged or incomplete "
+                            f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
     if metadata.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{path} has artifact format {metadata.get('format_version')}, expected {FORMAT_VERSION}")
     return metadata
