@@ -122,7 +122,7 @@ def decoded(predictor: Predictor, photos: list[Path]) -> Inputs:
     inputs = Inputs([], [])
     for photo in tqdm(photos, desc="decoding sample photos", unit="img", leave=False, mininterval=2):
         image = predictor.load_image(photo)
-        inputs.pixels.append(np.asarray(predictor.crop(image))[None])
+        inputs.pixels.append(np.array(predictor.crop(image))[None])
         inputs.tensors.append(preprocess(image, predictor.preprocessing).unsqueeze(0))  # the same crop, normalised
     return inputs
 
