@@ -318,8 +318,9 @@ def rss_mb(pid: int) -> float:
 
 
 def pss_mb(pid: int) -> float:
-    """Proportional set size: pages shared with the master after the fork count half to each,
-    so the figures of master and workers add up to what they take together."""
+    """Proportional set size: pages shared by the master and its forked workers are counted once
+    between them (as a container's memory accounting counts them; RSS counts them in each), so
+    the figures of master and workers add up to what they take together."""
     for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
         if line.startswith("Pss:"):
             return int(line.split()[1]) / 1024
@@ -518,7 +519,7 @@ def measure_http(model_dir: Path, work: Path, photos: list[Path], photo: bytes, 
     try:
         paired_runs, request_photos = {}, {"1920x1080": photo, "224x224": jpeg_224(photo)}
         for name, data in request_photos.items():
-            pixels = np.asarray(predictor.crop(predictor.load_image(data)))[None]
+            pixels = np.array(predictor.crop(predictor.load_image(data)))[None]
             paired_runs[name] = paired(url, data, bare, pixels, args.requests)
         lowest = floors(url, request_photos, predictor, args.repeats)
         one = throughput(url, photo, 1, 30)
