@@ -40,7 +40,6 @@ import io
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -66,6 +65,7 @@ from vehicle_classifier import config  # noqa: E402
 from vehicle_classifier.artifact import load_artifact  # noqa: E402
 from vehicle_classifier.backbone import create_backbone, get_spec  # noqa: E402
 from vehicle_classifier.images import preprocess  # noqa: E402
+from vehicle_classifier.serving.cluster import free_port  # noqa: E402
 from vehicle_classifier.serving.predictor import OpenVINOForward, Predictor  # noqa: E402
 from vehicle_classifier.serving.uploads import form_parts  # noqa: E402
 from vehicle_classifier.training.run import run_training  # noqa: E402
@@ -123,7 +123,7 @@ def decoded(predictor: Predictor, photos: list[Path]) -> Inputs:
     for photo in tqdm(photos, desc="decoding sample photos", unit="img", leave=False, mininterval=2):
         image = predictor.load_image(photo)
         inputs.pixels.append(np.array(predictor.crop(image))[None])
-        inputs.tensors.append(preprocess(image, predictor.preprocessing).unsqueeze(0))  # the same crop, normalised
+        inputs.tensors.append(preprocess(image, predictor.model.preprocessing).unsqueeze(0))  # the same crop, normalised
     return inputs
 
 
@@ -136,7 +136,7 @@ def probabilities(predictor: Predictor, forward, inputs: list, desc: str) -> np.
             out = forward(x)
             features.append(out.float().numpy() if isinstance(out, torch.Tensor) else out)
     answers = predictor.predict_features(np.concatenate(features))
-    return np.array([[a.probabilities[name] for name in predictor.class_names] for a in answers])
+    return np.array([[a.probabilities[name] for name in predictor.model.class_names] for a in answers])
 
 
 def fidelity(probs: np.ndarray, reference: np.ndarray) -> str:
@@ -254,12 +254,6 @@ def photo_1920x1080(photos: list[Path]) -> tuple[bytes, str]:
     verb = "cropped to 16:9 and resized" if sizes[source][0] >= 1920 else "cropped to 16:9 and upscaled"
     return buffer.getvalue(), (f"no sample photo is 1920x1080 JPEG: the largest, {source.name} "
                                f"({sizes[source][0]}x{sizes[source][1]}), {verb} to 1920x1080, JPEG quality 90")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(model_dir: Path, log: Path) -> tuple[subprocess.Popen, str, float]:
