@@ -1,24 +1,33 @@
 """Prediction-service benchmark: the served fast path against plain fp32 eager PyTorch.
 
-    .venv/bin/python benchmarks/bench_service.py [--compile] [--requests 60]
+    .venv/bin/python benchmarks/bench_service.py [--compile] [--requests 60] [--start-rounds 2]
 
 One run, on a fresh clone (needs only ../shared/data/car-bike-sample):
   1. builds a ViT-S/16 model artifact: random weights in the official DINO format, head trained
-     by vehicle_classifier.training.run.run_training on a small subset of the sample photos;
-  2. the batch-1 backbone forward of each CPU option on the preprocessed sample photos: fp32
-     eager (the baseline), torch bf16 autocast, OpenVINO bf16 with one stream over all cores
-     and with one stream per core (what the service runs; also its per-image rate with every
-     stream busy), int8 dynamic quantization, and with
-     --compile torch.compile (inductor, frozen weights, under bf16 autocast), each with its
-     fidelity against fp32 over every sample photo: top-1 agreement and max |delta p|;
+     by vehicle_classifier.training.run.run_training on a small subset of the sample photos
+     (training also writes the exported backbone, backbone.xml/.bin, as for any model);
+  2. the batch-1 backbone forward of each CPU option on the sample photos, from the same decode
+     and centre crop: fp32 eager torch (the baseline, the artifact's modules: load_artifact),
+     torch bf16 autocast, the service's exported graph on uint8 crops through OpenVINO with one
+     stream over all cores and in the served mode (OPENVINO_MODE, one call at a time, and its
+     per-image rate with every stream busy), int8 dynamic quantization, and with --compile
+     torch.compile (inductor, frozen weights, under bf16 autocast), each with its fidelity
+     against fp32 over every sample photo (or --photos of them), the answers through the
+     service's own numpy head and temperature: top-1 agreement and max |delta p|;
   3. `gunicorn predict:app` (gunicorn.conf.py defaults) on a free port: /predict p50/p95 over
      HTTP with a real 1920x1080 JPEG photo (the largest sample photo cropped and resized
      to it when none is that size) and with it at 224x224, each request paired with a bare
-     forward of the served runtime (backbone + head, batch 1) in this process, so that noise
-     from other jobs hits both alike: the overhead is HTTP p50 minus bare p50; throughput with
-     1 and 16 concurrent clients against the bare runtime's best rate; and the floor under the
-     overhead: the photo's decode and preprocessing in this process plus an empty round trip.
-     The client is the standard library's http.client, the multipart body encoded once.
+     served forward in this process (the exported graph on the photo's uint8 crop, then the
+     numpy head: Predictor.forward + predict_features), so that noise from other jobs hits
+     both alike: the overhead is HTTP p50 minus bare p50; throughput with 1 and 16 concurrent
+     clients against the bare forward's best rate; and the floor under the overhead: the
+     photo's decode and centre crop in this process plus an empty round trip.
+     The client is the standard library's http.client, the multipart body encoded once;
+  4. start to ready (gunicorn started until /ready answers 200: a worker has compiled and
+     warmed up) and the memory of the service's processes (RSS, and PSS summed over master and
+     worker) with the exported model, against the same artifact's model.safetensors alone in a
+     folder (what a model from before export costs: torch loads it and converts the backbone at
+     start), the two started in turn --start-rounds times; their ratios.
 Prints figures and ratios; asserts nothing. --http-only skips step 2.
 """
 
@@ -29,17 +38,19 @@ import copy
 import http.client
 import io
 import os
+import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import numpy as np
 import requests
 import torch
 from PIL import Image, ImageOps
@@ -51,12 +62,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from vehicle_classifier import config  # noqa: E402
+from vehicle_classifier.artifact import load_artifact  # noqa: E402
 from vehicle_classifier.backbone import create_backbone, get_spec  # noqa: E402
-from vehicle_classifier.images import load_tensor  # noqa: E402
-from vehicle_classifier.devices import torch_threads  # noqa: E402
-from vehicle_classifier.serving.predictor import Predictor  # noqa: E402
+from vehicle_classifier.images import preprocess  # noqa: E402
+from vehicle_classifier.serving.cluster import free_port  # noqa: E402
+from vehicle_classifier.serving.predictor import OpenVINOForward, Predictor  # noqa: E402
 from vehicle_classifier.serving.uploads import form_parts  # noqa: E402
-from vehicle_classifier.runtime import OpenVINOBackbone  # noqa: E402
 from vehicle_classifier.training.run import run_training  # noqa: E402
 
 SAMPLE_DIR = config.SAMPLE_DIR
@@ -99,16 +110,38 @@ def timed(fn, inputs, repeats: int) -> float:
     return statistics.median(times)
 
 
-@torch.inference_mode()
-def probabilities(forward, head: nn.Module, tensors: list[torch.Tensor], desc: str) -> torch.Tensor:
-    out = [head(forward(x).float()).softmax(dim=1) for x in tqdm(tensors, desc=desc, unit="img", leave=False,
-                                                                   mininterval=2)]
-    return torch.cat(out)
+@dataclass
+class Inputs:
+    """The sample photos as each forward takes them, from the same decode and the same crop."""
+
+    pixels: list[np.ndarray]  # (1, H, W, 3) uint8 centre crops: the exported graph's input
+    tensors: list[torch.Tensor]  # (1, 3, H, W) normalised float32: the torch backbone's input
 
 
-def fidelity(probs: torch.Tensor, reference: torch.Tensor) -> str:
+def decoded(predictor: Predictor, photos: list[Path]) -> Inputs:
+    inputs = Inputs([], [])
+    for photo in tqdm(photos, desc="decoding sample photos", unit="img", leave=False, mininterval=2):
+        image = predictor.load_image(photo)
+        inputs.pixels.append(np.array(predictor.crop(image))[None])
+        inputs.tensors.append(preprocess(image, predictor.model.preprocessing).unsqueeze(0))  # the same crop, normalised
+    return inputs
+
+
+def probabilities(predictor: Predictor, forward, inputs: list, desc: str) -> np.ndarray:
+    """The service's answers (its numpy head, temperature) on the features `forward` gives for
+    each input: every option is judged by the probabilities a user would be shown."""
+    features = []
+    with torch.inference_mode():
+        for x in tqdm(inputs, desc=desc, unit="img", leave=False, mininterval=2):
+            out = forward(x)
+            features.append(out.float().numpy() if isinstance(out, torch.Tensor) else out)
+    answers = predictor.predict_features(np.concatenate(features))
+    return np.array([[a.probabilities[name] for name in predictor.model.class_names] for a in answers])
+
+
+def fidelity(probs: np.ndarray, reference: np.ndarray) -> str:
     agree = int((probs.argmax(1) == reference.argmax(1)).sum())
-    delta = float((probs - reference).abs().max())
+    delta = float(np.abs(probs - reference).max())
     return f"top-1 agreement {agree}/{len(reference)}, max |dp| {delta:.4f}"
 
 
@@ -119,75 +152,62 @@ def bf16(fn):
     return run
 
 
+def features_of(predictor: Predictor):
+    """The predictor's backbone forward alone (the exported graph on uint8 crops): features."""
+    return lambda pixels: predictor.forward(pixels, False)[0]
+
+
 def served_forward(predictor: Predictor):
-    """The bare forward of the runtime the service runs, backbone and head, as a lone request's
-    forward runs (OpenVINO: the one stream over every core in the default adaptive mode)."""
-    head = predictor.head
-
-    def forward(x):
-        with torch.inference_mode():
-            if predictor.openvino is not None:
-                return head(predictor.openvino(x))
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=predictor.precision == "bf16"):
-                return head(predictor.torch_forward.backbone(x).float())
-
-    return forward
+    """The bare forward the service runs for a lone request, in this process: the exported
+    graph on the uint8 crop (OpenVINO: the one stream over every core in the default adaptive
+    mode), then the numpy head, temperature and "neither" check (predict_features)."""
+    return lambda pixels: predictor.predict_features(predictor.forward(pixels, False)[0])
 
 
-def best_rate(predictor: Predictor, tensors: list[torch.Tensor], forward, repeats: int) -> float:
-    """The served runtime's best throughput in images/s: batch-1 forwards on every OpenVINO
-    stream at once, or batch-8 forwards, whichever is faster."""
-    count = min(len(tensors), 4 * repeats)
+def all_streams_ms(predictor: Predictor, pixels: list[np.ndarray], count: int) -> float:
+    """ms per image of batch-1 forwards kept running on every OpenVINO stream at once, each
+    answered by the head as it comes back."""
+    start = time.perf_counter()
+    for _, features in predictor.forward.model.map(enumerate(pixels[:count])):
+        predictor.predict_features(features)
+    return (time.perf_counter() - start) * 1000 / count
+
+
+def best_rate(predictor: Predictor, pixels: list[np.ndarray], forward, repeats: int) -> float:
+    """The served runtime's best throughput in images/s, head included: batch-1 forwards on
+    every OpenVINO stream at once, or batch-8 forwards, whichever is faster."""
+    count = min(len(pixels), 4 * repeats)
     rates = []
-    if predictor.openvino is not None:
-        start = time.perf_counter()
-        for _ in predictor.openvino.map((i, x) for i, x in enumerate(tensors[:count])):
-            pass
-        rates.append(count / (time.perf_counter() - start))
-    batches = [torch.cat(tensors[i:i + 8]) for i in range(0, count - 7, 8)]
+    if isinstance(predictor.forward, OpenVINOForward):
+        rates.append(1000 / all_streams_ms(predictor, pixels, count))
+    batches = [np.concatenate(pixels[i:i + 8]) for i in range(0, count - 7, 8)]
     rates.append(8000 / timed(forward, batches, max(2, repeats // 8)))
     return max(rates)
 
 
-def decoded_tensors(predictor: Predictor, photos: list[Path]) -> list[torch.Tensor]:
-    return [predictor.to_tensor(predictor.load_image(photo)).unsqueeze(0)
-            for photo in tqdm(photos, desc="decoding sample photos", unit="img", leave=False, mininterval=2)]
-
-
 def measure_options(model_dir: Path, photos: list[Path], repeats: int, with_compile: bool) -> float:
+    """Step 2: each CPU option's batch-1 backbone forward and its answers' fidelity to fp32."""
+    model = load_artifact(model_dir / config.ARTIFACT_FILE)  # the torch modules, for the torch options
+    backbone = model.backbone.eval()
     predictor = Predictor.from_dir(model_dir)  # the service's own predictor (precision auto)
-    backbone, head = predictor.torch_forward.backbone, predictor.head
-    tensors = decoded_tensors(predictor, photos)
+    inputs = decoded(predictor, photos)
 
-    print(f"\nbatch-1 backbone forward on {len(tensors)} sample photos ({torch.get_num_threads()} torch threads):")
+    print(f"\nbatch-1 backbone forward on {len(photos)} sample photos ({torch.get_num_threads()} torch threads; "
+          f"answers through the service's head):")
     with torch.inference_mode():
-        fp32_ms = timed(backbone, tensors, repeats)
-    reference = probabilities(backbone, head, tensors, "fp32 reference")
+        fp32_ms = timed(backbone, inputs.tensors, repeats)
+    reference = probabilities(predictor, backbone, inputs.tensors, "fp32 reference")
     print(f"  fp32 eager (baseline)          {fp32_ms:7.1f} ms")
 
-    def report(name, forward, extra=""):
+    def report(name, forward, torch_input=True, extra=""):
+        chosen = inputs.tensors if torch_input else inputs.pixels
         with torch.inference_mode():
-            ms = timed(forward, tensors, repeats)
-        probs = probabilities(forward, head, tensors, name)
+            ms = timed(forward, chosen, repeats)
+        probs = probabilities(predictor, forward, chosen, name)
         print(f"  {name:<30} {ms:7.1f} ms  {fp32_ms / ms:4.2f}x faster  {fidelity(probs, reference)}{extra}")
 
     report("torch bf16 autocast", bf16(backbone))
-    served = predictor.openvino
-    if served is None:
-        report(f"service path (torch {predictor.precision})", backbone if predictor.precision == "fp32" else bf16(backbone))
-    else:
-        size = predictor.model.preprocessing["input_size"]
-        report(f"OpenVINO {served.precision}, one stream", OpenVINOBackbone(backbone, size, served.precision, "latency"),
-               "  (OPENVINO_MODE=latency)")
-        report(f"OpenVINO {served.precision}, {served.mode}", served, "  (served, one call at a time)")
-        # The served mode's rate: batch-1 forwards kept running on every stream at once.
-        count = min(len(tensors), 4 * repeats)
-        start = time.perf_counter()
-        for _ in served.map((i, x) for i, x in enumerate(tensors[:count])):
-            pass
-        per_image = (time.perf_counter() - start) * 1000 / count
-        print(f"  {'  the same, per image, ' + str(served.streams) + ' at once':<30} {per_image:7.1f} ms  "
-              f"{fp32_ms / per_image:4.2f}x faster")
+    served_options(model_dir, predictor, inputs, repeats, fp32_ms, report)
     int8 = torch.ao.quantization.quantize_dynamic(copy.deepcopy(backbone), {nn.Linear}, dtype=torch.qint8)
     report("int8 dynamic quantization", int8)
     if with_compile:
@@ -197,9 +217,26 @@ def measure_options(model_dir: Path, photos: list[Path], repeats: int, with_comp
         compiled = torch.compile(copy.deepcopy(backbone))
         start = time.perf_counter()
         with torch.inference_mode():
-            bf16(compiled)(tensors[0])
-        report("torch.compile + bf16", bf16(compiled), f"  (compile {time.perf_counter() - start:.0f} s)")
+            bf16(compiled)(inputs.tensors[0])
+        report("torch.compile + bf16", bf16(compiled), extra=f"  (compile {time.perf_counter() - start:.0f} s)")
     return fp32_ms
+
+
+def served_options(model_dir: Path, predictor: Predictor, inputs: Inputs, repeats: int, fp32_ms: float,
+                   report) -> None:
+    """The service's forward (the exported graph on uint8 crops) in one stream and in the
+    served mode, one call at a time and with every stream busy."""
+    if not isinstance(predictor.forward, OpenVINOForward):  # a torch path (RUNTIME=torch, no openvino)
+        report(f"service path ({predictor.source}, {predictor.precision})", features_of(predictor), False)
+        return
+    one = Predictor.from_dir(model_dir, openvino_mode="latency")
+    report(f"OpenVINO {one.precision}, one stream", features_of(one), False,
+           f"  (OPENVINO_MODE=latency, {one.source} model)")
+    report(f"OpenVINO {predictor.precision}, {predictor.openvino_mode}", features_of(predictor), False,
+           f"  (served, one call at a time, {predictor.source} model)")
+    per_image = all_streams_ms(predictor, inputs.pixels, min(len(inputs.pixels), 4 * repeats))
+    label = f"  the same, per image, {predictor.forward.streams} at once"
+    print(f"  {label:<30} {per_image:7.1f} ms  {fp32_ms / per_image:4.2f}x faster  (head included)")
 
 
 def photo_1920x1080(photos: list[Path]) -> tuple[bytes, str]:
@@ -219,29 +256,107 @@ def photo_1920x1080(photos: list[Path]) -> tuple[bytes, str]:
                                f"({sizes[source][0]}x{sizes[source][1]}), {verb} to 1920x1080, JPEG quality 90")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def serve(model_dir: Path, log: Path) -> tuple[subprocess.Popen, str]:
+def start(model_dir: Path, log: Path) -> tuple[subprocess.Popen, str, float]:
+    """`gunicorn predict:app` serving `model_dir` on a free port: (process, URL, seconds from
+    its start until /ready answers 200, which under gunicorn means a worker has compiled and
+    warmed up the model). A /ready sent while the worker warms up waits in the listen queue
+    and is answered the moment the worker takes it."""
     port = free_port()
+    started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "predict:app"],
                             cwd=REPO, env={**os.environ, "MODEL_DIR": str(model_dir)},
                             stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    started = time.perf_counter()
     while time.perf_counter() - started < 300:
         if proc.poll() is not None:
             sys.exit(f"gunicorn exited:\n{log.read_text()[-2000:]}")
         try:
-            if requests.get(f"{url}/ready", timeout=2).ok:
-                print(f"\ngunicorn ready in {time.perf_counter() - started:.1f} s at {url}")
-                return proc, url
+            if requests.get(f"{url}/ready", timeout=(1, 30)).ok:
+                return proc, url, time.perf_counter() - started
         except requests.RequestException:
-            time.sleep(0.3)
+            time.sleep(0.05)
+    stop(proc)
     sys.exit("gunicorn not ready within 300 s")
+
+
+def serve(model_dir: Path, log: Path) -> tuple[subprocess.Popen, str]:
+    proc, url, seconds = start(model_dir, log)
+    print(f"\ngunicorn ready in {seconds:.1f} s at {url}")
+    return proc, url
+
+
+def stop(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+
+
+# --- processes (/proc) ------------------------------------------------------------------------
+def worker_pids(master: int) -> list[int]:
+    """Children of the gunicorn master, from /proc."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == master:
+            children.append(int(stat.parent.name))
+    return sorted(children)
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def pss_mb(pid: int) -> float:
+    """Proportional set size: pages shared by the master and its forked workers are counted once
+    between them (as a container's memory accounting counts them; RSS counts them in each), so
+    the figures of master and workers add up to what they take together."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def loads_torch(pid: int) -> bool:
+    return "libtorch_cpu" in Path(f"/proc/{pid}/maps").read_text()
+
+
+# --- start to ready, and memory ------------------------------------------------------------------
+def start_costs(model_dir: Path, work: Path, photo: bytes, rounds: int) -> dict[str, list[dict]]:
+    """The service started `rounds` times, in turn, with the exported model (as training
+    writes it) and with model.safetensors alone in a folder (an artifact from before export:
+    the backbone converted from torch at start): seconds to ready, and the memory of master
+    and worker after 10 requests. /metadata says which the service ran."""
+    converted = work / "artifact-alone"
+    converted.mkdir()
+    shutil.copy2(model_dir / config.ARTIFACT_FILE, converted)
+    body = multipart(photo)
+    costs: dict[str, list[dict]] = {"exported": [], "converted": []}
+    for _ in tqdm(range(rounds), desc="start to ready", unit="round", leave=False):
+        for source, folder in (("exported", model_dir), ("converted", converted)):
+            proc, url, seconds = start(folder, work / f"gunicorn-{source}.log")
+            try:
+                served = requests.get(f"{url}/metadata", timeout=10).json()["serving"]["model"]
+                if served != source:
+                    sys.exit(f"the service ran the {served} model from {folder}, not the {source} one")
+                for _ in range(10):
+                    post(url, body)
+                costs[source].append({"ready_s": seconds, **memory(proc.pid)})
+            finally:
+                stop(proc)
+    return costs
+
+
+def memory(master: int) -> dict:
+    """RSS and PSS (MiB) of the gunicorn master and its workers, and whether each loaded torch."""
+    workers = worker_pids(master)
+    return {"master_rss": rss_mb(master), "worker_rss": sum(rss_mb(w) for w in workers),
+            "total_pss": pss_mb(master) + sum(pss_mb(w) for w in workers),
+            "torch": {"master": loads_torch(master), "workers": any(loads_torch(w) for w in workers)}}
 
 
 def multipart(photo: bytes) -> tuple[bytes, str]:
@@ -293,7 +408,7 @@ def jpeg_224(photo: bytes) -> bytes:
     return buffer.getvalue()
 
 
-def paired(url: str, photo: bytes, bare, tensor: torch.Tensor, count: int) -> tuple[list, list, dict]:
+def paired(url: str, photo: bytes, bare, pixels: np.ndarray, count: int) -> tuple[list, list, dict]:
     """`count` rounds of one bare forward (in this process) then one /predict of the same photo
     (in gunicorn), back to back: whatever else loads the machine loads both alike. Returns the
     sorted bare ms, the sorted HTTP ms and the service's own account of each step."""
@@ -301,20 +416,20 @@ def paired(url: str, photo: bytes, bare, tensor: torch.Tensor, count: int) -> tu
     bare_ms, http_ms = [], []
     body = multipart(photo)
     for _ in range(5):
-        bare(tensor)
+        bare(pixels)
         post(url, body)
     for _ in range(count):
         start = time.perf_counter()
-        bare(tensor)
+        bare(pixels)
         bare_ms.append((time.perf_counter() - start) * 1000)
         http_ms.append(post(url, body, steps))
     return sorted(bare_ms), sorted(http_ms), steps
 
 
-def floors(url: str, photos: dict[str, bytes], preprocessing: dict, repeats: int) -> dict[str, float]:
-    """What no serial request path goes below on this machine, per photo: its decode and
-    preprocessing (the project's own, in this process, on one thread as a request thread runs
-    it) plus an empty HTTP round trip (GET /health on a new connection, gunicorn idle)."""
+def floors(url: str, photos: dict[str, bytes], predictor: Predictor, repeats: int) -> dict[str, float]:
+    """What no serial request path goes below on this machine, per photo: its decode and centre
+    crop to uint8 pixels (the project's own, in this process, as a request thread does it) plus
+    an empty HTTP round trip (GET /health on a new connection, gunicorn idle)."""
     address = urlsplit(url)
 
     def round_trip(_):
@@ -323,10 +438,11 @@ def floors(url: str, photos: dict[str, bytes], preprocessing: dict, repeats: int
         connection.getresponse().read()
         connection.close()
 
+    def decode_and_crop(data):
+        return np.asarray(predictor.crop(predictor.load_image(data)))
+
     empty = timed(round_trip, [None], repeats)
-    with torch_threads(1):
-        return {name: timed(lambda d: load_tensor(d, preprocessing), [data], repeats) + empty
-                for name, data in photos.items()}
+    return {name: timed(decode_and_crop, [data], repeats) + empty for name, data in photos.items()}
 
 
 def multipart_parsers(photo: bytes, repeats: int) -> None:
@@ -358,6 +474,10 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile (slow to compile)")
     parser.add_argument("--http-only", action="store_true",
                         help="skip the CPU options and their fidelity (step 2); measure only the served runtime")
+    parser.add_argument("--photos", type=int, default=0,
+                        help="sample photos for step 2, spread over both classes (default 0: every one)")
+    parser.add_argument("--start-rounds", type=int, default=2,
+                        help="service starts of each kind (exported, converted) for start to ready and memory; 0 skips")
     args = parser.parse_args()
 
     photos = sample_photos()
@@ -366,59 +486,94 @@ def main() -> None:
         print(f"building a ViT-S/16 artifact (random official-format weights, head on "
               f"{2 * args.train_per_class} sample photos)")
         model_dir = build_artifact(work, args.train_per_class)
-        if not args.http_only:
-            measure_options(model_dir, photos, args.repeats, args.compile)
-        predictor = Predictor.from_dir(model_dir)
-        tensors = decoded_tensors(predictor, photos[:64])
-        with torch.inference_mode():
-            fp32_ms = timed(predictor.torch_forward.backbone, tensors, args.repeats)
-        bare = served_forward(predictor)
+        chosen = photos[::max(1, len(photos) // args.photos)][:args.photos] if args.photos else photos
+        fp32_ms = None if args.http_only else measure_options(model_dir, chosen, args.repeats, args.compile)
         photo, described = photo_1920x1080(photos)
-        small = jpeg_224(photo)
         multipart_parsers(photo, args.repeats)
-        print(f"\nrequest photos: {described}, {len(photo) / 1024:.0f} KB; and it at 224x224, {len(small) / 1024:.0f} KB")
-        proc, url = serve(model_dir, work / "gunicorn.log")
-        try:
-            figures, request_photos = {}, {"1920x1080": photo, "224x224": small}
-            for name, data in request_photos.items():
-                tensor = predictor.to_tensor(predictor.load_image(data)).unsqueeze(0)
-                figures[name] = paired(url, data, bare, tensor, args.requests)
-            lowest = floors(url, request_photos, predictor.model.preprocessing, args.repeats)
-            one = throughput(url, photo, 1, 30)
-            sixteen = throughput(url, photo, 16, 4)
-            bare_rate = best_rate(predictor, tensors, bare, args.repeats)  # gunicorn idle meanwhile
-        finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
-    report(args.requests, figures, lowest, fp32_ms, bare_rate, one, sixteen)
+        print(f"\nrequest photos: {described}, {len(photo) / 1024:.0f} KB; "
+              f"and it at 224x224, {len(jpeg_224(photo)) / 1024:.0f} KB")
+        figures = measure_http(model_dir, work, photos[:64], photo, args, fp32_ms)
+        costs = start_costs(model_dir, work, photo, args.start_rounds) if args.start_rounds else None
+    report(args.requests, figures)
+    if costs:
+        report_start(costs)
 
 
-def report(requests_: int, figures: dict, lowest: dict, fp32_ms, bare_rate, one, sixteen) -> None:
+def measure_http(model_dir: Path, work: Path, photos: list[Path], photo: bytes, args, fp32_ms: float | None) -> dict:
+    """Step 3: the service over HTTP against the bare served forward in this process."""
+    predictor = Predictor.from_dir(model_dir)
+    inputs = decoded(predictor, photos)
+    if fp32_ms is None:
+        backbone = load_artifact(model_dir / config.ARTIFACT_FILE).backbone.eval()
+        with torch.inference_mode():
+            fp32_ms = timed(backbone, inputs.tensors, args.repeats)
+        del backbone
+    bare = served_forward(predictor)
+    proc, url = serve(model_dir, work / "gunicorn.log")
+    try:
+        paired_runs, request_photos = {}, {"1920x1080": photo, "224x224": jpeg_224(photo)}
+        for name, data in request_photos.items():
+            pixels = np.array(predictor.crop(predictor.load_image(data)))[None]
+            paired_runs[name] = paired(url, data, bare, pixels, args.requests)
+        lowest = floors(url, request_photos, predictor, args.repeats)
+        one = throughput(url, photo, 1, 30)
+        sixteen = throughput(url, photo, 16, 4)
+        bare_rate = best_rate(predictor, inputs.pixels, bare, args.repeats)  # gunicorn idle meanwhile
+    finally:
+        stop(proc)
+    return {"paired": paired_runs, "floors": lowest, "fp32_ms": fp32_ms, "bare_rate": bare_rate,
+            "one": one, "sixteen": sixteen, "served": f"{predictor.source} model, OpenVINO "
+            f"{predictor.precision} {predictor.openvino_mode}" if predictor.openvino_mode else predictor.source}
+
+
+def report(requests_: int, f: dict) -> None:
     def p(latencies, q):
         return latencies[min(len(latencies) - 1, round(q * len(latencies)) - 1)]
 
-    print(f"\nfp32 eager batch-1 forward {fp32_ms:.1f} ms; the served runtime's best rate {bare_rate:.1f} img/s")
-    print(f"/predict over HTTP, {requests_} requests each, each after one bare forward (backbone + head) of the same "
-          f"photo in this process (gunicorn defaults):")
-    for name, (bare_ms, http_ms, steps) in figures.items():
+    fp32_ms, bare_rate, sixteen, lowest = f["fp32_ms"], f["bare_rate"], f["sixteen"], f["floors"]
+    print(f"\nfp32 eager batch-1 forward {fp32_ms:.1f} ms; the served runtime ({f['served']}) best rate "
+          f"{bare_rate:.1f} img/s")
+    print(f"/predict over HTTP, {requests_} requests each, each after one bare served forward (exported graph on the "
+          f"uint8 crop + numpy head) of the same photo in this process (gunicorn defaults):")
+    for name, (bare_ms, http_ms, steps) in f["paired"].items():
         print(f"  {name} JPEG: HTTP p50 {statistics.median(http_ms):.1f} ms (p95 {p(http_ms, 0.95):.1f}), bare p50 "
               f"{statistics.median(bare_ms):.1f} ms; inside the service, median ms: "
               + ", ".join(f"{k} {statistics.median(v):.1f}" for k, v in steps.items()))
-    print(f"  throughput (1920x1080): 1 client {one:.1f} req/s, 16 concurrent clients {sixteen:.1f} req/s")
+    print(f"  throughput (1920x1080): 1 client {f['one']:.1f} req/s, 16 concurrent clients {sixteen:.1f} req/s")
     print("\nratios and goals (one run, same machine):")
-    for (name, (bare_ms, http_ms, _)), goal in zip(figures.items(), (3.0, 1.5)):
+    for (name, (bare_ms, http_ms, _)), goal in zip(f["paired"].items(), (3.0, 1.5)):
         overhead = statistics.median(http_ms) - statistics.median(bare_ms)
         print(f"  HTTP p50 - bare forward p50, {name}: {overhead:.1f} ms  (goal <= {goal} ms: "
-              f"{'met' if overhead <= goal else 'NOT met'}; floor: decode + preprocess + an empty round trip "
+              f"{'met' if overhead <= goal else 'NOT met'}; floor: decode + crop + an empty round trip "
               f"{lowest[name]:.1f} ms)")
         if overhead < lowest[name]:  # the pairing did not cancel other load: the figure means nothing
             print("    below its floor: other load slowed the bare forwards more than the service's; rerun on a "
                   "quiet machine")
     print(f"  16-client throughput / bare best = {sixteen:.1f} / {bare_rate:.1f} = {sixteen / bare_rate:.2f}"
           f"  (goal >= 0.70: {'met' if sixteen >= 0.7 * bare_rate else 'NOT met'})")
-    large = statistics.median(figures["1920x1080"][1])
+    large = statistics.median(f["paired"]["1920x1080"][1])
     print(f"  /predict p50 (1920x1080) / fp32 eager forward = {large:.1f} / {fp32_ms:.1f} = {large / fp32_ms:.2f}"
           f"  (goal <= 0.40 on an AMX machine: {'met' if large <= 0.4 * fp32_ms else 'NOT met'})")
+
+
+def report_start(costs: dict[str, list[dict]]) -> None:
+    """Start to ready and memory, exported against converted at start: medians over the rounds."""
+    def median(source, key):
+        return statistics.median(c[key] for c in costs[source])
+
+    rounds = len(costs["exported"])
+    print(f"\nservice start (gunicorn defaults, median of {rounds} start(s) each, memory after 10 requests):")
+    for source, what in (("exported", "the exported model (backbone.xml/.bin beside the artifact)"),
+                         ("converted", "model.safetensors alone (converted from torch at start)")):
+        torch_in = costs[source][0]["torch"]
+        print(f"  {what}: ready in {median(source, 'ready_s'):.1f} s; worker RSS {median(source, 'worker_rss'):.0f} "
+              f"MiB, master RSS {median(source, 'master_rss'):.0f} MiB, both PSS {median(source, 'total_pss'):.0f} "
+              f"MiB; torch loaded: master {'yes' if torch_in['master'] else 'no'}, "
+              f"worker {'yes' if torch_in['workers'] else 'no'}")
+    print("  converted / exported: " + ", ".join(
+        f"{label} {median('converted', key) / median('exported', key):.2f}x"
+        for label, key in (("start to ready", "ready_s"), ("worker RSS", "worker_rss"), ("master RSS", "master_rss"),
+                           ("both PSS", "total_pss"))))
 
 
 if __name__ == "__main__":

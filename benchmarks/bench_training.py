@@ -138,12 +138,12 @@ def main() -> None:
 
 
 def report(naive: float, naive_single: float | None, rows: list[tuple[str, float, float | None]]) -> None:
-    print(f"\n{'naive loop, batch ' + str(NAIVE_BATCH) + ' (decode included)':<58} {naive:8.2f} s")
+    print(f"\n{'naive loop, batch ' + str(NAIVE_BATCH) + ' (decode included)':<62} {naive:8.2f} s")
     if naive_single:
-        print(f"{'naive loop, batch 1 (decode included)':<58} {naive_single:8.2f} s")
-    print(f"\n{'':<58} {'seconds':>8}  {'vs naive':>8}  {'CUDA target':>11}" + ("  vs batch 1" if naive_single else ""))
+        print(f"{'naive loop, batch 1 (decode included)':<62} {naive_single:8.2f} s")
+    print(f"\n{'':<62} {'seconds':>8}  {'vs naive':>8}  {'CUDA target':>11}" + ("  vs batch 1" if naive_single else ""))
     for name, seconds, target in rows:
-        line = f"{name:<58} {seconds:8.2f}  {seconds / naive:8.3f}  {'<= ' + str(target) if target else '':>11}"
+        line = f"{name:<62} {seconds:8.2f}  {seconds / naive:8.3f}  {'<= ' + str(target) if target else '':>11}"
         print(line + (f"  {seconds / naive_single:10.3f}" if naive_single else ""))
 
 

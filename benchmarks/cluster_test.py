@@ -34,7 +34,8 @@ from pathlib import Path
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load_test import Recorder, print_phase, rss_mb, run_clients, worker_pids  # noqa: E402
+from bench_service import pss_mb, rss_mb, worker_pids  # noqa: E402
+from load_test import Recorder, print_phase, run_clients  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -150,17 +151,24 @@ def later(after: float, action) -> threading.Thread:
 
 
 def new_artifact(model_dir: Path) -> str:
-    """Write a different model (the head's weights moved a little) into model_dir; its version."""
+    """Publish a different model (the head's weights moved a little) into model_dir as training
+    does: the artifact, its "neither" references and its exported backbone, as one set (a
+    reload then serves the exported model, not one converted from torch at start); its version."""
     import torch
 
-    from vehicle_classifier.artifact import load_artifact, save_artifact
+    from vehicle_classifier.artifact import OOD_REFERENCES, encode_artifact, load_artifact
+    from vehicle_classifier.export import export_files
+    from vehicle_classifier.fileio import publish
 
     model = load_artifact(model_dir / ARTIFACT_FILE)
     with torch.no_grad():
         for p in model.head.parameters():
             p.add_(torch.randn_like(p) * 1e-3)
     metadata = {k: v for k, v in model.metadata.items() if k not in ("model_version", "created_at")}
-    return save_artifact(model_dir / ARTIFACT_FILE, model.backbone, model.head, metadata)["model_version"]
+    extra = None if model.ood_references is None else {OOD_REFERENCES: model.ood_references}
+    data, stored = encode_artifact(model.backbone, model.head, metadata, extra)
+    publish(model_dir, {ARTIFACT_FILE: data, **export_files(model.backbone, stored)})
+    return stored["model_version"]
 
 
 def run_reload(env: dict, report: dict) -> None:
@@ -176,13 +184,10 @@ def served_versions(url: str, tries: int = 20) -> list[str]:
     return sorted({requests.get(f"{url}/metadata", timeout=10).json()["model_version"] for _ in range(tries)})
 
 
-def pss_mb(pid: int) -> float:
-    """Proportional set size: pages shared by the master and its forked workers counted once
-    between them, as the container's memory accounting counts them; RSS counts them in each."""
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-        if line.startswith("Pss:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+def served_models(url: str, tries: int = 20) -> list[str]:
+    """Which backbone the replicas run, as /metadata says: "exported" (the OpenVINO files beside
+    the artifact), "converted" (from torch at start: they are missing or of another model)."""
+    return sorted({requests.get(f"{url}/metadata", timeout=10).json()["serving"]["model"] for _ in range(tries)})
 
 
 def memory(env: dict) -> list[dict]:
@@ -242,6 +247,7 @@ def phase_reload(url: str, env: dict, photos: list[bytes], clients: int, seconds
     elapsed = run_clients(url, photos, clients, 900, rec, stop=finished)
     reloader.join(60)
     report["versions_after"] = served_versions(url)
+    report["models_after"] = served_models(url)
     return {**rec.summary(elapsed), **report}
 
 
@@ -303,7 +309,8 @@ def run_phases(url: str, env: dict, photos: list[bytes], args, figures: dict) ->
     figures["reload"] = phase_reload(url, env, photos, args.clients, args.seconds)
     r = figures["reload"]
     print_phase(f"{args.clients} clients, make reload at {args.seconds / 3:g} s: {r['version_before']} -> "
-                f"{r['versions_after']} in {r.get('reload_s', 0):.1f} s ({r.get('reload_output')})", r)
+                f"{r['versions_after']} ({', '.join(r['models_after'])} model) in {r.get('reload_s', 0):.1f} s "
+                f"({r.get('reload_output')})", r)
 
 
 if __name__ == "__main__":

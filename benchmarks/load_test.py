@@ -35,28 +35,7 @@ from pathlib import Path
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_service import build_artifact, sample_photos, serve  # noqa: E402
-
-
-# --- processes --------------------------------------------------------------------------------
-def worker_pids(master: int) -> list[int]:
-    """Children of the gunicorn master, from /proc."""
-    children = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == master:
-            children.append(int(stat.parent.name))
-    return sorted(children)
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+from bench_service import build_artifact, rss_mb, sample_photos, serve, worker_pids  # noqa: E402
 
 
 # --- load -------------------------------------------------------------------------------------

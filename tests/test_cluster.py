@@ -166,6 +166,7 @@ def test_reload_under_load_serves_the_new_model_with_no_failed_request(running):
     assert phase["reload_rc"] == 0 and phase["failed"] == 0, phase
     assert phase["version_before"] != [phase["version_new"]]
     assert phase["versions_after"] == [phase["version_new"]], phase
+    assert phase["models_after"] == ["exported"], phase  # published with the artifact, as training does
     replicas = json.loads(running.state_file.read_text())["replicas"]
     assert [r["model_version"] for r in replicas] == [phase["version_new"]] * 2
 

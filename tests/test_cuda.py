@@ -1,17 +1,21 @@
-"""The CUDA paths: extraction, training end to end, the Predictor, batch prediction, the
-service with DEVICE=cuda under gunicorn, and features that agree with the CPU's (OpenVINO)
-within bf16's error. Skipped, with the reason, on machines without CUDA (tests marked `cuda`,
-see conftest.py)."""
+"""The CUDA paths: extraction, training end to end, the Predictor (its torch forward on the
+GPU), batch prediction, the service with DEVICE=cuda under gunicorn, and features, answers and
+attention maps that agree with the CPU's (OpenVINO: the exported graph) within bf16's error.
+Skipped, with the reason, on machines without CUDA (tests marked `cuda`, see conftest.py)."""
 
+import base64
 import csv
+import io
 import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 import requests
 import torch
+from PIL import Image
 
 from conftest import REPO, TINY_SPEC, sample_photos
 from live_service import gunicorn_service
@@ -70,13 +74,24 @@ def test_training_end_to_end_on_cuda_and_the_artifact_predicts_the_same_on_cpu(t
         assert a.label == b.label and abs(a.confidence - b.confidence) < 0.02
 
 
-def test_predictor_on_cuda_answers_with_attention(tiny_model_dir):
+def test_predictor_on_cuda_answers_with_attention_as_the_cpu_does(tiny_model_dir):
     predictor = Predictor.from_dir(tiny_model_dir, device="cuda")
-    assert next(predictor.torch_forward.backbone.parameters()).is_cuda and predictor.runtime == "torch"
+    assert predictor.source == "torch" and predictor.runtime == "torch"
+    assert next(predictor.forward.backbone.parameters()).is_cuda  # placed by warm_up
     image = predictor.load_image(sample_photos()[0])
     (plain,) = predictor.predict([image])
     (mapped,) = predictor.predict([image], attention=True)
-    assert plain.label == mapped.label and mapped.attention.sum() == pytest.approx(1.0, abs=1e-3)
+    assert plain.label == mapped.label and plain.attention_png is None
+    overlay = Image.open(io.BytesIO(base64.b64decode(mapped.attention_png)))
+    assert overlay.format == "PNG" and overlay.size == predictor.crop(image).size
+    # The map under the overlay: the GPU's (torch) against the CPU service's (the exported graph).
+    pixels = np.array(predictor.crop(image))[None]
+    _, on_gpu = predictor.forward(pixels, True)
+    cpu = Predictor.from_dir(tiny_model_dir)
+    assert cpu.source == "exported"
+    _, on_cpu = cpu.forward(pixels, True)
+    assert on_gpu.shape == on_cpu.shape == (1, 4, 4)  # the tiny ViT: 32 px in patches of 8
+    assert np.abs(on_gpu - on_cpu).max() < 0.01, (on_gpu, on_cpu)
 
 
 def test_batch_prediction_on_cuda_matches_cpu(tiny_model_dir, synthetic_dataset, tmp_path):
