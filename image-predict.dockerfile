@@ -6,7 +6,7 @@
 #   docker run --rm -p 9696:9696 --read-only --tmpfs /tmp --cap-drop ALL \
 #       -v "$PWD/models:/app/models:ro" vehicle-classifier-predict
 #
-# The model is not in the image by default: mount the directory train.py wrote (models/) at
+# The model is not in the image by default: mount the folder train.py wrote (models/) at
 # $MODEL_DIR (/app/models). To bake that model into the image instead:
 #
 #   docker build -f image-predict.dockerfile --build-arg MODEL=baked -t vehicle-classifier-predict .
@@ -48,10 +48,11 @@ RUN python -m compileall -q vehicle_classifier predict.py gunicorn.conf.py
 # The model comes from a volume mounted at $MODEL_DIR ...
 FROM base AS model-mounted
 
-# ... or from the build context (the .dockerignore lets exactly these files through), readable
-# by the service's user whatever their mode on the host.
+# ... or from the build context: the artifact and the backbone training exported for OpenVINO
+# (the .dockerignore lets exactly these files through), readable by the service's user
+# whatever their mode on the host.
 FROM base AS model-baked
-COPY --chmod=444 models/model.safetensors /app/models/
+COPY --chmod=444 models/model.safetensors models/backbone.xml models/backbone.bin /app/models/
 
 # The stage is chosen by the build argument, not an image from a registry: no tag to pin.
 # hadolint ignore=DL3006

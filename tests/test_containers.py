@@ -221,9 +221,9 @@ def test_copy_sources_exist_and_reach_the_build_context(image):
     for sources, destination in image.copies:
         for source in sources:
             if image is BAKED and source.startswith(f"{config.OUTPUT_DIR}/"):
-                # The user's trained model, not a repository file: where train.py writes it,
-                # copied to where the service looks for it.
-                assert source == f"{config.OUTPUT_DIR}/{config.ARTIFACT_FILE}"
+                # The user's trained model, not a repository file: the files train.py writes
+                # that the service reads, copied to where the service looks for them.
+                assert source in [f"{config.OUTPUT_DIR}/{name}" for name in (config.ARTIFACT_FILE, *config.EXPORT_FILES)]
                 assert in_image(image, destination).rstrip("/") == image.env["MODEL_DIR"]
                 # Readable by the service's user (not root), whatever the file's mode on the host.
                 (copy,) = [v for k, v in image.instructions if k == "COPY" and source in v]
@@ -231,6 +231,9 @@ def test_copy_sources_exist_and_reach_the_build_context(image):
             else:
                 assert (REPO / source).exists(), f"COPY {source}: no such file in the repository"
             assert not dockerignore_excludes(source), f"COPY {source}, but .dockerignore leaves it out"
+    if image is BAKED:  # every file the service reads from the model folder, and nothing else of it
+        baked = {s for sources, _ in image.copies for s in sources if s.startswith(f"{config.OUTPUT_DIR}/")}
+        assert baked == {f"{config.OUTPUT_DIR}/{name}" for name in (config.ARTIFACT_FILE, *config.EXPORT_FILES)}
 
 
 def test_trained_model_is_readable_by_the_containers_user(tiny_model_dir):

@@ -10,6 +10,7 @@ which make test runs, installs it); skipped elsewhere, with the reason.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -24,7 +25,7 @@ import requests
 
 import docker_stack as ds
 from conftest import REPO, sample_photos
-from live_service import free_port
+from live_service import free_port, wait_for
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 from load_test import Recorder, run_clients  # noqa: E402  (the load benchmark's clients)
@@ -98,17 +99,50 @@ def test_predict_image_is_small_and_has_no_torch(stack):
             assert result.returncode != 0 and f"No module named '{module}'" in result.stderr, (image, result.stderr)
 
 
-def photo_answers(url: str, photos: list[Path]) -> list[requests.Response]:
-    return [requests.post(f"{url}/predict", files={"file": (p.name, p.read_bytes())}, timeout=60) for p in photos]
+def test_a_baked_model_serves_without_a_volume(stack, tmp_path, tiny_model_dir):
+    """`--build-arg MODEL=baked` (set in a compose file, as the deployment docs say): the image
+    carries the model folder's served files and answers with nothing mounted."""
+    context = tmp_path / "checkout"
+    tracked = ds.run(["git", "ls-files", "-z"], cwd=REPO).stdout.split("\0")
+    for name in filter(None, tracked):
+        if (REPO / name).is_file():
+            (context / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, context / name)
+    model_folder(tiny_model_dir, context)
+    (context / "baked.yml").write_text(
+        "services:\n  predict:\n    build: {context: ., dockerfile: image-predict.dockerfile, args: {MODEL: baked}}\n"
+        "    image: vehicle-classifier-predict:baked-test\n")
+    ds.run(["docker", "compose", "--project-name", "vehicle-classifier-baked", "--file", str(context / "baked.yml"),
+            "build", "--quiet"], cwd=context)
+    container = ds.docker("run", "--detach", "--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL",
+                          "vehicle-classifier-predict:baked-test").stdout.strip()
+    try:
+        (inspected,) = json.loads(ds.docker("inspect", container).stdout)
+        (network,) = inspected["NetworkSettings"]["Networks"].values()
+        url = f"http://{network['IPAddress']}:9696"
+        wait_for(f"{url}/ready", timeout=120)
+        (answer,) = photo_answers(url, sample_photos("Car")[:1])
+        assert answer.status_code == 200 and sorted(answer.json()["probabilities"]) == ["Bike", "Car"]
+    finally:
+        ds.docker("rm", "--force", container, check=False)
+        ds.docker("rmi", "vehicle-classifier-predict:baked-test", check=False)
+
+
+def photo_answers(url: str, photos: list[Path], attention_every: int = 0) -> list[requests.Response]:
+    """POST /predict of each photo; every `attention_every`-th asks for the attention overlay too."""
+    return [requests.post(f"{url}/predict", files={"file": (p.name, p.read_bytes())}, timeout=60,
+                          params={"attention": 1} if attention_every and i % attention_every == 0 else {})
+            for i, p in enumerate(photos)]
 
 
 def test_forty_photos_through_the_proxy(stack):
     photos = sample_photos("Car")[:20] + sample_photos("Bike")[:20]
-    answers = photo_answers(stack.proxy, photos)
+    answers = photo_answers(stack.proxy, photos, attention_every=10)
     assert [a.status_code for a in answers] == [200] * len(photos), stack.logs()
-    for answer in (a.json() for a in answers):
+    for i, answer in enumerate(a.json() for a in answers):
         assert sorted(answer["probabilities"]) == ["Bike", "Car"]  # the tiny model's classes
         assert answer["confidence"] == max(answer["probabilities"].values()) == answer["probabilities"][answer["label"]]
+        assert (answer.get("attention_png") is not None) == (i % 10 == 0)  # the overlay, drawn in the container
     # The proxy's own refusals still answer in the service's JSON shape.
     too_big = requests.post(f"{stack.proxy}/predict", files={"file": ("big.jpg", b"\0" * (21 * 1024 * 1024))},
                             timeout=60)
