@@ -27,9 +27,6 @@ import docker_stack as ds
 from conftest import REPO, sample_photos
 from live_service import free_port, wait_for
 
-sys.path.insert(0, str(REPO / "benchmarks"))
-from load_test import Recorder, run_clients  # noqa: E402  (the load benchmark's clients)
-
 UNAVAILABLE = ds.unavailable()
 pytestmark = pytest.mark.skipif(UNAVAILABLE is not None, reason=str(UNAVAILABLE))
 
@@ -188,6 +185,9 @@ def test_a_replica_killed_under_load_costs_no_request(stack):
     """8 clients posting photos through the proxy; one predict container SIGKILLed (its main
     process, as a crash or the OOM killer would) a third of the way in: no request fails, and
     the restart policy brings the replica back healthy."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from load_test import Recorder, run_clients  # the load benchmark's clients
+
     photos = [p.read_bytes() for p in sample_photos() if p.suffix.lower() in (".jpg", ".jpeg")][:16]
     victim = stack.stack.containers("predict")[0]
     recorder, seconds = Recorder(), 12.0
