@@ -1,7 +1,8 @@
 # Two commands do everything on a fresh machine; each sets up .venv first (once, and again
 # whenever pyproject.toml or constraints.txt changes).
 #   make run    train a model if there is none in models/, then serve it on :9696
-#   make test   the test suite (installs Chromium from Debian for the browser test, as root)
+#   make test   the test suite (installs, as root, what it runs besides Python: Chromium, nginx,
+#               the Docker engine and Compose, from Debian and PyPI)
 #   make page   the web page on :8501 (talks to the service that make run serves)
 #   make cluster  production on this machine: nginx on $PORT (9696) in front of $REPLICAS (2)
 #                 gunicorn replicas serving $MODEL_DIR (models), in the foreground
@@ -22,7 +23,7 @@ run: setup
 	scripts/run.sh
 
 test: setup
-	scripts/setup.sh --browser
+	scripts/setup.sh --system
 	$(PYTHON) -m pytest
 
 cluster: setup

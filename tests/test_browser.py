@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -43,32 +44,45 @@ def answered_page(model_dir: Path, tmp_path: Path, photos: list[Path], height: i
     """gunicorn serving `model_dir`, the page in front of it, headless Chromium on the page with
     `photos` uploaded and their answers shown, each heading as the service answers it directly:
     (the page, the service's answers). A failure leaves a screenshot and prints both logs."""
-    from playwright.sync_api import expect, sync_playwright
+    def logs() -> str:
+        return "".join(f"--- {log}\n" + (tmp_path / log).read_text(errors="replace")[-4000:]
+                       for log in ("gunicorn.log", "streamlit.log"))
 
     with gunicorn_service(model_dir, tmp_path / "gunicorn.log") as service, \
             streamlit_page(service, tmp_path / "streamlit.log") as page_url:
-        expected = [PredictionClient(service).predict(p.read_bytes(), p.name) for p in photos]
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
-            page = browser.new_page(viewport={"width": 1280, "height": height})
-            try:
-                page.set_default_timeout(60_000)
-                page.goto(page_url)
-                expect(page.get_by_text("Ready", exact=True)).to_be_visible(timeout=90_000)  # the sidebar
-                page.locator("input[type=file]").set_input_files([str(p) for p in photos])
-                headings = page.locator("h3").filter(has_text=ANSWER)
-                expect(headings).to_have_count(len(photos), timeout=120_000)
-                shown = [headings.nth(i).inner_text().strip() for i in range(len(photos))]
-                assert shown == [heading(a) for a in expected]
-                yield page, expected
-            except Exception:
-                page.screenshot(path=str(tmp_path / "browser-failure.png"), full_page=True)
-                for log in ("gunicorn.log", "streamlit.log"):  # shown by pytest with the failure
-                    print(f"--- {log}\n" + (tmp_path / log).read_text(errors="replace")[-4000:])
-                print(f"failure screenshot: {tmp_path / 'browser-failure.png'}")
-                raise
-            finally:
-                browser.close()
+        with page_in_browser(page_url, service, photos, tmp_path, height, logs) as (page, expected):
+            yield page, expected
+
+
+@contextmanager
+def page_in_browser(page_url: str, service_url: str, photos: list[Path], tmp_path: Path, height: int,
+                    logs: Callable[[], str]):
+    """Headless Chromium on the page at `page_url` with `photos` uploaded and their answers
+    shown, each heading as the service at `service_url` answers it directly: (the page, the
+    service's answers). A failure leaves a screenshot and prints `logs()`."""
+    from playwright.sync_api import expect, sync_playwright
+
+    expected = [PredictionClient(service_url).predict(p.read_bytes(), p.name) for p in photos]
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1280, "height": height})
+        try:
+            page.set_default_timeout(60_000)
+            page.goto(page_url)
+            expect(page.get_by_text("Ready", exact=True)).to_be_visible(timeout=90_000)  # the sidebar
+            page.locator("input[type=file]").set_input_files([str(p) for p in photos])
+            headings = page.locator("h3").filter(has_text=ANSWER)
+            expect(headings).to_have_count(len(photos), timeout=120_000)
+            shown = [headings.nth(i).inner_text().strip() for i in range(len(photos))]
+            assert shown == [heading(a) for a in expected]
+            yield page, expected
+        except Exception:
+            page.screenshot(path=str(tmp_path / "browser-failure.png"), full_page=True)
+            print(logs())  # shown by pytest with the failure
+            print(f"failure screenshot: {tmp_path / 'browser-failure.png'}")
+            raise
+        finally:
+            browser.close()
 
 
 def test_upload_photos_in_a_browser_and_see_the_answers(tiny_model_dir, tmp_path):

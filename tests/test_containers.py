@@ -1,13 +1,8 @@
-"""The containers without a Docker engine: parse both Dockerfiles and docker-compose.yml, check
-that everything they name exists and agrees with the code, lint them with hadolint, and run
-each image's exact CMD (and HEALTHCHECK) locally from a directory holding only what the image
-COPYs, with the compose environment (service names mapped to 127.0.0.1, ports to free ones,
-the model volume to a tiny model), and the compose proxy's nginx site in Debian's nginx between
-the page and the service.
-
-Processes run as `python -S` plus the .venv's site-packages: the packages the image installs,
-without .venv's .pth files (the editable install's finder would otherwise find modules that
-the image does not COPY).
+"""The containers, statically, where no engine is needed: both Dockerfiles and docker-compose.yml
+agree with the code and with each other, every COPY source exists and reaches the build
+context, each image installs exactly its dependency list from pyproject.toml at the lock's
+versions (the predict image: no torch), and hadolint passes. tests/test_stack.py builds and runs
+them for real on a Docker engine.
 """
 
 from __future__ import annotations
@@ -19,32 +14,25 @@ import shlex
 import shutil
 import subprocess
 import sys
-import sysconfig
-from contextlib import contextmanager
+import tomllib
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
-import requests
 import yaml
-from live_service import _tail, free_port, process, wait_for
+from package_probe import BASE_IMAGE_DISTS, installed_closure, module_owners, probe, site_view
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from vehicle_classifier import client as client_mod
 from vehicle_classifier import config
-from vehicle_classifier.serving import cluster
 
 REPO = Path(__file__).resolve().parents[1]
 PREDICT_DOCKERFILE = REPO / "image-predict.dockerfile"
 PAGE_DOCKERFILE = REPO / "streamlit-app.dockerfile"
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
-SITE_PACKAGES = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
-STDLIB = Path(sysconfig.get_paths()["stdlib"]).resolve()
-NGINX = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
-BASE_IMAGE_DISTS = {"pip", "setuptools", "wheel"}  # what python:3.11-slim ships besides the stdlib
+PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 
 
 # --- a small Dockerfile reader --------------------------------------------------------------
@@ -103,7 +91,7 @@ def read_image(path: Path, build_args: dict | None = None) -> Image:
             image.workdir = value
         elif keyword == "ENV":
             image.env.update(word.split("=", 1) for word in shlex.split(value))
-        elif keyword == "COPY":
+        elif keyword == "COPY" and "--from=" not in value:  # from the build context, not a stage
             words = [w for w in shlex.split(value) if not w.startswith("--")]
             image.copies.append((words[:-1], words[-1]))
         elif keyword == "EXPOSE":
@@ -122,6 +110,11 @@ PAGE = read_image(PAGE_DOCKERFILE)
 BAKED = read_image(PREDICT_DOCKERFILE, {"MODEL": "baked"})
 
 
+PREDICT = read_image(PREDICT_DOCKERFILE)
+PAGE = read_image(PAGE_DOCKERFILE)
+BAKED = read_image(PREDICT_DOCKERFILE, {"MODEL": "baked"})
+
+
 def in_image(image: Image, path: str) -> str:
     return path if path.startswith("/") else f"{image.workdir.rstrip('/')}/{path}"
 
@@ -130,8 +123,6 @@ def stage_image(image: Image, root: Path) -> Path:
     """Copy every COPY source to where the image puts it, below `root`; returns the WORKDIR."""
     for sources, destination in image.copies:
         for source in sources:
-            if source in ("pyproject.toml", "constraints.txt"):
-                continue  # only read while installing the dependencies
             target = root / in_image(image, destination).lstrip("/")
             if (REPO / source).is_dir():  # Docker copies a directory's contents
                 shutil.copytree(REPO / source, target, ignore=shutil.ignore_patterns("__pycache__"),
@@ -146,12 +137,20 @@ def stage_image(image: Image, root: Path) -> Path:
     return workdir
 
 
-def image_requirements(image: Image, tmp: Path) -> list[str]:
+def install_stage(dockerfile: Path) -> list[tuple[str, str]]:
+    """The instructions of the stage that runs `pip install`, from its FROM on."""
+    instructions = dockerfile_instructions(dockerfile)
+    install = [i for i, (k, v) in enumerate(instructions) if k == "RUN" and "pip install" in v]
+    assert len(install) == 1, f"{dockerfile.name}: expected one RUN installing the dependencies"
+    start = max(i for i, (k, _) in enumerate(instructions[:install[0]]) if k == "FROM")
+    return instructions[start:install[0] + 1]
+
+
+def image_requirements(dockerfile: Path, tmp: Path) -> list[str]:
     """The requirement lines the image installs: the Dockerfile's own command that writes
     requirements.txt, run here on the repository's pyproject.toml."""
-    runs = [value for keyword, value in image.instructions if keyword == "RUN" and "pip install" in value]
-    assert len(runs) == 1, "expected one RUN installing the dependencies"
-    (writer,) = [part for part in runs[0].split("&&") if "requirements.txt" in part and ">" in part]
+    run = install_stage(dockerfile)[-1][1]
+    (writer,) = [part for part in run.split("&&") if "requirements.txt" in part and ">" in part]
     shutil.copy(REPO / "pyproject.toml", tmp / "pyproject.toml")
     command = writer.replace("/tmp/build/", f"{tmp}/").strip()
     # The same shell command, with the .venv's python for the image's.
@@ -159,144 +158,8 @@ def image_requirements(image: Image, tmp: Path) -> list[str]:
     return [line for line in (tmp / "requirements.txt").read_text().splitlines() if line.strip()]
 
 
-# --- the packages an image has ---------------------------------------------------------------
-def installed_closure(requirements: list[str]) -> set[str]:
-    """Every distribution `pip install -r requirements` brings (by the installed packages'
-    metadata, which are at the same pins)."""
-    todo, seen = [Requirement(r) for r in requirements], set()
-    while todo:
-        req = todo.pop()
-        name = canonicalize_name(req.name)
-        if name in seen:
-            continue
-        seen.add(name)
-        dist = metadata.distribution(req.name)
-        assert req.specifier.contains(dist.version, prereleases=True), \
-            f"{req.name} {dist.version} installed here, the image pins {req}"
-        for line in dist.requires or []:
-            dep = Requirement(line)
-            if dep.marker is None or any(dep.marker.evaluate({"extra": e}) for e in (req.extras or {""})):
-                todo.append(dep)
-    return seen
-
-
-def _dist_name(dist) -> str:
-    return canonicalize_name(dist.metadata["Name"])
-
-
-def _site_distributions() -> dict[str, metadata.Distribution]:
-    """The .venv's installed distributions by name (not the checkout's own egg-info)."""
-    found = {}
-    for dist in metadata.distributions(path=SITE_PACKAGES):
-        found.setdefault(_dist_name(dist), dist)
-    return found
-
-
-def site_view(root: Path, requirements: list[str]) -> Path:
-    """A site-packages directory holding only what `pip install -r requirements` puts in the
-    image (linked from the .venv's): an import of anything else fails as it would there."""
-    wanted = installed_closure(requirements) | BASE_IMAGE_DISTS
-    dists = {name: dist for name, dist in _site_distributions().items() if name in wanted}
-    owners_of_top: dict[str, int] = {}
-    for dist in _site_distributions().values():
-        for top in {f.parts[0] for f in dist.files or [] if f.parts[0] != ".."}:
-            owners_of_top[top] = owners_of_top.get(top, 0) + 1
-    view = root / "site-packages"
-    view.mkdir(parents=True)
-    for dist in dists.values():
-        base = Path(dist.locate_file(""))
-        files = [f for f in dist.files or [] if f.parts[0] != ".."]
-        for top in {f.parts[0] for f in files}:
-            if owners_of_top[top] == 1:
-                (view / top).symlink_to(base / top)
-        for f in files:  # a directory shared by several distributions (a namespace package)
-            if owners_of_top[f.parts[0]] > 1 and (base / f).exists() and not (view / f).exists():
-                (view / f).parent.mkdir(parents=True, exist_ok=True)
-                (view / f).symlink_to(base / f)
-    return view
-
-
-def module_owners(modules: dict[str, str | None], workdir: Path) -> tuple[set[str], set[str], set[str]]:
-    """Sort the modules a process loaded into (distributions, project files, unexplained)."""
-    owners = {}
-    for name, dist in _site_distributions().items():
-        base = os.path.realpath(dist.locate_file(""))
-        owners.update((os.path.normpath(os.path.join(base, f)), name) for f in dist.files or [])
-    dists, project, unexplained = set(), set(), set()
-    for name, file in modules.items():
-        # No file, or a made-up one (torch.ops), or the bootstrap under multiprocessing's name.
-        if not file or not os.path.isabs(file) or name == "__mp_main__":
-            continue
-        if name.split(".")[0] in sys.stdlib_module_names:
-            continue
-        path = Path(file).resolve()
-        if path.is_relative_to(workdir.resolve()):
-            project.add(str(path.relative_to(workdir.resolve())))
-        elif str(path) in owners:
-            dists.add(owners[str(path)])
-        elif not path.is_relative_to(STDLIB):
-            unexplained.add(f"{name} ({file})")
-    return dists, project, unexplained
-
-
-# What runs in the staged directory: a console script or `python -c` of an image, with the
-# .venv's packages but not its .pth files. The `probe` mode also reports the loaded modules.
-BOOTSTRAP = r"""
-import os, sys
-sys.path[:] = sys.path[1:] + os.environ.pop("IMAGE_SITE_PACKAGES").split(os.pathsep)
-os.chdir(os.environ.pop("IMAGE_WORKDIR"))  # the image's WORKDIR, holding what it COPYs
-mode, program, *args = sys.argv[1:]
-if mode == "probe":
-    import json, runpy
-    sys.path.insert(0, "")
-    sys.argv = [program]
-    try:
-        runpy.run_path(program, run_name="__probe__")
-    finally:
-        modules = {n: getattr(m, "__file__", None) for n, m in list(sys.modules.items())}
-        with open(args[0], "w") as out:
-            json.dump(modules, out)
-elif program == "python":
-    assert args[0] == "-c", args
-    sys.path.insert(0, "")
-    sys.argv = ["-c", *args[2:]]
-    exec(compile(args[1], "<string>", "exec"), {"__name__": "__main__"})
-else:
-    from importlib.metadata import entry_points
-    scripts = entry_points(group="console_scripts", name=program)
-    if not scripts:
-        sys.exit(f"{program}: no such command among the image's packages")
-    (script,) = scripts
-    sys.argv = [program, *args]
-    sys.exit(script.load()())
-"""
-
-
-def image_command(tmp: Path, argv: list[str]) -> list[str]:
-    bootstrap = tmp / "bootstrap.py"
-    bootstrap.write_text(BOOTSTRAP)
-    return [sys.executable, "-S", str(bootstrap), "run", *argv]
-
-
-def image_env(extra: dict, site_packages: Path, workdir: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
-    return {**env, **extra, "IMAGE_SITE_PACKAGES": str(site_packages), "IMAGE_WORKDIR": str(workdir)}
-
-
-def probe(tmp: Path, workdir: Path, script: str, env: dict, site_packages: Path) -> dict[str, str | None]:
-    """Run `script` in `workdir` with the image's packages; returns the modules it loaded."""
-    (tmp / "bootstrap.py").write_text(BOOTSTRAP)
-    (workdir / "probe_script.py").write_text(script)
-    out = tmp / "modules.json"
-    result = subprocess.run([sys.executable, "-S", str(tmp / "bootstrap.py"), "probe", "probe_script.py", str(out)],
-                            env=image_env(env, site_packages, workdir), capture_output=True, text=True, check=False,
-                            timeout=300)
-    (workdir / "probe_script.py").unlink()
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    modules = json.loads(out.read_text())
-    for name in ("__main__", "__probe__"):
-        modules.pop(name, None)
-    return {name: file for name, file in modules.items() if not (file or "").endswith("probe_script.py")}
+def names(requirements: list[str]) -> set[str]:
+    return {canonicalize_name(Requirement(r).name) for r in requirements}
 
 
 # --- .dockerignore -------------------------------------------------------------------------
@@ -358,9 +221,9 @@ def test_copy_sources_exist_and_reach_the_build_context(image):
     for sources, destination in image.copies:
         for source in sources:
             if image is BAKED and source.startswith(f"{config.OUTPUT_DIR}/"):
-                # The user's trained model, not a repository file: where train.py writes it,
-                # copied to where the service looks for it.
-                assert source == f"{config.OUTPUT_DIR}/{config.ARTIFACT_FILE}"
+                # The user's trained model, not a repository file: the files train.py writes
+                # that the service reads, copied to where the service looks for them.
+                assert source in [f"{config.OUTPUT_DIR}/{name}" for name in (config.ARTIFACT_FILE, *config.EXPORT_FILES)]
                 assert in_image(image, destination).rstrip("/") == image.env["MODEL_DIR"]
                 # Readable by the service's user (not root), whatever the file's mode on the host.
                 (copy,) = [v for k, v in image.instructions if k == "COPY" and source in v]
@@ -368,6 +231,9 @@ def test_copy_sources_exist_and_reach_the_build_context(image):
             else:
                 assert (REPO / source).exists(), f"COPY {source}: no such file in the repository"
             assert not dockerignore_excludes(source), f"COPY {source}, but .dockerignore leaves it out"
+    if image is BAKED:  # every file the service reads from the model folder, and nothing else of it
+        baked = {s for sources, _ in image.copies for s in sources if s.startswith(f"{config.OUTPUT_DIR}/")}
+        assert baked == {f"{config.OUTPUT_DIR}/{name}" for name in (config.ARTIFACT_FILE, *config.EXPORT_FILES)}
 
 
 def test_trained_model_is_readable_by_the_containers_user(tiny_model_dir):
@@ -386,43 +252,37 @@ def test_dockerignore_keeps_data_environments_caches_and_models_out():
                  "vehicle_classifier.egg-info/PKG-INFO", "notebook.ipynb", "out/model.safetensors"]:
         assert dockerignore_excludes(path), f"{path} would be sent to the Docker daemon"
     # ... while the code gets through, whole (a new module needs no new line).
-    for module in (REPO / "vehicle_classifier").glob("*.py"):
-        assert not dockerignore_excludes(f"vehicle_classifier/{module.name}")
+    for module in (REPO / "vehicle_classifier").rglob("*.py"):
+        assert not dockerignore_excludes(str(module.relative_to(REPO)))
 
 
 def test_dependencies_are_installed_before_the_code_is_copied():
-    """Editing code must not reinstall torch: the one COPY before the install brings
-    pyproject.toml and the lock, constraints.txt."""
-    for image in (PREDICT, PAGE):
-        keywords = [(k, v) for k, v in image.instructions if k in ("COPY", "RUN")]
-        install = next(i for i, (k, v) in enumerate(keywords) if k == "RUN" and "pip install" in v)
-        copied_before = [v.split()[:-1] for k, v in keywords[:install] if k == "COPY"]
-        assert copied_before == [["pyproject.toml", "constraints.txt"]]
-        assert " -c /tmp/build/constraints.txt -r /tmp/build/requirements.txt" in keywords[install][1]
+    """Editing code must not reinstall the dependencies: they are installed, in a stage of their
+    own, from pyproject.toml and the lock (constraints.txt) alone, into the virtual environment
+    the image copies before any code."""
+    for dockerfile, image in ((PREDICT_DOCKERFILE, PREDICT), (PAGE_DOCKERFILE, PAGE)):
+        stage = install_stage(dockerfile)
+        assert [v.split()[:-1] for k, v in stage if k == "COPY"] == [["pyproject.toml", "constraints.txt"]]
+        install = stage[-1][1]
+        assert "python -m venv /opt/venv" in install
+        assert "/opt/venv/bin/pip install -c /tmp/build/constraints.txt -r /tmp/build/requirements.txt" in install
+        assert "--index-url" not in install and "--extra-index-url" not in install  # PyPI, nothing else
+        copies = [v for k, v in image.instructions if k == "COPY"]
+        assert copies[0] == "--from=dependencies /opt/venv /opt/venv", copies
+        assert image.env["PATH"].startswith("/opt/venv/bin:")
 
 
-def test_predict_image_installs_cpu_torch_and_only_the_serving_dependencies(tmp_path):
-    import tomllib
-
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    requirements = image_requirements(PREDICT, tmp_path)
-    assert requirements == project["dependencies"]
-    names = {canonicalize_name(Requirement(r).name) for r in requirements}
-    assert {"torch", "torchvision", "timm", "flask", "gunicorn"} <= names
-    assert not names & {"streamlit", "pytest", "playwright", "scikit-learn", "ipykernel"}
-    install = next(v for k, v in PREDICT.instructions if k == "RUN" and "pip install" in v)
-    assert "--extra-index-url https://download.pytorch.org/whl/cpu" in install
-    assert "torch.version.cuda is None" in install  # the build fails if a CUDA wheel got in
+def test_predict_image_installs_only_the_serving_dependencies(tmp_path):
+    requirements = image_requirements(PREDICT_DOCKERFILE, tmp_path)
+    assert requirements == PROJECT["dependencies"]
+    assert {"openvino", "flask", "gunicorn"} <= names(requirements)
+    assert not names(requirements) & {"torch", "torchvision", "timm", "streamlit", "pytest", "scikit-learn"}
 
 
 def test_page_image_installs_the_page_extra_without_torch(tmp_path):
-    import tomllib
-
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    requirements = image_requirements(PAGE, tmp_path)
-    assert requirements == project["optional-dependencies"]["page"]
-    assert {canonicalize_name(Requirement(r).name) for r in requirements} == {"streamlit", "requests"}
-    assert "torch" not in installed_closure(requirements)
+    requirements = image_requirements(PAGE_DOCKERFILE, tmp_path)
+    assert requirements == PROJECT["optional-dependencies"]["page"]
+    assert names(requirements) == {"streamlit", "requests"}
 
 
 def _port(url: str) -> int:
@@ -449,9 +309,10 @@ def test_ports_healthchecks_and_environment_agree_with_the_code():
     # reaches the proxy by its compose name.
     proxy = COMPOSE["services"]["proxy"]
     assert [int(p) for p in predict["expose"]] == PREDICT.expose and "ports" not in predict
-    assert predict["deploy"]["replicas"] >= 2
+    assert predict["deploy"]["replicas"] == "${REPLICAS:-2}"  # REPLICAS, as for make cluster
     assert [int(p.split(":")[-1]) for p in page["ports"]] == PAGE.expose
-    assert proxy["ports"] == [f"{service_port}:{service_port}"] and proxy["environment"]["LISTEN"] == str(service_port)
+    assert proxy["ports"] == [f"${{PORT:-{service_port}}}:{service_port}"]  # PORT, as for make cluster
+    assert proxy["environment"]["LISTEN"] == str(service_port)
     assert f"server predict:{PREDICT.expose[0]} " in proxy["environment"]["UPSTREAM_SERVERS"]
     for service, image in ((predict, PREDICT), (page, PAGE)):
         assert read_image(REPO / service["build"]["dockerfile"]).cmd == image.cmd
@@ -462,10 +323,12 @@ def test_ports_healthchecks_and_environment_agree_with_the_code():
     assert page["depends_on"] == {"proxy": {"condition": "service_started"}}
     assert proxy["depends_on"] == {"predict": {"condition": "service_healthy"}}
 
-    # The model: ./models (where train.py writes) mounted read-only where the service looks.
+    # The model: MODEL_DIR (as for make cluster), by default ./models where train.py writes,
+    # mounted read-only where the service looks.
     (volume,) = predict["volumes"]
-    source, target, mode = volume.split(":")
-    assert Path(source) == config.OUTPUT_DIR and mode == "ro"
+    source, target, mode = re.fullmatch(r"(\$\{[^}]*\}|[^:]*):([^:]*):([^:]*)", volume).groups()
+    assert source.startswith("${MODEL_DIR:-") and Path(source[len("${MODEL_DIR:-"):-1]) == config.OUTPUT_DIR
+    assert mode == "ro"
     assert target == predict["environment"]["MODEL_DIR"] == PREDICT.env["MODEL_DIR"]
     assert f"model-{predict['build']['args']['MODEL']}" in PREDICT_DOCKERFILE.read_text()
 
@@ -474,12 +337,12 @@ def test_ports_healthchecks_and_environment_agree_with_the_code():
         copied = [REPO / s for sources, _ in image.copies for s in sources]
         code = "".join(p.read_text() for c in copied if c.exists()
                        for p in (sorted(c.rglob("*.py")) if c.is_dir() else [c] if c.suffix == ".py" else []))
-        names = set(service.get("environment", {})) | {k for k in image.env if not k.startswith(("PYTHON", "PIP_"))}
-        for name in names:
+        settings = set(service.get("environment", {})) | {k for k in image.env if not k.startswith("PYTHON")}
+        for name in settings - {"PATH"}:
             assert f'"{name}"' in code, f"{name} is set for the {image.cmd[0]} container, but no copied code reads it"
 
 
-# --- what the images' programs import -------------------------------------------------------
+# --- what the service imports ----------------------------------------------------------------
 SERVING_PROBE = r"""
 import io, runpy, time
 runpy.run_path("gunicorn.conf.py")  # read by gunicorn in the container
@@ -499,21 +362,13 @@ for path in ("/metadata", "/metrics", "/health", "/openapi.json"):
     assert client.get(path).status_code == 200, path
 """
 
-PAGE_PROBE = r"""
-import importlib.util
-assert importlib.util.find_spec("torch") is None  # not in the page image's packages
-from streamlit.testing.v1 import AppTest
-page = AppTest.from_file("streamlit_app.py", default_timeout=60).run()
-assert not page.exception, page.exception
-assert page.title[0].value, "the page did not render"
-"""
-
 
 def test_serving_path_needs_only_what_the_predict_image_installs_and_copies(tmp_path, tiny_model_dir):
-    """The service as the container runs it: every module it loads while answering (attention
-    overlay included) comes from the copied files or a package the Dockerfile installs."""
+    """The service as the container runs it, where no engine is at hand (tests/test_stack.py
+    runs the image itself): every module it loads while answering (attention overlay
+    included) comes from the copied files or a package the Dockerfile installs; never torch."""
     workdir = stage_image(PREDICT, tmp_path / "image")
-    requirements = image_requirements(PREDICT, tmp_path)
+    requirements = image_requirements(PREDICT_DOCKERFILE, tmp_path)
     modules = probe(tmp_path, workdir, SERVING_PROBE, {"MODEL_DIR": str(tiny_model_dir)},
                     site_view(tmp_path, requirements))
     dists, project, unexplained = module_owners(modules, workdir)
@@ -523,126 +378,3 @@ def test_serving_path_needs_only_what_the_predict_image_installs_and_copies(tmp_
     assert {"openvino", "flask", "matplotlib", "pillow"} <= dists
     assert not {"torch", "timm", "torchvision"} & dists  # the exported model: serving runs without torch
     assert "predict.py" in project and "vehicle_classifier/serving/predictor.py" in project
-
-
-def test_page_runs_from_the_copied_files_alone_without_torch(tmp_path):
-    """The page image copies a few files: the page renders from a directory holding only those,
-    loading only Streamlit, requests and what they bring; never torch."""
-    workdir = stage_image(PAGE, tmp_path / "image")
-    assert sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*") if p.is_file()) == sorted(
-        [".streamlit/config.toml", "streamlit_app.py", "vehicle_classifier/__init__.py",
-         "vehicle_classifier/client.py"])
-    nowhere = f"http://127.0.0.1:{free_port()}"  # no service: the page must still render
-    requirements = image_requirements(PAGE, tmp_path)
-    modules = probe(tmp_path, workdir, PAGE_PROBE, {"PREDICT_URL": nowhere}, site_view(tmp_path, requirements))
-    dists, project, unexplained = module_owners(modules, workdir)
-    assert not unexplained, sorted(unexplained)
-    assert "torch" not in dists and not any(name.split(".")[0] == "torch" for name in modules)
-    installed = installed_closure(requirements) | BASE_IMAGE_DISTS
-    assert dists <= installed, f"loaded but not installed by the Dockerfile: {sorted(dists - installed)}"
-    assert "vehicle_classifier/client.py" in project
-
-
-# --- the compose stack, run locally ---------------------------------------------------------
-def compose_env(service: dict, image: Image, hosts: dict[str, str], volumes: dict[str, Path]) -> dict:
-    """The container's environment: the image's ENV, then compose's `environment`, with compose
-    service names and ports replaced by their local stand-ins and volume targets by host paths."""
-    env = {**image.env, **{k: str(v) for k, v in service.get("environment", {}).items()}}
-    for key, value in env.items():
-        for old, new in {**hosts, **{target: str(path) for target, path in volumes.items()}}.items():
-            value = value.replace(old, new)
-        env[key] = value
-    return env
-
-
-def local_argv(argv: list[str], port_map: dict[int, int]) -> list[str]:
-    """The CMD with its container port swapped for a free one and 0.0.0.0 for loopback."""
-    out = []
-    for arg in argv:
-        for inside, outside in port_map.items():
-            arg = re.sub(rf"(?<![\d.]){inside}(?!\d)", str(outside), arg)
-        out.append(arg.replace("0.0.0.0", "127.0.0.1"))
-    return out
-
-
-def compose_envs(ports: dict[str, int], model_dir: Path) -> tuple[dict, dict, dict]:
-    """The predict, page and proxy environments, their peers on loopback `ports`: one replica of
-    predict stands for them all; the proxy listens on the service's port. Compose mounts
-    ./models; here `model_dir`."""
-    services = COMPOSE["services"]
-    hosts = {f"{name}:{PAGE.expose[0] if name == 'streamlit' else PREDICT.expose[0]}": f"127.0.0.1:{ports[name]}"
-             for name in services}
-    (volume,) = services["predict"]["volumes"]
-    volumes = {volume.split(":")[1]: model_dir}
-    return tuple(compose_env(services[name], image, hosts, volumes)
-                 for name, image in (("predict", PREDICT), ("streamlit", PAGE), ("proxy", Image([]))))
-
-
-@contextmanager
-def compose_proxy(proxy_env: dict, port: int, prefix: Path, log: Path):
-    """The compose proxy's site, filled from its environment as the nginx image does, served by
-    the local nginx on `port` (the image's own nginx.conf replaced by a minimal unprivileged one)."""
-    site = cluster.render(config.NGINX_TEMPLATE.read_text(), {**proxy_env, "LISTEN": f"127.0.0.1:{port}"})
-    (prefix / "temp").mkdir(parents=True)
-    (prefix / "nginx.conf").write_text(cluster.nginx_conf(prefix, site))
-    args = [NGINX, "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-e", str(prefix / "error.log"),
-            "-g", "daemon off;"]
-    with process(args, log) as proc:
-        yield proc
-
-
-@pytest.mark.skipif(NGINX is None, reason="nginx not installed (make test installs Debian's as root)")
-def test_compose_stack_runs_from_the_images_commands(tmp_path, tiny_model_dir):
-    ports = {"predict": free_port(), "streamlit": free_port(), "proxy": free_port()}
-    port_map = {PREDICT.expose[0]: ports["predict"], PAGE.expose[0]: ports["streamlit"]}
-    predict_dir = stage_image(PREDICT, tmp_path / "predict")
-    page_dir = stage_image(PAGE, tmp_path / "page")
-    sites = {name: site_view(tmp_path / name, image_requirements(image, tmp_path))
-             for name, image in (("predict", PREDICT), ("page", PAGE))}
-    predict_env, page_env, proxy_env = compose_envs(ports, tiny_model_dir)
-    assert predict_env["MODEL_DIR"] == str(tiny_model_dir)
-    assert page_env["PREDICT_URL"] == f"http://127.0.0.1:{ports['proxy']}"
-
-    def healthcheck(image: Image, env: dict) -> subprocess.CompletedProcess:
-        name = "predict" if image is PREDICT else "page"
-        return subprocess.run(image_command(tmp_path, local_argv(image.healthcheck, port_map)),
-                              env=image_env(env, sites[name], predict_dir if image is PREDICT else page_dir),
-                              capture_output=True, text=True, timeout=30, check=False)
-
-    predict_log, page_log = tmp_path / "predict.log", tmp_path / "page.log"
-    with process(image_command(tmp_path, local_argv(PREDICT.cmd, port_map)), predict_log,
-                 image_env(predict_env, sites["predict"], predict_dir)) as service:
-        service_url = f"http://127.0.0.1:{ports['predict']}"
-        wait_for(f"{service_url}/ready", timeout=180, proc=service, log=predict_log)
-        assert healthcheck(PREDICT, predict_env).returncode == 0, _tail(predict_log)
-        assert requests.get(f"{service_url}/ready", timeout=10).json()["ready"] is True
-
-        # depends_on: the proxy starts once the service is healthy, the page once the proxy runs.
-        with compose_proxy(proxy_env, ports["proxy"], tmp_path / "proxy", tmp_path / "proxy.log") as proxy, \
-                process(image_command(tmp_path, local_argv(PAGE.cmd, port_map)), page_log,
-                        image_env(page_env, sites["page"], page_dir)) as page:
-            wait_for(f"http://127.0.0.1:{ports['proxy']}/ready", timeout=30, proc=proxy, log=tmp_path / "proxy.log")
-            page_url = f"http://127.0.0.1:{ports['streamlit']}"
-            wait_for(f"{page_url}/_stcore/health", timeout=120, proc=page, log=page_log)
-            assert healthcheck(PAGE, page_env).returncode == 0, _tail(page_log)
-
-            # The page's own code, from the page image's files and environment, reaches the
-            # service: the client it uses answers, and the page shows the service as ready.
-            page_probe = PAGE_PROBE + r"""
-from vehicle_classifier.client import PredictionClient
-from PIL import Image
-import io
-client = PredictionClient()
-assert client.ready()["ready"] is True
-photo = io.BytesIO()
-Image.new("RGB", (64, 48), (40, 80, 200)).save(photo, format="JPEG")
-assert client.predict(photo.getvalue(), filename="bike.jpg")["label"] in ("Bike", "Car")
-assert [s.value for s in page.sidebar.success] == ["Ready"], [e.value for e in page.sidebar.error]
-"""
-            modules = probe(tmp_path, page_dir, page_probe, page_env, sites["page"])
-            assert "torch" not in {name.split(".")[0] for name in modules}
-            assert "vehicle_classifier/client.py" in module_owners(modules, page_dir)[1]
-
-    # Healthchecks fail once the services are gone (they test something).
-    assert healthcheck(PREDICT, predict_env).returncode != 0
-    assert healthcheck(PAGE, page_env).returncode != 0

@@ -72,6 +72,24 @@ def test_predict_pods_probe_mount_and_run_as_the_image_expects():
     assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
 
 
+def test_every_pod_is_hardened_as_in_compose():
+    """Read-only root filesystem, no capabilities, no privilege gain, not root: as
+    docker-compose.yml runs the same images (tests/test_stack.py checks that on a real engine),
+    with a writable emptyDir exactly where compose gives the container a tmpfs."""
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+    for name, service in (("predict", "predict"), ("page", "streamlit")):
+        pod = resource("Deployment", name)["spec"]["template"]["spec"]
+        container = _container(resource("Deployment", name))
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+        assert container["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                                "capabilities": {"drop": ["ALL"]}}, name
+        assert compose[service]["read_only"] is True and compose[service]["cap_drop"] == ["ALL"]
+        assert compose[service]["security_opt"] == ["no-new-privileges:true"]
+        empty_dirs = {v["name"] for v in pod.get("volumes", []) if "emptyDir" in v}
+        writable = sorted(m["mountPath"] for m in container.get("volumeMounts", []) if m["name"] in empty_dirs)
+        assert writable == sorted(compose[service].get("tmpfs", [])), name
+
+
 def test_autoscaler_budget_services_and_ingress_point_at_the_right_pods():
     labels = resource("Deployment", "predict")["spec"]["template"]["metadata"]["labels"]
     hpa = resource("HorizontalPodAutoscaler", "predict")
