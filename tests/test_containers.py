@@ -276,7 +276,10 @@ def test_predict_image_installs_only_the_serving_dependencies(tmp_path):
     requirements = image_requirements(PREDICT_DOCKERFILE, tmp_path)
     assert requirements == PROJECT["dependencies"]
     assert {"openvino", "flask", "gunicorn"} <= names(requirements)
-    assert not names(requirements) & {"torch", "torchvision", "timm", "streamlit", "pytest", "scikit-learn"}
+    # Nor anything they bring: training's, the audit's, the page's and the tests' heavy packages
+    # stay out of the image (each would add tens to hundreds of MB).
+    heavy = {"torch", "torchvision", "timm", "scikit-learn", "scipy", "pandas", "streamlit", "pytest"}
+    assert not installed_closure(requirements) & heavy, sorted(installed_closure(requirements) & heavy)
 
 
 def test_page_image_installs_the_page_extra_without_torch(tmp_path):

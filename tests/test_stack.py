@@ -2,7 +2,8 @@
 built and run on a real Docker engine with the tiny test model mounted (MODEL_DIR), then used as
 people use it: real photos through the proxy, one through the page in headless Chromium, a
 replica SIGKILLed while 8 clients send requests; every container checked for what the kernel
-says it runs as (read-only root, no capabilities, no privilege gain, not root). The engine is
+says it runs as (read-only root, no capabilities, no privilege gain, not root); and an image
+with the model baked in serving with nothing mounted. The engine is
 started when none runs and stopped after; base images that cannot be pulled are built from
 their stand-ins (tests/containers). Needs root and the engine (scripts/setup.sh --system,
 which make test runs, installs it); skipped elsewhere, with the reason.
