@@ -103,14 +103,16 @@ def test_the_audit_finds_planted_faults_on_real_features(planted_audit):
 
 
 def test_training_leaves_out_what_the_audit_flagged(planted_audit, tmp_path, lite0_weights, real_feature_cache):
-    import train
-
     data, out, planted, _ = planted_audit
     report = json.loads((out / config.AUDIT_FILE).read_text())
-    code = train.main(["--data-dir", str(data), "--output-dir", str(tmp_path / "model"), "--backbone", LITE0_BACKBONE,
-                       "--weights", str(lite0_weights), "--cache-dir", str(real_feature_cache), "--neither-dir", "",
-                       "--exclude", str(out / config.AUDIT_FILE)])
-    assert code == 0
+    # A process of its own, as a user runs it (in this one, the next plant's extraction once hung
+    # in a forked decoding worker).
+    result = subprocess.run([sys.executable, "train.py", "--data-dir", str(data), "--output-dir", str(tmp_path / "model"),
+                             "--backbone", LITE0_BACKBONE, "--weights", str(lite0_weights), "--cache-dir",
+                             str(real_feature_cache), "--neither-dir", "", "--exclude", str(out / config.AUDIT_FILE)],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"--exclude {out / config.AUDIT_FILE}: left out" in result.stderr
     metrics = json.loads((tmp_path / "model" / config.METRICS_FILE).read_text())
     excluded = metrics["summary"]["excluded"]
     flagged = [item["path"] for item in report["label_issues"] if item["issue"]]

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .. import config
 from ..data import stratified_split
-from ..runtime import torch_threads
+from ..devices import torch_threads
 from ..training.run import out_of_fold_logits, train_head
 
 

@@ -15,8 +15,8 @@ from .. import config
 from ..backbone import get_spec
 from ..data import DataError, stratified_split
 from ..distributed import SINGLE
-from ..extraction import usable_cores
 from ..fileio import json_bytes, publish
+from ..runtime import usable_cores
 from ..training.run import Extraction, _extract, unique_readable
 from .duplicates import fingerprint_all, near_duplicate_pairs
 from .labels import label_issues, out_of_fold_probabilities, outlier_scores
