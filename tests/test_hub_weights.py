@@ -1,7 +1,8 @@
 """Pretrained weights from the Hugging Face cache and hub, as a user's machine has them: a real
 cache layout read offline, a hub that is unreachable or silent (a few seconds, then the line
-naming --weights), and a hub reached through a proxy. The cache and proxy cases run in a fresh
-interpreter, as huggingface_hub reads HF_HOME and the proxies once, at import."""
+asking for a weights file: train.py's --weights), and a hub reached through a proxy. The cache
+and proxy cases run in a fresh interpreter, as huggingface_hub reads HF_HOME and the proxies
+once, at import."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 LOOKUP = """
 import json, sys, time
 from vehicle_classifier.backbone import WeightsError, load_backbone, find_pretrained_weights
-from vehicle_classifier.config import BackboneSpec
+from vehicle_classifier.registry import BackboneSpec
 from vehicle_classifier.training.fingerprint import weights_identity
 spec = BackboneSpec({name!r}, {architecture!r}, official_file={official!r}, model_kwargs={kwargs!r})
 started = time.monotonic()
@@ -88,8 +89,8 @@ def closed_port() -> int:
 
 
 def test_an_unreachable_hub_fails_within_seconds(monkeypatch, tmp_path):
-    """Nothing listening, or a server that never answers: the line naming --weights, after at
-    most HUB_TIMEOUT, not the minute of retries hf_hub_download alone would take."""
+    """Nothing listening, or a server that never answers: the line asking for a weights file,
+    after at most HUB_TIMEOUT, not the minute of retries hf_hub_download alone would take."""
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
     for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
@@ -103,7 +104,7 @@ def test_an_unreachable_hub_fails_within_seconds(monkeypatch, tmp_path):
             monkeypatch.setattr("huggingface_hub.constants.HUGGINGFACE_CO_URL_TEMPLATE",
                                 f"http://127.0.0.1:{port}/{{repo_id}}/resolve/{{revision}}/{{filename}}")
             started = time.monotonic()
-            with pytest.raises(WeightsError, match=rf"is unreachable. Pass --weights FILE .*\(\w*{reason}"):
+            with pytest.raises(WeightsError, match=rf"is unreachable. Pass a weights file: .*\(\w*{reason}"):
                 find_pretrained_weights(TINY_SPEC)
             # (plus, the first time, a second or two building huggingface_hub's HTTP client)
             assert time.monotonic() - started < HUB_TIMEOUT + 4

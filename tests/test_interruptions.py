@@ -22,7 +22,8 @@ from safetensors.torch import load, save
 from conftest import REPO, TINY_SPEC, make_dataset
 from test_training import backbone_calls  # noqa: F401 (a fixture)
 from vehicle_classifier import config, fileio
-from vehicle_classifier.training import run as training
+from vehicle_classifier.training.job import Job
+from vehicle_classifier.training.run import run_training
 from vehicle_classifier.artifact import read_metadata
 from vehicle_classifier.fileio import LockedError, WriteError, exclusive, publish, recover
 
@@ -52,7 +53,7 @@ def train_args(data, out, cache, weights):
 def run(data, out, weights, cache, **kw):
     """run_training in this process, as train_args configures it."""
     cfg = config.TrainConfig(backbone=TINY_SPEC.name, extract_batch_size=BATCH, max_epochs=5, neither_dir="", **kw)
-    return training.run_training(data, out, cfg, weights, cache, spec=TINY_SPEC)
+    return run_training(Job(data, out, cfg, weights, cache, spec=TINY_SPEC))
 
 
 # train.py in a subprocess, with the tiny backbone registered and a hook that signals the process
@@ -65,9 +66,9 @@ DRIVER = textwrap.dedent("""
     import functools, importlib, os, signal, sys
     signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.path.insert(0, {repo!r})
-    from vehicle_classifier import config
-    config.BACKBONES[{spec.name!r}] = config.BackboneSpec({spec.name!r}, {spec.architecture!r},
-                                                          model_kwargs={spec.model_kwargs!r})
+    from vehicle_classifier import registry
+    registry.BACKBONES[{spec.name!r}] = registry.BackboneSpec({spec.name!r}, {spec.architecture!r},
+                                                            model_kwargs={spec.model_kwargs!r})
     module_name, _, attr = {target!r}.rpartition(".")
     owner = importlib.import_module(module_name.split(":")[0])
     for part in module_name.split(":")[1:]:
@@ -249,12 +250,14 @@ def test_a_second_run_on_the_same_output_folder_stops_naming_the_first(tmp_path,
     out = tmp_path / "out"
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys; from vehicle_classifier.fileio import exclusive\n"
-         f"with exclusive({str(out)!r}, '--output-dir', wait=False):\n    print('held', flush=True); sys.stdin.read()"],
+         f"with exclusive({str(out)!r}, 'output folder', wait=False):\n    print('held', flush=True); sys.stdin.read()"],
         cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(LockedError, match=rf"in use by another run \(pid {holder.pid} on .*--output-dir"):
+        in_use = rf"in use by another run \(pid {holder.pid} on .*choose another output folder"
+        with pytest.raises(LockedError, match=in_use) as info:
             run(make_dataset(tmp_path / "data", 4), out, tiny_weights, tmp_path / "cache")
+        assert info.value.setting == "output_dir"  # train.py leads the line with --output-dir
     finally:
         holder.communicate("", timeout=30)
     assert output_set(out) == {}
@@ -342,5 +345,5 @@ def test_a_read_only_folder_gives_one_line(small_disk):
     with pytest.raises(WriteError, match=rf"cannot write {small_disk}/out.*read-only.*writable folder"):
         publish(small_disk / "out", {config.ARTIFACT_FILE: b"model"})
     with pytest.raises(WriteError, match="read-only"):
-        with exclusive(small_disk / "cache", "--cache-dir", wait=True):
+        with exclusive(small_disk / "cache", "feature cache folder", wait=True):
             pass

@@ -243,10 +243,10 @@ def _holder(owner_file: Path) -> str:
 
 
 @contextmanager
-def exclusive(folder: Path, what: str, wait: bool):
-    """Hold `folder`'s lock for the block. Held by another run: raise LockedError naming it
-    (wait=False), or say so once and wait for it (wait=True). The lock is the kernel's (flock),
-    so a killed holder frees it at once."""
+def exclusive(folder: Path, what: str, wait: bool, setting: str | None = None):
+    """Hold `folder`'s lock for the block. Held by another run: raise LockedError naming it and
+    asking for another `what` (wait=False; `setting`: the LockedError's), or say so once and
+    wait for it (wait=True). The lock is the kernel's (flock), so a killed holder frees it at once."""
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -259,7 +259,7 @@ def exclusive(folder: Path, what: str, wait: bool):
         holder = _holder(owner_file)
         if not wait:
             raise LockedError(f"{folder} is in use by another run ({holder}); wait for it to finish "
-                              f"or choose another {what}") from None
+                              f"or choose another {what}", setting=setting) from None
         log.warning("waiting for %s: in use by another run (%s)", folder, holder)
         lock.acquire()
     except OSError as exc:

@@ -2,7 +2,8 @@
 
 A rerun of train.py with the same data (by content), backbone weights and config would write
 the same model again; instead it says so and stops. Kept free of torch and timm imports so
-that this check costs well under a second.
+that this check costs well under a second. The photos' digests it goes by are the run's own
+(data.read_image_folder, read once).
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .. import __version__, config
-from ..data import file_digest, scan_image_folder
+from ..data import ImageFolder, file_digest
 from ..fileio import in_transition, read_safetensors_metadata
+from ..registry import BackboneSpec, WeightsError, get_spec
 
 
-def weights_identity(spec: config.BackboneSpec, weights: Path | None) -> str | None:
+def weights_identity(spec: BackboneSpec, weights: Path | None) -> str | None:
     """The weights file's content digest; for hub weights, the cached blob's name (the hub
     names blobs by their content hash). None when the weights are not on disk yet."""
     if weights:
@@ -28,25 +30,27 @@ def weights_identity(spec: config.BackboneSpec, weights: Path | None) -> str | N
     return f"hub:{Path(cached).resolve().name}" if isinstance(cached, str) else None
 
 
-def training_fingerprint(data_dir: Path, cfg: config.TrainConfig, weights: Path | None, device: str) -> str | None:
-    spec = config.BACKBONES.get(cfg.backbone)
-    if spec is None and cfg.backbone.startswith(config.TIMM_PREFIX):
-        # Without timm's registry (it imports torch): the name as given. With no --weights and no
-        # pretrained tag in the name, the cache lookup below misses and the run just trains.
-        spec = config.BackboneSpec(cfg.backbone, cfg.backbone.removeprefix(config.TIMM_PREFIX))
-    if spec is None:
+def training_fingerprint(photos: ImageFolder, cfg: config.TrainConfig, weights: Path | None,
+                         device: str) -> str | None:
+    """A digest of everything that decides the run's result; None when it cannot be told
+    without torch (an unknown backbone, weights not on disk yet): the run then just trains."""
+    try:
+        # A timm: name as written, without timm (it imports torch): with no --weights and no
+        # pretrained tag in the name, the cache lookup misses and the run just trains.
+        spec = get_spec(cfg.backbone, resolve_tag=False)
+    except WeightsError:
         return None
     weights_id = weights_identity(spec, weights)
     if weights_id is None:
         return None
-    class_names, samples = scan_image_folder(data_dir)
     identity = {
         "package": __version__,
         "backbone": [spec.architecture, spec.model_kwargs, weights_id],
         "config": asdict(cfg),
         "device": device,
-        "classes": class_names,
-        "files": [[str(s.path.relative_to(data_dir)), s.label, file_digest(s.path)] for s in samples],
+        "classes": photos.class_names,
+        "files": [[str(s.path.relative_to(photos.root)), s.label, digest]
+                  for s, digest in zip(photos.samples, photos.digests)],
         # The audit's content, not only its name: a new audit of the same folder is a new run.
         "exclude": file_digest(Path(cfg.exclude)) if cfg.exclude and Path(cfg.exclude).is_file() else None,
     }
