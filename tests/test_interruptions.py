@@ -25,6 +25,7 @@ from vehicle_classifier import config, fileio
 from vehicle_classifier.training.job import Job
 from vehicle_classifier.training.run import run_training
 from vehicle_classifier.artifact import read_metadata
+from vehicle_classifier.backbone import WeightsError
 from vehicle_classifier.fileio import LockedError, WriteError, exclusive, publish, recover
 
 BATCH = 4
@@ -260,7 +261,48 @@ def test_a_second_run_on_the_same_output_folder_stops_naming_the_first(tmp_path,
         assert info.value.setting == "output_dir"  # train.py leads the line with --output-dir
     finally:
         holder.communicate("", timeout=30)
-    assert output_set(out) == {}
+    assert not out.exists()  # the holder made it and left nothing in it: it removed it
+
+
+def test_a_failed_first_run_leaves_no_lock_behind(tmp_path, tiny_weights):
+    data, bad_weights = make_dataset(tmp_path / "data", 4), tmp_path / "bad.pth"
+    bad_weights.write_bytes(b"not a checkpoint")
+    fresh, empty = tmp_path / "new" / "out", tmp_path / "empty"
+    empty.mkdir()
+    for out in (fresh, empty):
+        with pytest.raises(WeightsError, match="cannot read weights file"):
+            run(data, out, bad_weights, tmp_path / "cache")
+    assert not (tmp_path / "new").exists()  # the folders the run made, removed
+    assert list(empty.iterdir()) == []  # a folder it did not make, kept, without the lock's files
+    run(data, fresh, tiny_weights, tmp_path / "cache")  # a run that publishes keeps its lock file
+    assert output_set(fresh).keys() >= {config.ARTIFACT_FILE} and (fresh / fileio.LOCK_FILE).is_file()
+
+
+def test_a_run_waiting_for_a_lock_whose_folder_is_removed_holds_the_lock_it_gets(tmp_path):
+    """The first holder made the folder and leaves it empty, so it removes the lock's files and
+    the folder as it releases the lock; the run waiting for it makes the folder again (or takes
+    the lock file made in between) and holds a lock that excludes a third."""
+    out = tmp_path / "out"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from vehicle_classifier.fileio import exclusive\n"
+         f"with exclusive({str(out)!r}, 'folder', wait=False):\n    print('held', flush=True); sys.stdin.read()"],
+        cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    third = [sys.executable, "-c", f"from vehicle_classifier.fileio import exclusive\nwith exclusive({str(out)!r}, "
+             "'folder', wait=False):\n    pass"]
+    lock = exclusive(out, "folder", wait=True)
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(lock.__enter__)
+        holder.communicate("", timeout=30)
+        waiting.result(timeout=30)  # the lock, taken
+    try:
+        assert (out / fileio.LOCK_FILE).is_file()
+        refused = subprocess.run(third, cwd=REPO, capture_output=True, text=True)
+        assert refused.returncode == 1 and "is in use by another run" in refused.stderr
+    finally:
+        lock.__exit__(None, None, None)
+    # Made again by the waiting run, or taken over by it before the holder's rmdir: left empty.
+    assert not out.exists() or list(out.iterdir()) == []
 
 
 def test_two_runs_sharing_a_cache_lose_no_features(tmp_path, tiny_weights, backbone_calls):
@@ -301,7 +343,7 @@ def test_a_full_disk_gives_one_line_and_leaves_nothing(tmp_path, small_disk, tin
     assert len(errors) == 1 and "Traceback" not in done.stderr, done.stderr
     assert errors[0].endswith(f"(nothing in {out} was changed)")
     assert str(out) in errors[0] and "disk is full" in errors[0]
-    assert output_set(out) == {} and not temporaries(out) and not fileio.in_transition(out)
+    assert not out.exists()  # the run made it and left nothing in it: not even its lock
 
 
 def test_a_full_disk_during_extraction_keeps_the_finished_batches(tmp_path, small_disk, tiny_weights):
