@@ -121,6 +121,10 @@ class TrainConfig:
 
 
 # --- service --------------------------------------------------------------------------------
+# Where the service listens (gunicorn, the development server, the local cluster's nginx) and
+# the client looks. The Makefile, scripts, Dockerfiles, compose and k8s files cannot import it:
+# they say 9696 themselves (tests/test_k8s.py checks the manifests against it).
+DEFAULT_PORT = 9696
 # Requests waiting together share one forward of up to this many images (a batch per OpenVINO
 # stream). On one stream over both cores ViT-S/16 bf16 costs 33 ms alone and 25-28 ms per image
 # at batch 2-8, more again at 16; on one stream per core batching changes little.
@@ -187,7 +191,7 @@ class ServiceConfig:
     # both fields are null and the label stands alone.
     ood_check: bool = True
     # gunicorn (gunicorn.conf.py); torch_threads 0: the cores divided among the workers.
-    bind: str = "0.0.0.0:9696"  # --bind on the command line wins
+    bind: str = f"0.0.0.0:{DEFAULT_PORT}"  # --bind on the command line wins
     accesslog: str | None = None  # e.g. "-" for stdout; off by default
     workers: int = 1
     threads: int = 6
@@ -239,7 +243,7 @@ NGINX_BINARY = "nginx"  # looked up on PATH, then in /usr/sbin (Debian's package
 
 @dataclass
 class ClusterConfig:
-    port: int = 9696  # where nginx listens
+    port: int = DEFAULT_PORT  # where nginx listens
     host: str = "0.0.0.0"
     replicas: int = 2
     model_dir: Path = OUTPUT_DIR
