@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import save
 
 from conftest import REPO, TINY_SPEC
+from live_service import free_port
 from vehicle_classifier.backbone import (
     WeightsError, create_backbone, find_pretrained_weights, state_dict_digest,
 )
@@ -82,12 +83,6 @@ def test_weights_are_found_in_a_real_hugging_face_cache_offline(tmp_path):
     assert found["identity"] == f"hub:{blob}"  # what decides whether a rerun is up to date
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_an_unreachable_hub_fails_within_seconds(monkeypatch, tmp_path):
     """Nothing listening, or a server that never answers: the line asking for a weights file,
     after at most HUB_TIMEOUT, not the minute of retries hf_hub_download alone would take."""
@@ -98,7 +93,7 @@ def test_an_unreachable_hub_fails_within_seconds(monkeypatch, tmp_path):
     with socket.socket() as silent:  # accepts connections, never answers
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
-        for port, reason in ((closed_port(), "Connect"), (silent.getsockname()[1], "Timeout")):
+        for port, reason in ((free_port(), "Connect"), (silent.getsockname()[1], "Timeout")):
             # What HF_ENDPOINT=http://127.0.0.1:port sets when huggingface_hub is imported.
             monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", f"http://127.0.0.1:{port}")
             monkeypatch.setattr("huggingface_hub.constants.HUGGINGFACE_CO_URL_TEMPLATE",
