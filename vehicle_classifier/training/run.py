@@ -125,7 +125,7 @@ def extract(job: Job) -> Extraction:
 
 @dataclass
 class Readable:
-    """What the head learns from: the readable photos, each content once."""
+    """What the head learns from: the readable photos, each content once, but those the audit flags."""
 
     samples: list[Sample]
     features: torch.Tensor
