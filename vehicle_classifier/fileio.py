@@ -16,7 +16,6 @@ import logging
 import os
 import shutil
 import socket
-import struct
 import sys
 import tempfile
 import time
@@ -310,14 +309,3 @@ def _tidy(folder: Path, made: list[Path]) -> None:
                 empty.rmdir()
     except OSError:
         pass  # only tidying: a folder someone writes into, or cannot list, keeps its files
-
-
-def read_safetensors_metadata(path: Path) -> dict[str, str]:
-    """The `__metadata__` of a safetensors file, read from its header alone: an 8-byte
-    little-endian length, then that much JSON. Needs neither torch nor the tensors."""
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        if length > 100_000_000:
-            raise ValueError(f"header length {length} is implausible")
-        header = json.loads(f.read(length))
-    return header.get("__metadata__") or {}

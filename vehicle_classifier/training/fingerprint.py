@@ -13,9 +13,10 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from .. import __version__, config
+from .. import UserError, __version__, config
 from ..data import ImageFolder, file_digest
-from ..fileio import in_transition, read_safetensors_metadata
+from ..artifact import read_metadata
+from ..fileio import in_transition
 from ..registry import BackboneSpec, WeightsError, get_spec
 
 
@@ -60,11 +61,11 @@ def training_fingerprint(photos: ImageFolder, cfg: config.TrainConfig, weights: 
 def up_to_date(output_dir: Path, fingerprint: str | None) -> bool:
     """True when every output exists and the artifact was trained from exactly these inputs."""
     output_dir = Path(output_dir)
-    outputs = (config.ARTIFACT_FILE, config.METRICS_FILE, config.SPLIT_FILE, config.HISTORY_PLOT)
+    outputs = (config.ARTIFACT_FILE, *config.EXPORT_FILES, config.METRICS_FILE, config.SPLIT_FILE, config.HISTORY_PLOT)
     if fingerprint is None or in_transition(output_dir) or not all((output_dir / name).is_file() for name in outputs):
         return False
     try:
-        metadata = json.loads(read_safetensors_metadata(output_dir / config.ARTIFACT_FILE)[config.ARTIFACT_METADATA_KEY])
-    except (OSError, ValueError, KeyError):
+        metadata = read_metadata(output_dir / config.ARTIFACT_FILE)  # the header alone, without torch
+    except UserError:
         return False
     return metadata.get("training", {}).get("fingerprint") == fingerprint
