@@ -200,8 +200,9 @@ def test_extra_copies_keep_one_photo_of_each_group_and_a_bad_audit_is_one_line(t
 
     assert extra_copies([["b", "a"], ["c", "b"], ["x", "y"]]) == {"b", "c", "y"}  # a~b~c: a kept; x~y: x kept
     (tmp_path / "audit.json").write_text('{"label_issues": []}')
-    with pytest.raises(DataError, match=r"--exclude .*audit.json: not a readable audit.json \(KeyError"):
+    with pytest.raises(DataError, match=r"audit.json: not a readable audit.json \(KeyError") as info:
         read_audit(tmp_path / "audit.json")
+    assert info.value.setting == "exclude"  # train.py leads the line with --exclude
 
 
 def test_the_audit_imports_training_never_serving():

@@ -247,14 +247,21 @@ def test_sigterm_while_publishing_leaves_the_old_set_and_says_so(tmp_path, tiny_
 
 
 # --- two runs at once -----------------------------------------------------------------------
-def test_a_second_run_on_the_same_output_folder_stops_naming_the_first(tmp_path, tiny_weights):
-    out = tmp_path / "out"
+def lock_holder(folder: Path) -> subprocess.Popen:
+    """Another process, holding `folder`'s lock (exclusive, wait=False) once this returns, until
+    its stdin is closed."""
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys; from vehicle_classifier.fileio import exclusive\n"
-         f"with exclusive({str(out)!r}, 'output folder', wait=False):\n    print('held', flush=True); sys.stdin.read()"],
+         f"with exclusive({str(folder)!r}, 'output folder', wait=False):\n    print('held', flush=True); sys.stdin.read()"],
         cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_second_run_on_the_same_output_folder_stops_naming_the_first(tmp_path, tiny_weights):
+    out = tmp_path / "out"
+    holder = lock_holder(out)
     try:
-        assert holder.stdout.readline().strip() == "held"
         in_use = rf"in use by another run \(pid {holder.pid} on .*choose another output folder"
         with pytest.raises(LockedError, match=in_use) as info:
             run(make_dataset(tmp_path / "data", 4), out, tiny_weights, tmp_path / "cache")
@@ -283,11 +290,7 @@ def test_a_run_waiting_for_a_lock_whose_folder_is_removed_holds_the_lock_it_gets
     the folder as it releases the lock; the run waiting for it makes the folder again (or takes
     the lock file made in between) and holds a lock that excludes a third."""
     out = tmp_path / "out"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from vehicle_classifier.fileio import exclusive\n"
-         f"with exclusive({str(out)!r}, 'folder', wait=False):\n    print('held', flush=True); sys.stdin.read()"],
-        cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline().strip() == "held"
+    holder = lock_holder(out)
     third = [sys.executable, "-c", f"from vehicle_classifier.fileio import exclusive\nwith exclusive({str(out)!r}, "
              "'folder', wait=False):\n    pass"]
     lock = exclusive(out, "folder", wait=True)
