@@ -101,17 +101,15 @@ def main(argv=None) -> int:
 def train(args: argparse.Namespace) -> dict | None:
     """The run the flags ask for; None when there is nothing to report (the outputs were up to
     date, or this is a torchrun rank other than 0: rank 0 reports)."""
-    from vehicle_classifier.data import read_image_folder
     from vehicle_classifier.training.fetch import ensure_dataset
     from vehicle_classifier.training.fingerprint import training_fingerprint, up_to_date
 
     cfg = config.TrainConfig(**{f.name: getattr(args, f.name) for f in fields(config.TrainConfig)})
     ensure_dataset(args.data_dir)  # the first run on a fresh clone: the Kaggle set, fetched
     # Checked before torch is even imported: an unchanged rerun costs well under a second. The
-    # photos are read and hashed here, once: the run goes by the same digests.
-    photos = read_image_folder(args.data_dir)
-    fingerprint = training_fingerprint(photos, cfg, args.weights, args.device)
-    if not args.force and up_to_date(args.output_dir, fingerprint):
+    # photos it reads and hashes go to the run, which hashes none again.
+    fingerprint = training_fingerprint(args.data_dir, cfg, args.weights, args.device)
+    if not args.force and up_to_date(args.output_dir, fingerprint.value):
         print(f"up to date: {args.output_dir / config.ARTIFACT_FILE} was trained from these same images, "
               f"weights and settings (metrics in {args.output_dir / config.METRICS_FILE}; --force retrains)")
         return None
@@ -121,7 +119,7 @@ def train(args: argparse.Namespace) -> dict | None:
 
     with process_group() as group:  # under torchrun: this process's rank, else a group of one
         return run_training(Job(args.data_dir, args.output_dir, cfg, args.weights, args.cache_dir, args.device,
-                                photos=photos, fingerprint=fingerprint, group=group))
+                                photos=fingerprint.photos, fingerprint=fingerprint.value, group=group))
 
 
 def error_line(exc: Exception) -> str:

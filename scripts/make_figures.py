@@ -63,20 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def ensure_model(args, cfg: config.TrainConfig) -> None:
-    from vehicle_classifier.data import read_image_folder
     from vehicle_classifier.training.fingerprint import training_fingerprint, up_to_date
 
-    photos = read_image_folder(args.data_dir)
-    fingerprint = training_fingerprint(photos, cfg, args.weights, "auto")
-    if up_to_date(args.model_dir, fingerprint):
+    fingerprint = training_fingerprint(args.data_dir, cfg, args.weights, "auto")
+    if up_to_date(args.model_dir, fingerprint.value):
         print(f"reusing the model in {args.model_dir} (trained from these same photos, weights and settings)")
         return
     from vehicle_classifier.training.job import Job
     from vehicle_classifier.training.run import run_training
 
     print(f"training a model into {args.model_dir}")
-    run_training(Job(args.data_dir, args.model_dir, cfg, args.weights, args.cache_dir, photos=photos,
-                     fingerprint=fingerprint))
+    run_training(Job(args.data_dir, args.model_dir, cfg, args.weights, args.cache_dir, photos=fingerprint.photos,
+                     fingerprint=fingerprint.value))
 
 
 def test_photos_by_class(split: dict, seed: int) -> dict[str, list[Path]]:

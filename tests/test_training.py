@@ -3,6 +3,7 @@ skips bad files, its artifact round-trips, and its writes are atomic."""
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -131,6 +132,23 @@ def test_rerun_hits_the_cache_and_recomputes_only_changed_files(tmp_path, tiny_w
     assert backbone_calls["images"] == 2  # the changed file and the new one
     assert second["summary"]["duplicates_dropped"] == 1  # extra.png is Bike_1.png again
     assert first["summary"]["images_found"] + 2 == second["summary"]["images_found"]
+
+
+def test_train_py_reads_and_hashes_each_photo_once(tmp_path, tiny_weights, monkeypatch):
+    """The up-to-date check hashes every photo (before torch is imported); the run goes by the
+    same digests instead of hashing them again."""
+    import train
+    from vehicle_classifier import data as data_mod
+    from vehicle_classifier.training import fingerprint, run as run_mod
+
+    data, hashed, real = make_dataset(tmp_path / "data", per_class=4), [], data_mod.file_digest
+    for module in (data_mod, fingerprint, run_mod):  # every module that hashes files, by whatever name
+        monkeypatch.setattr(module, "file_digest", lambda path: hashed.append(Path(path)) or real(path))
+    args = ["--data-dir", str(data), "--output-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"),
+            "--weights", str(tiny_weights), "--backbone", TINY_SPEC.name, "--max-epochs", "5", "--neither-dir", ""]
+    assert train.main(args) == 0
+    photos = sorted(p for p in data.rglob("*") if p.is_file())
+    assert sorted(p for p in hashed if p != Path(tiny_weights)) == photos  # each once, and the weights file
 
 
 def test_cache_is_keyed_by_weights(tmp_path, tiny_weights, backbone_calls):

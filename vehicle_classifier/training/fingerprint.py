@@ -2,19 +2,19 @@
 
 A rerun of train.py with the same data (by content), backbone weights and config would write
 the same model again; instead it says so and stops. Kept free of torch and timm imports so
-that this check costs well under a second. The photos' digests it goes by are the run's own
-(data.read_image_folder, read once).
+that this check costs well under a second. The photos it reads and hashes are handed to the run
+(Job.photos), which reads each photo's content no second time.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .. import UserError, __version__, config
-from ..data import ImageFolder, file_digest
+from ..data import ImageFolder, file_digest, read_image_folder
 from ..artifact import read_metadata
 from ..fileio import in_transition
 from ..registry import BackboneSpec, WeightsError, get_spec
@@ -31,19 +31,26 @@ def weights_identity(spec: BackboneSpec, weights: Path | None) -> str | None:
     return f"hub:{Path(cached).resolve().name}" if isinstance(cached, str) else None
 
 
-def training_fingerprint(photos: ImageFolder, cfg: config.TrainConfig, weights: Path | None,
-                         device: str) -> str | None:
-    """A digest of everything that decides the run's result; None when it cannot be told
-    without torch (an unknown backbone, weights not on disk yet): the run then just trains."""
+@dataclass
+class Fingerprint:
+    value: str | None  # None when it cannot be told without torch: the run then just trains
+    photos: ImageFolder | None  # the data folder, read and every file hashed (for the run to reuse)
+
+
+def training_fingerprint(data_dir: Path, cfg: config.TrainConfig, weights: Path | None, device: str) -> Fingerprint:
+    """A digest of everything that decides the run's result. Without one to compute (an unknown
+    backbone, weights not on disk yet) the photos are not read here: the run reads them, after
+    checking the backbone."""
     try:
         # A timm: name as written, without timm (it imports torch): with no --weights and no
         # pretrained tag in the name, the cache lookup misses and the run just trains.
         spec = get_spec(cfg.backbone, resolve_tag=False)
     except WeightsError:
-        return None
+        return Fingerprint(None, None)
     weights_id = weights_identity(spec, weights)
     if weights_id is None:
-        return None
+        return Fingerprint(None, None)
+    photos = read_image_folder(data_dir)
     identity = {
         "package": __version__,
         "backbone": [spec.architecture, spec.model_kwargs, weights_id],
@@ -55,7 +62,7 @@ def training_fingerprint(photos: ImageFolder, cfg: config.TrainConfig, weights: 
         # The audit's content, not only its name: a new audit of the same folder is a new run.
         "exclude": file_digest(Path(cfg.exclude)) if cfg.exclude and Path(cfg.exclude).is_file() else None,
     }
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    return Fingerprint(hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest(), photos)
 
 
 def up_to_date(output_dir: Path, fingerprint: str | None) -> bool:

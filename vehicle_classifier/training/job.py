@@ -21,8 +21,8 @@ class Job:
     cache_dir: Path = config.FEATURE_CACHE_DIR  # the feature cache
     device: str = "auto"  # auto (CUDA when available), cpu or cuda[:N]
     spec: BackboneSpec | None = None  # the backbone; None: registry.get_spec(cfg.backbone)
-    # data_dir read, every file hashed: train.py's up-to-date check did it, so a run reads each
-    # photo's content once. None: read by the run.
+    # data_dir read, every file hashed, by train.py's up-to-date check (fingerprint.py), so that
+    # a run reads each photo's content once. None: read by the run.
     photos: ImageFolder | None = None
     fingerprint: str | None = None  # what the up-to-date check compares (fingerprint.py), kept in the artifact
     group: Group = SINGLE  # under torchrun: this process's rank and its peers
