@@ -112,7 +112,7 @@ def test_training_leaves_out_what_the_audit_flagged(planted_audit, tmp_path, lit
                              str(real_feature_cache), "--neither-dir", "", "--exclude", str(out / config.AUDIT_FILE)],
                             cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert f"--exclude {out / config.AUDIT_FILE}: left out" in result.stderr
+    assert f"audit {out / config.AUDIT_FILE}: left out" in result.stderr
     metrics = json.loads((tmp_path / "model" / config.METRICS_FILE).read_text())
     excluded = metrics["summary"]["excluded"]
     flagged = [item["path"] for item in report["label_issues"] if item["issue"]]
