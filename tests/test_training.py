@@ -17,7 +17,7 @@ from vehicle_classifier.training.head_training import train_head
 from vehicle_classifier.training.job import Job
 from vehicle_classifier.training.run import run_training
 from vehicle_classifier.artifact import ArtifactError, load_artifact, save_artifact
-from vehicle_classifier.backbone import create_backbone, load_backbone, preprocessing_for
+from vehicle_classifier.backbone import create_backbone, preprocessing_for
 from vehicle_classifier.data import DataError, stratified_folds, stratified_split
 from vehicle_classifier.devices import autocast
 from vehicle_classifier.runtime import resolve_precision
