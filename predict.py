@@ -8,7 +8,7 @@ A missing or damaged artifact, or a bad setting, stops the process with one line
 
 import sys
 
-from vehicle_classifier import UserError
+from vehicle_classifier import UserError, config
 from vehicle_classifier.serving.api import EXTENSION, create_app
 
 try:
@@ -19,4 +19,4 @@ except (UserError, ValueError) as exc:  # ArtifactError, a bad setting (ServiceC
 
 if __name__ == "__main__":  # development server; use gunicorn for anything else
     app.extensions[EXTENSION].predictor.warm_up()  # as gunicorn.conf.py does in each worker
-    app.run(host="0.0.0.0", port=9696)
+    app.run(host="0.0.0.0", port=config.DEFAULT_PORT)

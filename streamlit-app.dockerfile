@@ -28,7 +28,7 @@ COPY --from=dependencies /opt/venv /opt/venv
 RUN useradd --no-log-init --no-create-home --home-dir /tmp --uid 10001 app
 
 # Only what the page needs: the page, its HTTP client (not the model code) and its config.
-COPY vehicle_classifier/__init__.py vehicle_classifier/client.py vehicle_classifier/
+COPY vehicle_classifier/__init__.py vehicle_classifier/client.py vehicle_classifier/config.py vehicle_classifier/
 COPY streamlit_app.py ./
 COPY .streamlit/config.toml .streamlit/
 # Compiled now: a read-only container could not keep the bytecode (Streamlit compiles the page itself).

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from vehicle_classifier import config
+from vehicle_classifier.data import image_files
 from vehicle_classifier.client import PREDICT_TIMEOUT, PredictionClient, ServiceError, service_url
 
 
@@ -36,13 +37,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def find_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in config.IMAGE_EXTENSIONS)
-
-
 def expand(paths: list[Path]) -> list[Path]:
     """Folders become the photos inside them; files stay as given (a bad one gets its own error)."""
-    return [image for path in paths for image in (find_images(path) if path.is_dir() else [path])]
+    return [image for path in paths for image in (image_files(path) if path.is_dir() else [path])]
 
 
 def describe(answer: dict) -> str:
@@ -62,7 +59,7 @@ def main(argv=None) -> int:
             print(f"error: no photos in {', '.join(map(str, args.images))}", file=sys.stderr)
             return 1
     else:
-        images = find_images(config.DATA_DIR)[:1] if config.DATA_DIR.is_dir() else []
+        images = image_files(config.DATA_DIR)[:1] if config.DATA_DIR.is_dir() else []
         if not images:
             print(f"error: no image given and none found under {config.DATA_DIR}/; pass a photo "
                   f"(python test.py PHOTO.jpg) or put the dataset there ({config.DATA_DIR}/Car/, .../Bike/)",

@@ -13,12 +13,12 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from vehicle_classifier import config
+from vehicle_classifier import config, registry
 
 HELP = {
-    "backbone": f"one of {', '.join(config.BACKBONES)} (DINO ViTs; DINOv2 ViT-S/14, B/14, -reg: with registers; "
+    "backbone": f"one of {', '.join(registry.BACKBONES)} (DINO ViTs; DINOv2 ViT-S/14, B/14, -reg: with registers; "
                 f"DINOv3 ViT-S/16, S+/16, B/16, ConvNeXt: costs and quality in docs/backbones.md), or "
-                f"{config.TIMM_PREFIX}<model name> for any timm model (e.g. {config.TIMM_PREFIX}tf_efficientnet_lite0)",
+                f"{registry.TIMM_PREFIX}<model name> for any timm model (e.g. {registry.TIMM_PREFIX}tf_efficientnet_lite0)",
     "val_fraction": "fraction of each class held out for validation (early stopping)",
     "test_fraction": "fraction of each class held out for the final test metrics",
     "seed": "seed of the split and of head training; the same seed gives the same model",
@@ -40,7 +40,7 @@ HELP = {
                "photo of each near-duplicate group are left out ('': none)",
 }
 
-# Backbone names are checked by backbone.get_spec.
+# Backbone names are checked by registry.get_spec.
 CHOICES = {"precision": list(config.PRECISIONS), "calibration": list(config.CALIBRATIONS)}
 
 
@@ -84,32 +84,52 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, handlers=[handler])
 
     from vehicle_classifier import UserError
+
+    try:
+        metrics = train(args)
+    except (UserError, OSError) as exc:
+        print(f"error: {error_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:  # the run's message says what was kept (run.RunInterrupted)
+        print(f"interrupted: {exc}" if str(exc) else "interrupted", file=sys.stderr)
+        return 130
+    if metrics is not None:
+        report(metrics, args.output_dir)
+    return 0
+
+
+def train(args: argparse.Namespace) -> dict | None:
+    """The run the flags ask for; None when there is nothing to report (the outputs were up to
+    date, or this is a torchrun rank other than 0: rank 0 reports)."""
     from vehicle_classifier.training.fetch import ensure_dataset
     from vehicle_classifier.training.fingerprint import training_fingerprint, up_to_date
 
     cfg = config.TrainConfig(**{f.name: getattr(args, f.name) for f in fields(config.TrainConfig)})
-    try:
-        ensure_dataset(args.data_dir)  # the first run on a fresh clone: the Kaggle set, fetched
-        # Checked before torch is even imported: an unchanged rerun costs well under a second.
-        fingerprint = training_fingerprint(args.data_dir, cfg, args.weights, args.device)
-        if not args.force and up_to_date(args.output_dir, fingerprint):
-            print(f"up to date: {args.output_dir / config.ARTIFACT_FILE} was trained from these same images, "
-                  f"weights and settings (metrics in {args.output_dir / config.METRICS_FILE}; --force retrains)")
-            return 0
-        from vehicle_classifier.distributed import process_group
-        from vehicle_classifier.training.run import run_training
+    ensure_dataset(args.data_dir)  # the first run on a fresh clone: the Kaggle set, fetched
+    # Checked before torch is even imported: an unchanged rerun costs well under a second. The
+    # photos it reads and hashes go to the run, which hashes none again.
+    fingerprint = training_fingerprint(args.data_dir, cfg, args.weights, args.device)
+    if not args.force and up_to_date(args.output_dir, fingerprint.value):
+        print(f"up to date: {args.output_dir / config.ARTIFACT_FILE} was trained from these same images, "
+              f"weights and settings (metrics in {args.output_dir / config.METRICS_FILE}; --force retrains)")
+        return None
+    from vehicle_classifier.distributed import process_group
+    from vehicle_classifier.training.job import Job
+    from vehicle_classifier.training.run import run_training
 
-        with process_group() as group:  # under torchrun: this process's rank, else a group of one
-            metrics = run_training(args.data_dir, args.output_dir, cfg, args.weights, args.cache_dir, args.device,
-                                   fingerprint=fingerprint, group=group)
-        if metrics is None:  # another rank than 0: its shard of the features is extracted, rank 0 reports
-            return 0
-    except (UserError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as exc:  # the run's message says what was kept (training.RunInterrupted)
-        print(f"interrupted: {exc}" if str(exc) else "interrupted", file=sys.stderr)
-        return 130
+    with process_group() as group:  # under torchrun: this process's rank, else a group of one
+        return run_training(Job(args.data_dir, args.output_dir, cfg, args.weights, args.cache_dir, args.device,
+                                photos=fingerprint.photos, fingerprint=fingerprint.value, group=group))
+
+
+def error_line(exc: Exception) -> str:
+    """The library's message, led by the flag of the setting it is about (UserError.setting):
+    every setting's flag is its name with dashes."""
+    setting = getattr(exc, "setting", None)
+    return f"--{setting.replace('_', '-')}: {exc}" if setting else str(exc)
+
+
+def report(metrics: dict, output_dir: Path) -> None:
     s = metrics["summary"]
     print(f"{s['images_found']} images ({s['images_skipped']} skipped, {s['duplicates_dropped']} duplicates), "
           f"best epoch {s['best_epoch']}, {s['precision']} ({s['runtime']}) on {s['device']}, {s['seconds']} s")
@@ -118,8 +138,7 @@ def main(argv=None) -> int:
         auc = f"{m['roc_auc']:.3f}" if m["roc_auc"] is not None else "n/a"
         acc = f"{m['accuracy']:.3f}" if m["accuracy"] is not None else "n/a"
         print(f"{split:>5}: accuracy {acc}  ROC-AUC {auc}  ({m['count']} images)")
-    print(f"model written to {args.output_dir / config.ARTIFACT_FILE}")
-    return 0
+    print(f"model written to {output_dir / config.ARTIFACT_FILE}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_backbones.py [--backbones dino-vits16 dinov2-vits14 ...] [--repeats 5]
 
-For every backbone in config.BACKBONES (random weights: the cost of pretrained ones is the
+For every backbone in registry.BACKBONES (random weights: the cost of pretrained ones is the
 same), at its own input size: OpenVINO (what training and the service run on CPU) with one
 stream over all cores, ms for one image and ms per image in a batch of 16, and the fidelity of
 its [CLS] features to torch fp32 (min cosine over 4 images), so that a backbone the fast runtime
@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from vehicle_classifier import config  # noqa: E402
+from vehicle_classifier import registry  # noqa: E402
 from vehicle_classifier.backbone import create_backbone, preprocessing_for  # noqa: E402
 from vehicle_classifier.runtime import resolve_precision  # noqa: E402
 from vehicle_classifier.export import to_openvino  # noqa: E402
@@ -33,13 +33,13 @@ from vehicle_classifier.runtime import OpenVINOModel  # noqa: E402
 
 # Input sizes not chosen, priced for the justification in docs/backbones.md.
 ALTERNATIVES = {
-    "dinov2-vits14 @ 518 px": replace(config.BACKBONES["dinov2-vits14"], model_kwargs={}),
-    "dinov3-vits16 @ 224 px": replace(config.BACKBONES["dinov3-vits16"], model_kwargs={
-        **config.DINOV3_CLS, "pretrained_cfg_overlay": {"input_size": [3, 224, 224], "crop_pct": 0.875}}),
+    "dinov2-vits14 @ 518 px": replace(registry.BACKBONES["dinov2-vits14"], model_kwargs={}),
+    "dinov3-vits16 @ 224 px": replace(registry.BACKBONES["dinov3-vits16"], model_kwargs={
+        **registry.DINOV3_CLS, "pretrained_cfg_overlay": {"input_size": [3, 224, 224], "crop_pct": 0.875}}),
 }
 
 
-def prepared(spec: config.BackboneSpec, precision: str) -> dict:
+def prepared(spec: registry.BackboneSpec, precision: str) -> dict:
     """The backbone converted and compiled for OpenVINO, with its fidelity to torch fp32."""
     torch.manual_seed(0)
     model = create_backbone(spec.architecture, spec.model_kwargs)
@@ -67,14 +67,14 @@ def timed_ms(fn, x) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backbones", nargs="+", default=[*config.BACKBONES, *ALTERNATIVES],
+    parser.add_argument("--backbones", nargs="+", default=[*registry.BACKBONES, *ALTERNATIVES],
                         help="which to measure (default: all registered, then the alternative input sizes)")
     parser.add_argument("--repeats", type=int, default=5,
                         help="timing rounds: batch-1 and batch-16 calls per backbone (default: 5)")
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     args = parser.parse_args()
     precision = resolve_precision(args.precision, "cpu")
-    specs = {name: config.BACKBONES.get(name) or ALTERNATIVES[name] for name in args.backbones}
+    specs = {name: registry.BACKBONES.get(name) or ALTERNATIVES[name] for name in args.backbones}
     print(f"OpenVINO {precision}, one stream over {torch.get_num_threads()} threads; random weights\n")
     rows = {name: prepared(spec, precision) for name, spec in tqdm(specs.items(), desc="converting", unit="backbone")}
     # Round-robin, best of the rounds: on a shared machine the load changes from one minute to

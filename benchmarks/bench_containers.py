@@ -76,7 +76,7 @@ def replica_start_to_ready(stack: ds.Stack) -> float:
             assert time.monotonic() < deadline, "the replica did not start"
             time.sleep(0.02)
         (container,) = containers
-        url = f"http://{address(container)}:9696/ready"
+        url = f"http://{address(container)}:{config.DEFAULT_PORT}/ready"
         ready = poll(lambda: requests.get(url, timeout=1).status_code == 200, 120, 0.02)
         return ready - started_at(container)
     finally:

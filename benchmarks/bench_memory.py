@@ -17,7 +17,6 @@ import argparse
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from vehicle_classifier.config import ServiceConfig  # noqa: E402
+from vehicle_classifier.serving.cluster import free_port  # noqa: E402
 
 
 def worst_png(pixels: int) -> bytes:
@@ -42,12 +42,6 @@ def worst_png(pixels: int) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGBA", (width, height), (200, 40, 40, 128)).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def worker_rss(master: psutil.Process) -> int:

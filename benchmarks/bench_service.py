@@ -63,11 +63,13 @@ sys.path.insert(0, str(REPO))
 
 from vehicle_classifier import config  # noqa: E402
 from vehicle_classifier.artifact import load_artifact  # noqa: E402
-from vehicle_classifier.backbone import create_backbone, get_spec  # noqa: E402
+from vehicle_classifier.backbone import create_backbone  # noqa: E402
 from vehicle_classifier.images import preprocess  # noqa: E402
+from vehicle_classifier.registry import get_spec  # noqa: E402
 from vehicle_classifier.serving.cluster import free_port  # noqa: E402
 from vehicle_classifier.serving.predictor import OpenVINOForward, Predictor  # noqa: E402
 from vehicle_classifier.serving.uploads import form_parts  # noqa: E402
+from vehicle_classifier.training.job import Job  # noqa: E402
 from vehicle_classifier.training.run import run_training  # noqa: E402
 
 SAMPLE_DIR = config.SAMPLE_DIR
@@ -93,7 +95,7 @@ def build_artifact(work: Path, per_class: int) -> Path:
             (data / folder.name / photo.name).symlink_to(photo)
     model_dir = work / "model"
     cfg = config.TrainConfig(backbone=spec.name)
-    run_training(data, model_dir, cfg, weights, work / "cache", device="cpu")
+    run_training(Job(data, model_dir, cfg, weights, work / "cache", device="cpu"))
     return model_dir
 
 

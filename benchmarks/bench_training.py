@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from vehicle_classifier import config  # noqa: E402
+from vehicle_classifier import config, registry  # noqa: E402
 from vehicle_classifier.backbone import create_backbone  # noqa: E402
 
 SAMPLE_DIR = config.SAMPLE_DIR
@@ -106,7 +106,7 @@ def main() -> None:
         tmp = Path(tmp)
         paths = build_photo_folder(tmp / "photos", count)
         torch.manual_seed(0)
-        model = create_backbone(config.BACKBONES["dino-vits16"].architecture)
+        model = create_backbone(registry.BACKBONES["dino-vits16"].architecture)
         weights = tmp / "dino_deitsmall16_pretrain.pth"
         torch.save(model.state_dict(), weights)
         where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"

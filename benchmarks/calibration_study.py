@@ -29,19 +29,14 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from vehicle_classifier import config  # noqa: E402
-from vehicle_classifier.backbone import get_spec  # noqa: E402
+from vehicle_classifier import config, registry  # noqa: E402
 from vehicle_classifier.data import stratified_split  # noqa: E402
-from vehicle_classifier.distributed import SINGLE  # noqa: E402
 from vehicle_classifier.devices import torch_threads  # noqa: E402
 from vehicle_classifier.training.metrics import calibration_error  # noqa: E402
-from vehicle_classifier.training.run import (  # noqa: E402
-    _extract,
-    fit_temperature,
-    out_of_fold_logits,
-    train_head,
-    unique_readable,
-)
+from vehicle_classifier.training.calibration import fit_temperature, out_of_fold_logits  # noqa: E402
+from vehicle_classifier.training.head_training import train_head  # noqa: E402
+from vehicle_classifier.training.job import Job  # noqa: E402
+from vehicle_classifier.training.run import extract, readable  # noqa: E402
 
 METHODS = ("none", "val", "out-of-fold")
 
@@ -51,10 +46,10 @@ def ece(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> float
 
 
 def load_features(args) -> tuple[torch.Tensor, torch.Tensor]:
-    cfg = config.TrainConfig(backbone=args.backbone)
-    ex = _extract(args.data_dir, cfg, args.weights, args.cache_dir, "cpu", get_spec(args.backbone), SINGLE)
-    kept, _ = unique_readable(ex.samples, ex.digests, ex.features)
-    return torch.stack([ex.features[d] for _, d in kept]).float(), torch.tensor([s.label for s, _ in kept])
+    job = Job(args.data_dir, cfg=config.TrainConfig(backbone=args.backbone), weights=args.weights,
+              cache_dir=args.cache_dir, device="cpu")
+    data = readable(extract(job), job.cfg)  # the run's first stages only: nothing is published
+    return data.features.float(), data.labels
 
 
 def fit(x: torch.Tensor, y: torch.Tensor, split: dict, seed: int) -> tuple[dict, dict, float]:
@@ -62,7 +57,8 @@ def fit(x: torch.Tensor, y: torch.Tensor, split: dict, seed: int) -> tuple[dict,
     temperature, and the seconds the out-of-fold heads took."""
     cfg = config.TrainConfig(seed=seed)
     part = {name: (x[idx], y[idx]) for name, idx in split.items()}
-    head, _, best_epoch = train_head(*part["train"], *part["val"], 2, cfg, progress=False)
+    trained = train_head(*part["train"], *part["val"], 2, cfg, progress=False)
+    head, best_epoch = trained.head, trained.best_epoch
     with torch.no_grad():
         logits = {name: head(xx) for name, (xx, _) in part.items()}
     pool_x, pool_y = (torch.cat([part["train"][i], part["val"][i]]) for i in (0, 1))
@@ -124,7 +120,7 @@ def report(x: torch.Tensor, y: torch.Tensor, seeds: int, draws: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", type=Path, required=True, help="timm-format weights (scripts/lite0_weights.py)")
-    parser.add_argument("--backbone", default=f"{config.TIMM_PREFIX}tf_efficientnet_lite0")
+    parser.add_argument("--backbone", default=f"{registry.TIMM_PREFIX}tf_efficientnet_lite0")
     parser.add_argument("--data-dir", type=Path, default=config.SAMPLE_DIR)
     parser.add_argument("--cache-dir", type=Path, default=config.FEATURE_CACHE_DIR)
     parser.add_argument("--resplits", type=int, default=30)

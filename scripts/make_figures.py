@@ -32,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a plain script from any directory
 
-from vehicle_classifier import UserError, config
+from vehicle_classifier import UserError, config, registry
 
 SAMPLE_DIR = config.SAMPLE_DIR
 FIGURES = ("sample_grid.png", "attention_banner.png", "learning_curves.png", "confusion_matrix.png", "reliability.png",
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="model to draw from; trained here first unless it is up to date (default: out/figures)")
     parser.add_argument("--out-dir", type=Path, default=REPO / "imgs", help="where the PNGs go (default: imgs/)")
     parser.add_argument("--backbone", default=config.TrainConfig.backbone,
-                        help=f"backbone, one of {', '.join(config.BACKBONES)} or {config.TIMM_PREFIX}<model name> "
+                        help=f"backbone, one of {', '.join(registry.BACKBONES)} or {registry.TIMM_PREFIX}<model name> "
                              "(default: %(default)s)")
     parser.add_argument("--cache-dir", type=Path, default=config.FEATURE_CACHE_DIR, help="feature cache directory")
     parser.add_argument("--calibration", choices=config.CALIBRATIONS, default=config.TrainConfig.calibration,
@@ -66,13 +66,15 @@ def ensure_model(args, cfg: config.TrainConfig) -> None:
     from vehicle_classifier.training.fingerprint import training_fingerprint, up_to_date
 
     fingerprint = training_fingerprint(args.data_dir, cfg, args.weights, "auto")
-    if up_to_date(args.model_dir, fingerprint):
+    if up_to_date(args.model_dir, fingerprint.value):
         print(f"reusing the model in {args.model_dir} (trained from these same photos, weights and settings)")
         return
+    from vehicle_classifier.training.job import Job
     from vehicle_classifier.training.run import run_training
 
     print(f"training a model into {args.model_dir}")
-    run_training(args.data_dir, args.model_dir, cfg, args.weights, args.cache_dir, fingerprint=fingerprint)
+    run_training(Job(args.data_dir, args.model_dir, cfg, args.weights, args.cache_dir, photos=fingerprint.photos,
+                     fingerprint=fingerprint.value))
 
 
 def test_photos_by_class(split: dict, seed: int) -> dict[str, list[Path]]:
@@ -94,7 +96,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     try:
-        from vehicle_classifier.backbone import get_spec
+        from vehicle_classifier.registry import get_spec
 
         get_spec(args.backbone)  # an unknown name stops here, in one line
         cfg = config.TrainConfig(backbone=args.backbone, calibration=args.calibration)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from vehicle_classifier import backbone as backbone_mod
-from vehicle_classifier import config
-from vehicle_classifier.backbone import BackboneSpec, create_backbone
+from vehicle_classifier import config, registry
+from vehicle_classifier.backbone import create_backbone
+from vehicle_classifier.registry import BackboneSpec
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = config.SAMPLE_DIR
@@ -67,7 +67,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _tiny_backbone_registered(monkeypatch):
-    monkeypatch.setitem(backbone_mod.BACKBONES, TINY_SPEC.name, TINY_SPEC)
+    monkeypatch.setitem(registry.BACKBONES, TINY_SPEC.name, TINY_SPEC)
 
 
 @pytest.fixture(scope="session")
@@ -87,11 +87,12 @@ def synthetic_dataset(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, synthetic_dataset, tiny_weights) -> Path:
     """A trained tiny model: the artifact, metrics.json, split.json and plots."""
+    from vehicle_classifier.training.job import Job
     from vehicle_classifier.training.run import run_training
 
     out = tmp_path_factory.mktemp("model")
     cfg = config.TrainConfig(backbone=TINY_SPEC.name, max_epochs=60, patience=10)
-    run_training(synthetic_dataset, out, cfg, tiny_weights, tmp_path_factory.mktemp("cache"), spec=TINY_SPEC)
+    run_training(Job(synthetic_dataset, out, cfg, tiny_weights, tmp_path_factory.mktemp("cache"), spec=TINY_SPEC))
     return out
 
 

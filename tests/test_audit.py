@@ -112,7 +112,7 @@ def test_training_leaves_out_what_the_audit_flagged(planted_audit, tmp_path, lit
                              str(real_feature_cache), "--neither-dir", "", "--exclude", str(out / config.AUDIT_FILE)],
                             cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert f"--exclude {out / config.AUDIT_FILE}: left out" in result.stderr
+    assert f"audit {out / config.AUDIT_FILE}: left out" in result.stderr
     metrics = json.loads((tmp_path / "model" / config.METRICS_FILE).read_text())
     excluded = metrics["summary"]["excluded"]
     flagged = [item["path"] for item in report["label_issues"] if item["issue"]]
@@ -200,8 +200,9 @@ def test_extra_copies_keep_one_photo_of_each_group_and_a_bad_audit_is_one_line(t
 
     assert extra_copies([["b", "a"], ["c", "b"], ["x", "y"]]) == {"b", "c", "y"}  # a~b~c: a kept; x~y: x kept
     (tmp_path / "audit.json").write_text('{"label_issues": []}')
-    with pytest.raises(DataError, match=r"--exclude .*audit.json: not a readable audit.json \(KeyError"):
+    with pytest.raises(DataError, match=r"audit.json: not a readable audit.json \(KeyError") as info:
         read_audit(tmp_path / "audit.json")
+    assert info.value.setting == "exclude"  # train.py leads the line with --exclude
 
 
 def test_the_audit_imports_training_never_serving():

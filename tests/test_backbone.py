@@ -11,7 +11,7 @@ from conftest import TINY_SPEC
 from vehicle_classifier.backbone import (
     WeightsError, cls_attention, create_backbone, load_backbone, preprocessing_for, state_dict_digest,
 )
-from vehicle_classifier.config import BACKBONES, BackboneSpec
+from vehicle_classifier.registry import BACKBONES, BackboneSpec
 
 
 def tiny_state(seed=0, **overrides):
@@ -104,14 +104,14 @@ def test_missing_weights_file(tmp_path):
         load_backbone(TINY_SPEC, tmp_path / "nope.pth")
 
 
-def test_offline_without_cache_fails_fast_naming_weights_flag(monkeypatch, tmp_path):
+def test_offline_without_cache_fails_fast_asking_for_a_weights_file(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
     spec = BackboneSpec("x", "vit_small_patch16_224.dino", official_file="dino_deitsmall16_pretrain.pth")
     with pytest.raises(WeightsError) as info:
         load_backbone(spec)
-    assert "--weights" in str(info.value) and "dino_deitsmall16_pretrain.pth" in str(info.value)
+    assert info.value.setting == "weights" and "dino_deitsmall16_pretrain.pth" in str(info.value)
     assert "offline mode is on (HF_HUB_OFFLINE)" in str(info.value)
 
 

@@ -17,8 +17,7 @@ from timm.layers import apply_rot_embed_cat
 
 import train
 from conftest import make_dataset, synthetic_image
-from vehicle_classifier import backbone as backbone_mod
-from vehicle_classifier import config
+from vehicle_classifier import config, registry
 from vehicle_classifier.serving.api import create_app
 from vehicle_classifier.backbone import (
     WeightsError, cls_attention, create_backbone, has_cls_attention, load_backbone, preprocessing_for,
@@ -26,14 +25,15 @@ from vehicle_classifier.backbone import (
 from vehicle_classifier.config import ServiceConfig, TrainConfig
 from vehicle_classifier.artifact import load_artifact
 from vehicle_classifier.images import preprocess
+from vehicle_classifier.training.job import Job
 from vehicle_classifier.training.run import run_training
 
-NEW = [name for name in config.BACKBONES if name.startswith(("dinov2-", "dinov3-"))]
+NEW = [name for name in registry.BACKBONES if name.startswith(("dinov2-", "dinov3-"))]
 
 
-def tiny(name: str, **shrink) -> config.BackboneSpec:
+def tiny(name: str, **shrink) -> registry.BackboneSpec:
     """The registry entry shrunk: same timm architecture, pretrained config and pooling."""
-    spec = config.BACKBONES[name]
+    spec = registry.BACKBONES[name]
     if "convnext" in spec.architecture:
         size, defaults = 32, {"depths": [1, 1, 1, 1], "dims": [8, 16, 24, 32]}
     else:
@@ -44,7 +44,7 @@ def tiny(name: str, **shrink) -> config.BackboneSpec:
     return replace(spec, name=f"tiny-{name}", model_kwargs=kwargs)
 
 
-def random_state(spec: config.BackboneSpec, seed: int = 0) -> dict[str, torch.Tensor]:
+def random_state(spec: registry.BackboneSpec, seed: int = 0) -> dict[str, torch.Tensor]:
     """timm's layout, every tensor random (layer-scale and biases too, so that a tensor loaded
     into the wrong place shows)."""
     torch.manual_seed(seed)
@@ -102,7 +102,7 @@ def official_convnext(state: dict) -> dict:
     return out
 
 
-def official(spec: config.BackboneSpec, state: dict) -> dict:
+def official(spec: registry.BackboneSpec, state: dict) -> dict:
     if spec.name.startswith("tiny-dinov2"):
         return official_dinov2(state)
     return official_convnext(state) if "convnext" in spec.architecture else official_dinov3_vit(state)
@@ -121,13 +121,13 @@ def test_backbone_flag_lists_dinov2_and_dinov3():
                  "dinov3-vits16plus", "dinov3-vitb16", "dinov3-convnext-tiny", "dinov3-convnext-small"):
         assert name in train.HELP["backbone"]  # what --help says
         assert train.build_parser().parse_args(["--backbone", name]).backbone == name
-        assert backbone_mod.get_spec(name) is config.BACKBONES[name]
+        assert registry.get_spec(name) is registry.BACKBONES[name]
 
 
 def test_each_has_its_own_preprocessing():
     sizes = {}
     for name in ("dinov2-vits14", "dinov3-vits16", "dinov3-convnext-tiny"):
-        spec = config.BACKBONES[name]
+        spec = registry.BACKBONES[name]
         shallow = {"depths": [1, 1, 1, 1]} if "convnext" in name else {"depth": 1}  # depth: no bearing on it
         sizes[name] = preprocessing_for(create_backbone(spec.architecture, {**spec.model_kwargs, **shallow}))
     # DINOv2 at 224 px from a 256 px resize, as its linear evaluation (not its 518 px grid).
@@ -169,7 +169,7 @@ def test_dinov2_file_at_518px_grid_is_resampled_to_the_grid_we_run_at(tmp_path, 
 def test_real_dinov2_release_file_at_518px_loads_into_the_224px_registry_model(tmp_path):
     """The registry's own ViT-S/14 (one block deep, to be quick): the release file's 37x37
     position grid, its mask_token, loaded strictly into the 16x16 grid we run at."""
-    spec = config.BACKBONES["dinov2-vits14"]
+    spec = registry.BACKBONES["dinov2-vits14"]
     spec = replace(spec, model_kwargs={**spec.model_kwargs, "depth": 1})
     release = create_backbone(spec.architecture, {"depth": 1}).state_dict()  # timm's 518 px layout
     assert release["pos_embed"].shape == (1, 1 + 37 * 37, 384)
@@ -265,12 +265,12 @@ def test_every_new_entry_shrinks_to_an_architecture_trained_and_served_below():
 @pytest.mark.parametrize("name", SHRUNK_ARCHITECTURES)
 def test_each_trains_and_serves_from_its_official_file(tmp_path, monkeypatch, small_dataset, name):
     spec = tiny(name)
-    monkeypatch.setitem(backbone_mod.BACKBONES, spec.name, spec)
+    monkeypatch.setitem(registry.BACKBONES, spec.name, spec)
     weights = tmp_path / spec.official_file
     state = random_state(spec, seed=3)
     torch.save(official(spec, state), weights)
     cfg = TrainConfig(backbone=spec.name, max_epochs=10, patience=5)
-    metrics = run_training(small_dataset, tmp_path / "out", cfg, weights, tmp_path / "cache", spec=spec)
+    metrics = run_training(Job(small_dataset, tmp_path / "out", cfg, weights, tmp_path / "cache", spec=spec))
     assert metrics["test"]["count"] > 0
 
     app = create_app(ServiceConfig(model_dir=tmp_path / "out"))  # as served: bf16 where the CPU has it

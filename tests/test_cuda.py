@@ -19,9 +19,10 @@ from PIL import Image
 
 from conftest import REPO, TINY_SPEC, sample_photos
 from live_service import gunicorn_service
-from vehicle_classifier import config
+from vehicle_classifier import config, registry
 from vehicle_classifier.serving import batch
-from vehicle_classifier.training import run as training
+from vehicle_classifier.training.job import Job
+from vehicle_classifier.training.run import run_training
 from vehicle_classifier.backbone import create_backbone, preprocessing_for
 from vehicle_classifier.extraction import fit_batch_size
 from vehicle_classifier.training.features import FeatureCache, extract_features
@@ -34,7 +35,7 @@ CUDA = torch.device("cuda")
 @pytest.fixture(scope="module")
 def vits16():
     torch.manual_seed(0)
-    return create_backbone(config.BACKBONES["dino-vits16"].architecture).eval()
+    return create_backbone(registry.BACKBONES["dino-vits16"].architecture).eval()
 
 
 def extract(model, paths, device, tmp_path):
@@ -64,8 +65,8 @@ def test_batch_size_is_fitted_to_the_gpu(vits16):
 def test_training_end_to_end_on_cuda_and_the_artifact_predicts_the_same_on_cpu(tmp_path, synthetic_dataset,
                                                                                  tiny_weights):
     cfg = config.TrainConfig(backbone=TINY_SPEC.name, max_epochs=30)
-    metrics = training.run_training(synthetic_dataset, tmp_path / "out", cfg, tiny_weights, tmp_path / "cache",
-                                    device="cuda", spec=TINY_SPEC)
+    metrics = run_training(Job(synthetic_dataset, tmp_path / "out", cfg, tiny_weights, tmp_path / "cache",
+                               device="cuda", spec=TINY_SPEC))
     assert metrics["summary"]["device"].startswith("cuda") and metrics["summary"]["runtime"] == "torch"
     on_gpu = Predictor.from_dir(tmp_path / "out", device="cuda")
     on_cpu = Predictor.from_dir(tmp_path / "out")

@@ -13,7 +13,8 @@ from conftest import REPO, TINY_SPEC, make_dataset
 from live_service import free_port
 from vehicle_classifier import config
 from vehicle_classifier.serving import batch
-from vehicle_classifier.training import run as training
+from vehicle_classifier.training.job import Job
+from vehicle_classifier.training.run import run_training
 from vehicle_classifier.training.features import FeatureCache
 
 
@@ -56,9 +57,8 @@ def test_two_ranks_extract_train_and_predict_as_one_process_does(tiny_weights, t
 
     # One process, the same inputs: the same features and the same answers.
     single = tmp_path / "single-cache"
-    training.run_training(photos, tmp_path / "single-out", config.TrainConfig(backbone=TINY_SPEC.name, max_epochs=5,
-                                                                                     neither_dir=""),
-                          tiny_weights, single, device="cpu", spec=TINY_SPEC)
+    cfg = config.TrainConfig(backbone=TINY_SPEC.name, max_epochs=5, neither_dir="")
+    run_training(Job(photos, tmp_path / "single-out", cfg, tiny_weights, single, device="cpu", spec=TINY_SPEC))
     (alone,) = [p for p in single.iterdir() if p.is_dir()]
     assert alone.name == merged.name
     for digest, feature in cached_features(alone).items():

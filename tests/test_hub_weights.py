@@ -1,7 +1,8 @@
 """Pretrained weights from the Hugging Face cache and hub, as a user's machine has them: a real
 cache layout read offline, a hub that is unreachable or silent (a few seconds, then the line
-naming --weights), and a hub reached through a proxy. The cache and proxy cases run in a fresh
-interpreter, as huggingface_hub reads HF_HOME and the proxies once, at import."""
+asking for a weights file: train.py's --weights), and a hub reached through a proxy. The cache
+and proxy cases run in a fresh interpreter, as huggingface_hub reads HF_HOME and the proxies
+once, at import."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import torch
 from safetensors.torch import save
 
 from conftest import REPO, TINY_SPEC
+from live_service import free_port
 from vehicle_classifier.backbone import (
     WeightsError, create_backbone, find_pretrained_weights, state_dict_digest,
 )
@@ -32,7 +34,7 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 LOOKUP = """
 import json, sys, time
 from vehicle_classifier.backbone import WeightsError, load_backbone, find_pretrained_weights
-from vehicle_classifier.config import BackboneSpec
+from vehicle_classifier.registry import BackboneSpec
 from vehicle_classifier.training.fingerprint import weights_identity
 spec = BackboneSpec({name!r}, {architecture!r}, official_file={official!r}, model_kwargs={kwargs!r})
 started = time.monotonic()
@@ -81,15 +83,9 @@ def test_weights_are_found_in_a_real_hugging_face_cache_offline(tmp_path):
     assert found["identity"] == f"hub:{blob}"  # what decides whether a rerun is up to date
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_an_unreachable_hub_fails_within_seconds(monkeypatch, tmp_path):
-    """Nothing listening, or a server that never answers: the line naming --weights, after at
-    most HUB_TIMEOUT, not the minute of retries hf_hub_download alone would take."""
+    """Nothing listening, or a server that never answers: the line asking for a weights file,
+    after at most HUB_TIMEOUT, not the minute of retries hf_hub_download alone would take."""
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
     for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
@@ -97,13 +93,13 @@ def test_an_unreachable_hub_fails_within_seconds(monkeypatch, tmp_path):
     with socket.socket() as silent:  # accepts connections, never answers
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
-        for port, reason in ((closed_port(), "Connect"), (silent.getsockname()[1], "Timeout")):
+        for port, reason in ((free_port(), "Connect"), (silent.getsockname()[1], "Timeout")):
             # What HF_ENDPOINT=http://127.0.0.1:port sets when huggingface_hub is imported.
             monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", f"http://127.0.0.1:{port}")
             monkeypatch.setattr("huggingface_hub.constants.HUGGINGFACE_CO_URL_TEMPLATE",
                                 f"http://127.0.0.1:{port}/{{repo_id}}/resolve/{{revision}}/{{filename}}")
             started = time.monotonic()
-            with pytest.raises(WeightsError, match=rf"is unreachable. Pass --weights FILE .*\(\w*{reason}"):
+            with pytest.raises(WeightsError, match=rf"is unreachable. Pass a weights file: .*\(\w*{reason}"):
                 find_pretrained_weights(TINY_SPEC)
             # (plus, the first time, a second or two building huggingface_hub's HTTP client)
             assert time.monotonic() - started < HUB_TIMEOUT + 4

@@ -22,8 +22,10 @@ from safetensors.torch import load, save
 from conftest import REPO, TINY_SPEC, make_dataset
 from test_training import backbone_calls  # noqa: F401 (a fixture)
 from vehicle_classifier import config, fileio
-from vehicle_classifier.training import run as training
+from vehicle_classifier.training.job import Job
+from vehicle_classifier.training.run import run_training
 from vehicle_classifier.artifact import read_metadata
+from vehicle_classifier.backbone import WeightsError
 from vehicle_classifier.fileio import LockedError, WriteError, exclusive, publish, recover
 
 BATCH = 4
@@ -52,7 +54,7 @@ def train_args(data, out, cache, weights):
 def run(data, out, weights, cache, **kw):
     """run_training in this process, as train_args configures it."""
     cfg = config.TrainConfig(backbone=TINY_SPEC.name, extract_batch_size=BATCH, max_epochs=5, neither_dir="", **kw)
-    return training.run_training(data, out, cfg, weights, cache, spec=TINY_SPEC)
+    return run_training(Job(data, out, cfg, weights, cache, spec=TINY_SPEC))
 
 
 # train.py in a subprocess, with the tiny backbone registered and a hook that signals the process
@@ -65,9 +67,9 @@ DRIVER = textwrap.dedent("""
     import functools, importlib, os, signal, sys
     signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.path.insert(0, {repo!r})
-    from vehicle_classifier import config
-    config.BACKBONES[{spec.name!r}] = config.BackboneSpec({spec.name!r}, {spec.architecture!r},
-                                                          model_kwargs={spec.model_kwargs!r})
+    from vehicle_classifier import registry
+    registry.BACKBONES[{spec.name!r}] = registry.BackboneSpec({spec.name!r}, {spec.architecture!r},
+                                                            model_kwargs={spec.model_kwargs!r})
     module_name, _, attr = {target!r}.rpartition(".")
     owner = importlib.import_module(module_name.split(":")[0])
     for part in module_name.split(":")[1:]:
@@ -245,19 +247,65 @@ def test_sigterm_while_publishing_leaves_the_old_set_and_says_so(tmp_path, tiny_
 
 
 # --- two runs at once -----------------------------------------------------------------------
-def test_a_second_run_on_the_same_output_folder_stops_naming_the_first(tmp_path, tiny_weights):
-    out = tmp_path / "out"
+def lock_holder(folder: Path) -> subprocess.Popen:
+    """Another process, holding `folder`'s lock (exclusive, wait=False) once this returns, until
+    its stdin is closed."""
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys; from vehicle_classifier.fileio import exclusive\n"
-         f"with exclusive({str(out)!r}, '--output-dir', wait=False):\n    print('held', flush=True); sys.stdin.read()"],
+         f"with exclusive({str(folder)!r}, 'output folder', wait=False):\n    print('held', flush=True); sys.stdin.read()"],
         cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_second_run_on_the_same_output_folder_stops_naming_the_first(tmp_path, tiny_weights):
+    out = tmp_path / "out"
+    holder = lock_holder(out)
     try:
-        assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(LockedError, match=rf"in use by another run \(pid {holder.pid} on .*--output-dir"):
+        in_use = rf"in use by another run \(pid {holder.pid} on .*choose another output folder"
+        with pytest.raises(LockedError, match=in_use) as info:
             run(make_dataset(tmp_path / "data", 4), out, tiny_weights, tmp_path / "cache")
+        assert info.value.setting == "output_dir"  # train.py leads the line with --output-dir
     finally:
         holder.communicate("", timeout=30)
-    assert output_set(out) == {}
+    assert not out.exists()  # the holder made it and left nothing in it: it removed it
+
+
+def test_a_failed_first_run_leaves_no_lock_behind(tmp_path, tiny_weights):
+    data, bad_weights = make_dataset(tmp_path / "data", 4), tmp_path / "bad.pth"
+    bad_weights.write_bytes(b"not a checkpoint")
+    fresh, empty = tmp_path / "new" / "out", tmp_path / "empty"
+    empty.mkdir()
+    for out in (fresh, empty):
+        with pytest.raises(WeightsError, match="cannot read weights file"):
+            run(data, out, bad_weights, tmp_path / "cache")
+    assert not (tmp_path / "new").exists()  # the folders the run made, removed
+    assert list(empty.iterdir()) == []  # a folder it did not make, kept, without the lock's files
+    run(data, fresh, tiny_weights, tmp_path / "cache")  # a run that publishes keeps its lock file
+    assert output_set(fresh).keys() >= {config.ARTIFACT_FILE} and (fresh / fileio.LOCK_FILE).is_file()
+
+
+def test_a_run_waiting_for_a_lock_whose_folder_is_removed_holds_the_lock_it_gets(tmp_path):
+    """The first holder made the folder and leaves it empty, so it removes the lock's files and
+    the folder as it releases the lock; the run waiting for it makes the folder again (or takes
+    the lock file made in between) and holds a lock that excludes a third."""
+    out = tmp_path / "out"
+    holder = lock_holder(out)
+    third = [sys.executable, "-c", f"from vehicle_classifier.fileio import exclusive\nwith exclusive({str(out)!r}, "
+             "'folder', wait=False):\n    pass"]
+    lock = exclusive(out, "folder", wait=True)
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(lock.__enter__)
+        holder.communicate("", timeout=30)
+        waiting.result(timeout=30)  # the lock, taken
+    try:
+        assert (out / fileio.LOCK_FILE).is_file()
+        refused = subprocess.run(third, cwd=REPO, capture_output=True, text=True)
+        assert refused.returncode == 1 and "is in use by another run" in refused.stderr
+    finally:
+        lock.__exit__(None, None, None)
+    # Made again by the waiting run, or taken over by it before the holder's rmdir: left empty.
+    assert not out.exists() or list(out.iterdir()) == []
 
 
 def test_two_runs_sharing_a_cache_lose_no_features(tmp_path, tiny_weights, backbone_calls):
@@ -298,7 +346,7 @@ def test_a_full_disk_gives_one_line_and_leaves_nothing(tmp_path, small_disk, tin
     assert len(errors) == 1 and "Traceback" not in done.stderr, done.stderr
     assert errors[0].endswith(f"(nothing in {out} was changed)")
     assert str(out) in errors[0] and "disk is full" in errors[0]
-    assert output_set(out) == {} and not temporaries(out) and not fileio.in_transition(out)
+    assert not out.exists()  # the run made it and left nothing in it: not even its lock
 
 
 def test_a_full_disk_during_extraction_keeps_the_finished_batches(tmp_path, small_disk, tiny_weights):
@@ -342,5 +390,5 @@ def test_a_read_only_folder_gives_one_line(small_disk):
     with pytest.raises(WriteError, match=rf"cannot write {small_disk}/out.*read-only.*writable folder"):
         publish(small_disk / "out", {config.ARTIFACT_FILE: b"model"})
     with pytest.raises(WriteError, match="read-only"):
-        with exclusive(small_disk / "cache", "--cache-dir", wait=True):
+        with exclusive(small_disk / "cache", "feature cache folder", wait=True):
             pass

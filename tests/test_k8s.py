@@ -14,6 +14,7 @@ import yaml
 from conftest import REPO
 
 from vehicle_classifier import client as client_mod
+from vehicle_classifier import config
 from vehicle_classifier.config import ServiceConfig
 
 K8S_VERSION = "1.35.0"  # the newest schemas kubernetes-validate 1.37.0 ships
@@ -53,7 +54,7 @@ def test_predict_pods_probe_mount_and_run_as_the_image_expects():
     pod = deployment["spec"]["template"]["spec"]
     container = _container(deployment)
     port = {p["name"]: p["containerPort"] for p in container["ports"]}["http"]
-    assert port == urlparse(client_mod.DEFAULT_URL).port
+    assert port == urlparse(client_mod.DEFAULT_URL).port == config.DEFAULT_PORT
     assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert container["startupProbe"]["httpGet"]["path"] == "/ready"
     assert container["livenessProbe"]["httpGet"]["path"] == "/health"
@@ -101,7 +102,7 @@ def test_autoscaler_budget_services_and_ingress_point_at_the_right_pods():
 
     page = resource("Deployment", "page")
     page_env = {e["name"]: e["value"] for e in _container(page)["env"]}
-    assert page_env["PREDICT_URL"] == "http://predict:9696"
+    assert page_env["PREDICT_URL"] == f"http://predict:{config.DEFAULT_PORT}"
     page_labels = page["spec"]["template"]["metadata"]["labels"]
     assert resource("Service", "page")["spec"]["selector"].items() <= page_labels.items()
 

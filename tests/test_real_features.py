@@ -14,10 +14,11 @@ import torch
 from conftest import LITE0_BACKBONE, NEITHER_DIR, REPO, SAMPLE_DIR, sample_photos
 from PIL import Image
 
-from vehicle_classifier import config
+from vehicle_classifier import config, registry
 from vehicle_classifier.serving.api import create_app
-from vehicle_classifier.backbone import WeightsError, create_backbone, get_spec, load_backbone, preprocessing_for
+from vehicle_classifier.backbone import WeightsError, create_backbone, load_backbone, preprocessing_for
 from vehicle_classifier.artifact import load_artifact
+from vehicle_classifier.registry import get_spec
 from vehicle_classifier.config import ServiceConfig
 from vehicle_classifier.images import preprocess
 from vehicle_classifier.serving.predictor import AttentionUnavailable, Predictor
@@ -156,7 +157,8 @@ def test_an_acceptance_rate_out_of_range_is_one_line(tmp_path, synthetic_dataset
 
     code = train.main(["--data-dir", str(synthetic_dataset), "--output-dir", str(tmp_path / "out"),
                        "--backbone", "test-tiny", "--ood-acceptance", "1.5", "--weights", str(tiny_weights)])
-    assert code == 2 and capsys.readouterr().err == "error: --ood-acceptance must be in (0, 1], not 1.5\n"
+    assert code == 2 and capsys.readouterr().err == ("error: --ood-acceptance: the share of validation photos the "
+                                                     "'neither' threshold accepts must be in (0, 1], not 1.5\n")
     assert not (tmp_path / "out").exists()
 
 
@@ -169,7 +171,7 @@ def test_timm_spec_takes_the_default_pretrained_tag_and_timms_preprocessing():
     assert prep == {"input_size": 224, "resize_size": 256, "crop_mode": "center", "interpolation": "bicubic",
                     "mean": [0.5] * 3, "std": [0.5] * 3}
     # A DINO backbone's preprocessing is unchanged by the switch to timm's data config.
-    dino = preprocessing_for(create_backbone(config.BACKBONES["dino-vits16"].architecture))
+    dino = preprocessing_for(create_backbone(registry.BACKBONES["dino-vits16"].architecture))
     assert (dino["input_size"], dino["resize_size"], dino["mean"]) == (224, 248, [0.485, 0.456, 0.406])
 
 

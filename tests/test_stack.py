@@ -26,6 +26,7 @@ import requests
 
 import docker_stack as ds
 from conftest import REPO, sample_photos
+from vehicle_classifier import config
 from live_service import free_port, wait_for
 
 UNAVAILABLE = ds.unavailable()
@@ -117,7 +118,7 @@ def test_a_baked_model_serves_without_a_volume(stack, tmp_path, tiny_model_dir):
     try:
         (inspected,) = json.loads(ds.docker("inspect", container).stdout)
         (network,) = inspected["NetworkSettings"]["Networks"].values()
-        url = f"http://{network['IPAddress']}:9696"
+        url = f"http://{network['IPAddress']}:{config.DEFAULT_PORT}"
         wait_for(f"{url}/ready", timeout=120)
         (answer,) = photo_answers(url, sample_photos("Car")[:1])
         assert answer.status_code == 200 and sorted(answer.json()["probabilities"]) == ["Bike", "Car"]

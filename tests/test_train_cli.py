@@ -13,7 +13,7 @@ import torch
 
 import train
 from conftest import REPO, sample_photos
-from vehicle_classifier import config
+from vehicle_classifier import config, registry
 from vehicle_classifier.backbone import create_backbone
 
 
@@ -26,7 +26,7 @@ def run_train(*args, env=None, timeout=600):
 def vits16_weights(tmp_path_factory):
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("dino") / "dino_deitsmall16_pretrain.pth"
-    torch.save(create_backbone(config.BACKBONES["dino-vits16"].architecture).state_dict(), path)
+    torch.save(create_backbone(registry.BACKBONES["dino-vits16"].architecture).state_dict(), path)
     return path
 
 

@@ -3,6 +3,7 @@ skips bad files, its artifact round-trips, and its writes are atomic."""
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,10 +11,13 @@ import torch
 from PIL import Image
 
 from conftest import TINY_SPEC, make_dataset, sample_photos
-from vehicle_classifier import config
-from vehicle_classifier.training import run as training
+from vehicle_classifier import config, registry
+from vehicle_classifier.training import calibration
+from vehicle_classifier.training.head_training import train_head
+from vehicle_classifier.training.job import Job
+from vehicle_classifier.training.run import run_training
 from vehicle_classifier.artifact import ArtifactError, load_artifact, save_artifact
-from vehicle_classifier.backbone import create_backbone, load_backbone, preprocessing_for
+from vehicle_classifier.backbone import create_backbone, preprocessing_for
 from vehicle_classifier.data import DataError, stratified_folds, stratified_split
 from vehicle_classifier.devices import autocast
 from vehicle_classifier.runtime import resolve_precision
@@ -29,7 +33,7 @@ def tiny_cfg(**kw):
 
 
 def run(data, out, weights, cache, **kw):
-    return training.run_training(data, out, tiny_cfg(**kw), weights, cache, spec=TINY_SPEC)
+    return run_training(Job(data, out, tiny_cfg(**kw), weights, cache, spec=TINY_SPEC))
 
 
 @pytest.fixture
@@ -128,6 +132,23 @@ def test_rerun_hits_the_cache_and_recomputes_only_changed_files(tmp_path, tiny_w
     assert backbone_calls["images"] == 2  # the changed file and the new one
     assert second["summary"]["duplicates_dropped"] == 1  # extra.png is Bike_1.png again
     assert first["summary"]["images_found"] + 2 == second["summary"]["images_found"]
+
+
+def test_train_py_reads_and_hashes_each_photo_once(tmp_path, tiny_weights, monkeypatch):
+    """The up-to-date check hashes every photo (before torch is imported); the run goes by the
+    same digests instead of hashing them again."""
+    import train
+    from vehicle_classifier import data as data_mod
+    from vehicle_classifier.training import fingerprint, run as run_mod
+
+    data, hashed, real = make_dataset(tmp_path / "data", per_class=4), [], data_mod.file_digest
+    for module in (data_mod, fingerprint, run_mod):  # every module that hashes files, by whatever name
+        monkeypatch.setattr(module, "file_digest", lambda path: hashed.append(Path(path)) or real(path))
+    args = ["--data-dir", str(data), "--output-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"),
+            "--weights", str(tiny_weights), "--backbone", TINY_SPEC.name, "--max-epochs", "5", "--neither-dir", ""]
+    assert train.main(args) == 0
+    photos = sorted(p for p in data.rglob("*") if p.is_file())
+    assert sorted(p for p in hashed if p != Path(tiny_weights)) == photos  # each once, and the weights file
 
 
 def test_cache_is_keyed_by_weights(tmp_path, tiny_weights, backbone_calls):
@@ -241,10 +262,10 @@ def test_temperature_scaling_recovers_a_known_temperature():
     generator = torch.Generator().manual_seed(0)
     z = torch.randn(4000, 2, generator=generator) * 3
     labels = torch.multinomial(z.softmax(1), 1, generator=generator)[:, 0]
-    assert training.fit_temperature(2.5 * z, labels) == pytest.approx(2.5, rel=0.08)
+    assert calibration.fit_temperature(2.5 * z, labels) == pytest.approx(2.5, rel=0.08)
     # Held-out logits without a single error: the prior keeps T near 1 instead of driving it to 0.
     right = torch.stack([-5 * torch.ones(50), 5 * torch.ones(50)], 1)
-    assert 0.3 < training.fit_temperature(right, torch.ones(50, dtype=torch.long)) < 1
+    assert 0.3 < calibration.fit_temperature(right, torch.ones(50, dtype=torch.long)) < 1
 
 
 def test_out_of_fold_logits_come_from_heads_that_never_saw_the_sample():
@@ -253,12 +274,12 @@ def test_out_of_fold_logits_come_from_heads_that_never_saw_the_sample():
     generator = torch.Generator().manual_seed(0)
     x, y = torch.randn(100, 256, generator=generator), torch.randint(0, 2, (100,), generator=generator)
     cfg = config.TrainConfig(seed=0, max_epochs=60, patience=60)
-    seen, _, _ = training.train_head(x, y, x[:0], y[:0], 2, cfg, progress=False)  # the same recipe, on all
+    seen = train_head(x, y, x[:0], y[:0], 2, cfg, progress=False).head  # the same recipe, on all
     with torch.no_grad():
         assert (seen(x).argmax(1) == y).float().mean() >= 0.95
-    held_out = training.out_of_fold_logits(x, y, 2, 60, cfg)
+    held_out = calibration.out_of_fold_logits(x, y, 2, 60, cfg)
     assert (held_out.argmax(1) == y).float().mean() <= 0.7
-    assert torch.equal(held_out, training.out_of_fold_logits(x, y, 2, 60, cfg))  # seeded
+    assert torch.equal(held_out, calibration.out_of_fold_logits(x, y, 2, 60, cfg))  # seeded
 
     labels = [0] * 23 + [1] * 12
     folds = stratified_folds(labels, 5, seed=1)
@@ -295,7 +316,7 @@ def test_bf16_features_stay_close_to_fp32_on_real_photos():
     """The fast extraction path is faithful: ViT-S/16 (random weights) on real photos."""
     photos = sample_photos("Car")[:4] + sample_photos("Bike")[:4]
     torch.manual_seed(0)
-    model = create_backbone(config.BACKBONES["dino-vits16"].architecture)
+    model = create_backbone(registry.BACKBONES["dino-vits16"].architecture)
     prep = preprocessing_for(model)
     batch = torch.stack([load_tensor(p, prep) for p in photos])
     with torch.inference_mode():
@@ -323,13 +344,13 @@ def test_calibrate_fits_the_temperature_where_the_setting_says(where):
     y = (x[:, 0] + 0.8 * torch.randn(200, generator=generator) > 0).long()  # learnable, with errors
     part = {"train": (x[:120], y[:120]), "val": (x[120:160], y[120:160]), "test": (x[160:], y[160:])}
     cfg = config.TrainConfig(calibration=where, max_epochs=30, patience=30)
-    head, _, best = training.train_head(*part["train"], *part["val"], 2, cfg, progress=False)
-    temperature, report, diagram = training.calibrate(head, part, best, cfg)
-    fitted = "val" if where == "val" else "out_of_fold"
-    logits, labels = (head.eval()(part["val"][0]).detach(), part["val"][1]) if where == "val" else (
-        training.out_of_fold_logits(x[:160], y[:160], 2, best, cfg), y[:160])
-    assert temperature == report["temperature"] == pytest.approx(training.fit_temperature(logits, labels))
+    trained = train_head(*part["train"], *part["val"], 2, cfg, progress=False)
+    result = calibration.calibrate(trained.head, part, trained.best_epoch, cfg)
+    fitted, report = ("val" if where == "val" else "out_of_fold"), result.report
+    logits, labels = (trained.head.eval()(part["val"][0]).detach(), part["val"][1]) if where == "val" else (
+        calibration.out_of_fold_logits(x[:160], y[:160], 2, trained.best_epoch, cfg), y[:160])
+    assert result.temperature == report["temperature"] == pytest.approx(calibration.fit_temperature(logits, labels))
     assert report[fitted]["count"] == len(labels) and report["test"]["count"] == 40
     assert ("out_of_fold" in report) == (where == "out-of-fold")
     assert report[fitted]["nll_after"] <= report[fitted]["nll_before"]  # the fit lowers what it minimises
-    assert diagram[:8] == b"\x89PNG\r\n\x1a\n"
+    assert result.diagram[:8] == b"\x89PNG\r\n\x1a\n"

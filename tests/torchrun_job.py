@@ -12,18 +12,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from conftest import TINY_SPEC  # noqa: E402
-from vehicle_classifier import backbone, config  # noqa: E402
+from vehicle_classifier import config, registry  # noqa: E402
 from vehicle_classifier.serving import batch  # noqa: E402
 from vehicle_classifier.distributed import process_group  # noqa: E402
+from vehicle_classifier.training.job import Job  # noqa: E402
 from vehicle_classifier.training.run import run_training  # noqa: E402
 
-backbone.BACKBONES[TINY_SPEC.name] = TINY_SPEC
+registry.BACKBONES[TINY_SPEC.name] = TINY_SPEC
 data_dir, weights, output_dir, cache_dir, predictions = map(Path, sys.argv[1:6])
 with process_group() as group:
-    metrics = run_training(data_dir, output_dir, config.TrainConfig(backbone=TINY_SPEC.name, max_epochs=5, neither_dir=""),
-                           weights,
-                           cache_dir, device="cpu", spec=TINY_SPEC, group=group)  # no 'neither' images: the
-    # test counts the dataset's photos in the cache and in each rank's progress bar
+    # No 'neither' images: the test counts the dataset's photos in the cache and in each rank's progress bar.
+    cfg = config.TrainConfig(backbone=TINY_SPEC.name, max_epochs=5, neither_dir="")
+    metrics = run_training(Job(data_dir, output_dir, cfg, weights, cache_dir, device="cpu", spec=TINY_SPEC, group=group))
     print(f"rank {group.rank} of {group.world_size}: {'trained' if metrics else 'extracted its shard'}", flush=True)
     group.gather(None)  # the model is written before any rank reads it
     code = batch.main([str(data_dir), "--model-dir", str(output_dir), "--output", str(predictions), "--device", "cpu"])

@@ -1,9 +1,9 @@
-"""The frozen backbones: the DINO, DINOv2 and DINOv3 registry or any timm model
-(`timm:<model name>`), strict weight loading, timm's eval preprocessing, and [CLS] attention maps
-where the model has them.
+"""The frozen backbones (by name: registry.py): strict weight loading, timm's eval preprocessing,
+and [CLS] attention maps where the model has them.
 
-Weights come from, in order: a local file (`--weights`, the official DINO, DINOv2 or DINOv3
-release format or a timm .safetensors/.pth), the local Hugging Face cache, then a hub download.
+Weights come from, in order: a local file (train.py's `--weights`: the official DINO, DINOv2 or
+DINOv3 release format or a timm .safetensors/.pth), the local Hugging Face cache, then a hub
+download.
 Loading is strict: a backbone silently left with random weights is the worst failure this
 project can have.
 """
@@ -21,39 +21,9 @@ import timm
 import torch
 from torch import nn
 
-from . import UserError
-from .config import BACKBONES, HUB_TIMEOUT, HUB_WEIGHTS_FILE, TIMM_PREFIX, BackboneSpec
+from .config import HUB_TIMEOUT, HUB_WEIGHTS_FILE
 from .images import CROP_MODES, RESAMPLING
-
-
-class WeightsError(UserError):
-    """Backbone weights could not be found or do not fit the architecture."""
-
-
-def get_spec(name: str) -> BackboneSpec:
-    if name.startswith(TIMM_PREFIX):
-        return timm_spec(name)
-    try:
-        return BACKBONES[name]
-    except KeyError:
-        raise WeightsError(f"unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}, "
-                           f"or {TIMM_PREFIX}<model name> for any timm model") from None
-
-
-def timm_spec(name: str) -> BackboneSpec:
-    """`timm:<model>[.<tag>]`: the model with its default pretrained tag unless one is given. The
-    tag is part of the architecture because it decides the weights' hub repository and the
-    preprocessing (timm's data config)."""
-    model_name = name.removeprefix(TIMM_PREFIX)
-    if not timm.is_model(model_name):
-        raise WeightsError(f"unknown timm model {model_name!r} (timm.list_models() names them all)")
-    try:
-        cfg = timm.models.get_pretrained_cfg(model_name)
-    except RuntimeError as exc:  # an unknown pretrained tag
-        raise WeightsError(str(exc)) from None
-    base, tag = timm.models.split_model_name_tag(model_name)
-    tag = tag or getattr(cfg, "tag", "") or ""
-    return BackboneSpec(name, f"{base}.{tag}" if tag else base)
+from .registry import BackboneSpec, WeightsError
 
 
 def create_backbone(architecture: str, model_kwargs: dict | None = None, empty: bool = False) -> nn.Module:
@@ -108,7 +78,7 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a checkpoint file, never unpickling arbitrary objects."""
     path = Path(path)
     if not path.is_file():
-        raise WeightsError(f"weights file not found: {path}")
+        raise WeightsError(f"weights file not found: {path}", setting="weights")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -244,16 +214,16 @@ def find_pretrained_weights(spec: BackboneSpec) -> Path:
     official = f"the official DINO checkpoint ({spec.official_file}) or " if spec.official_file else ""
     hint = (
         f"no pretrained weights for {spec.name}: not in the Hugging Face cache and the hub "
-        f"({spec.hub_id}) is unreachable. Pass --weights FILE with {official}timm's {HUB_WEIGHTS_FILE} "
+        f"({spec.hub_id}) is unreachable. Pass a weights file: {official}timm's {HUB_WEIGHTS_FILE} "
         f"from {spec.hub_id}."
     )
     reason = _hub_unreachable(spec)
     if reason:
-        raise WeightsError(f"{hint} ({reason})")
+        raise WeightsError(f"{hint} ({reason})", setting="weights")
     try:
         return Path(hf_hub_download(spec.hub_id, HUB_WEIGHTS_FILE))
     except Exception as exc:
-        raise WeightsError(f"{hint} (download failed: {str(exc).splitlines()[0]})") from None
+        raise WeightsError(f"{hint} (download failed: {str(exc).splitlines()[0]})", setting="weights") from None
 
 
 def load_backbone(spec: BackboneSpec, weights: Path | None = None) -> tuple[nn.Module, str]:

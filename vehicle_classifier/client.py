@@ -12,8 +12,9 @@ import os
 import requests
 
 from . import UserError
+from .config import DEFAULT_PORT
 
-DEFAULT_URL = "http://localhost:9696"
+DEFAULT_URL = f"http://localhost:{DEFAULT_PORT}"
 CONNECT_TIMEOUT = 3.0  # seconds to open a connection: a live service on the network answers far sooner
 INFO_TIMEOUT = 10.0  # /ready and /metadata are cheap
 PREDICT_TIMEOUT = 60.0  # a batch with attention maps on a busy CPU; long enough, but a hung service still ends

@@ -7,8 +7,10 @@ its settings from the environment through `ServiceConfig.from_env`, the one list
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+
+from . import UserError
 
 # --- paths ----------------------------------------------------------------------------------
 DATA_DIR = Path("data/Car-Bike-Dataset")
@@ -39,68 +41,9 @@ EXPORT_FILES = ("backbone.xml", "backbone.bin")
 OUTPUT_FILES = (ARTIFACT_FILE, *EXPORT_FILES, METRICS_FILE, SPLIT_FILE, HISTORY_PLOT, CONFUSION_PLOT, RELIABILITY_PLOT)
 ARTIFACT_METADATA_KEY = "vehicle_classifier"  # the artifact header entry holding its JSON metadata
 
-# --- backbones ------------------------------------------------------------------------------
+# --- backbones (the registry itself: registry.py) -----------------------------------------
 HUB_WEIGHTS_FILE = "model.safetensors"  # timm's weights file in each hub repository
 HUB_TIMEOUT = 3.0  # seconds the hub may take to answer before it counts as unreachable
-# `--backbone timm:<model name>`: any timm model (with or without its pretrained tag) besides the
-# registry below; backbone.get_spec builds its spec.
-TIMM_PREFIX = "timm:"
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    """One backbone: the timm architecture, where its pretrained weights live, and which file
-    the official DINO / DINOv2 / DINOv3 release calls them. `model_kwargs` go to
-    timm.create_model (and into the artifact, which rebuilds the backbone from them)."""
-
-    name: str
-    architecture: str  # timm name with its pretrained tag: that tag decides the preprocessing
-    official_file: str = ""
-    model_kwargs: dict = field(default_factory=dict)
-
-    @property
-    def hub_id(self) -> str:
-        return f"timm/{self.architecture}"
-
-
-# DINOv2 runs at 224 px, resized to 256 and centre-cropped as its linear evaluation does (the
-# ImageNet figures its paper reports), not at the 518 px its weights' position grid was trained
-# at: that measured 8x the cost per image of 224 px (benchmarks/bench_backbones.py, docs/backbones.md).
-# timm resamples the position embeddings to the 16x16 grid when loading (backbone.load_strict).
-DINOV2_AT_224 = {"pretrained_cfg_overlay": {"input_size": [3, 224, 224], "crop_pct": 0.875}}
-# DINOv3: [CLS] pooling, as upstream and as the other backbones (timm's Eva default is the mean
-# of the patch tokens); timm's own preprocessing for the release (256 px ViTs, 224 px ConvNeXts).
-# The `_qkvb` ViTs keep the q/v biases of the official files, so that every tensor of those
-# files is loaded (the plain variants drop them, assuming zeros).
-DINOV3_CLS = {"global_pool": "token"}
-
-BACKBONES: dict[str, BackboneSpec] = {
-    spec.name: spec
-    for spec in (
-        BackboneSpec("dino-vits16", "vit_small_patch16_224.dino", official_file="dino_deitsmall16_pretrain.pth"),
-        BackboneSpec("dino-vits8", "vit_small_patch8_224.dino", official_file="dino_deitsmall8_pretrain.pth"),
-        BackboneSpec("dino-vitb16", "vit_base_patch16_224.dino", official_file="dino_vitbase16_pretrain.pth"),
-        BackboneSpec("dino-vitb8", "vit_base_patch8_224.dino", official_file="dino_vitbase8_pretrain.pth"),
-        BackboneSpec("dinov2-vits14", "vit_small_patch14_dinov2.lvd142m",
-                     official_file="dinov2_vits14_pretrain.pth", model_kwargs=DINOV2_AT_224),
-        BackboneSpec("dinov2-vits14-reg", "vit_small_patch14_reg4_dinov2.lvd142m",
-                     official_file="dinov2_vits14_reg4_pretrain.pth", model_kwargs=DINOV2_AT_224),
-        BackboneSpec("dinov2-vitb14", "vit_base_patch14_dinov2.lvd142m",
-                     official_file="dinov2_vitb14_pretrain.pth", model_kwargs=DINOV2_AT_224),
-        BackboneSpec("dinov2-vitb14-reg", "vit_base_patch14_reg4_dinov2.lvd142m",
-                     official_file="dinov2_vitb14_reg4_pretrain.pth", model_kwargs=DINOV2_AT_224),
-        BackboneSpec("dinov3-vits16", "vit_small_patch16_dinov3_qkvb.lvd1689m",
-                     official_file="dinov3_vits16_pretrain_lvd1689m-08c60483.pth", model_kwargs=DINOV3_CLS),
-        BackboneSpec("dinov3-vits16plus", "vit_small_plus_patch16_dinov3_qkvb.lvd1689m",
-                     official_file="dinov3_vits16plus_pretrain_lvd1689m-4057cbaa.pth", model_kwargs=DINOV3_CLS),
-        BackboneSpec("dinov3-vitb16", "vit_base_patch16_dinov3_qkvb.lvd1689m",
-                     official_file="dinov3_vitb16_pretrain_lvd1689m-73cec8be.pth", model_kwargs=DINOV3_CLS),
-        BackboneSpec("dinov3-convnext-tiny", "convnext_tiny.dinov3_lvd1689m",
-                     official_file="dinov3_convnext_tiny_pretrain_lvd1689m-21b726bb.pth"),
-        BackboneSpec("dinov3-convnext-small", "convnext_small.dinov3_lvd1689m",
-                     official_file="dinov3_convnext_small_pretrain_lvd1689m-296db49d.pth"),
-    )
-}
 
 
 # --- "neither a car nor a bike" and calibration (ood.py, training.calibrate) -----------
@@ -169,8 +112,19 @@ class TrainConfig:
     # An audit.json (python -m vehicle_classifier.audit) whose flagged photos are left out; "": none.
     exclude: str = ""
 
+    def __post_init__(self):
+        # Checked at once, before any work (the other settings' values are checked where they are
+        # used, or by train.py's choices).
+        if not 0 < self.ood_acceptance <= 1:
+            raise UserError(f"the share of validation photos the 'neither' threshold accepts must be in (0, 1], "
+                            f"not {self.ood_acceptance}", setting="ood_acceptance")
+
 
 # --- service --------------------------------------------------------------------------------
+# Where the service listens (gunicorn, the development server, the local cluster's nginx) and
+# the client looks. The Makefile, scripts, Dockerfiles, compose and k8s files cannot import it:
+# they say 9696 themselves (tests/test_k8s.py checks the manifests against it).
+DEFAULT_PORT = 9696
 # Requests waiting together share one forward of up to this many images (a batch per OpenVINO
 # stream). On one stream over both cores ViT-S/16 bf16 costs 33 ms alone and 25-28 ms per image
 # at batch 2-8, more again at 16; on one stream per core batching changes little.
@@ -237,7 +191,7 @@ class ServiceConfig:
     # both fields are null and the label stands alone.
     ood_check: bool = True
     # gunicorn (gunicorn.conf.py); torch_threads 0: the cores divided among the workers.
-    bind: str = "0.0.0.0:9696"  # --bind on the command line wins
+    bind: str = f"0.0.0.0:{DEFAULT_PORT}"  # --bind on the command line wins
     accesslog: str | None = None  # e.g. "-" for stdout; off by default
     workers: int = 1
     threads: int = 6
@@ -289,7 +243,7 @@ NGINX_BINARY = "nginx"  # looked up on PATH, then in /usr/sbin (Debian's package
 
 @dataclass
 class ClusterConfig:
-    port: int = 9696  # where nginx listens
+    port: int = DEFAULT_PORT  # where nginx listens
     host: str = "0.0.0.0"
     replicas: int = 2
     model_dir: Path = OUTPUT_DIR

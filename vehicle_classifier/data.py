@@ -1,4 +1,6 @@
-"""Image-folder datasets: class names from sub-folders, and deterministic stratified splits and folds."""
+"""Image-folder datasets: finding image files, class names from sub-folders, each file's content
+digest, and deterministic stratified splits and folds. Free of torch (train.py's up-to-date check
+scans and hashes the photos before torch is imported)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import UserError
+from . import UserError, config
 
 
 class DataError(UserError):
@@ -30,6 +32,22 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+def visible_files(folder: Path, extensions: tuple[str, ...] | None = None) -> list[Path]:
+    """Every file under `folder`, sorted, but hidden ones (a name starting with ".", or inside
+    such a folder); with `extensions`, only the files with one of them (in any case)."""
+    folder = Path(folder)
+    return sorted(
+        path for path in folder.rglob("*")
+        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+        and (extensions is None or path.suffix.lower() in extensions)
+    )
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files under `folder`, by extension (config.IMAGE_EXTENSIONS), sorted."""
+    return visible_files(folder, config.IMAGE_EXTENSIONS)
+
+
 def scan_image_folder(root: Path) -> tuple[list[str], list[Sample]]:
     """Every file under each class folder (sorted); files that are not images are found out,
     and skipped with a warning, when they are decoded."""
@@ -39,13 +57,26 @@ def scan_image_folder(root: Path) -> tuple[list[str], list[Sample]]:
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(class_dirs) < 2:
         raise DataError(f"{root} needs at least two class sub-folders, found {len(class_dirs)}")
-    samples = [
-        Sample(path, label)
-        for label, class_dir in enumerate(class_dirs)
-        for path in sorted(class_dir.rglob("*"))
-        if path.is_file() and not path.name.startswith(".")
-    ]
+    samples = [Sample(path, label) for label, class_dir in enumerate(class_dirs) for path in visible_files(class_dir)]
     return [d.name for d in class_dirs], samples
+
+
+@dataclass
+class ImageFolder:
+    """An image-folder dataset as found on disk: its classes, every file under them and each
+    file's content digest (read once per training run: the up-to-date check and the feature
+    cache both go by it)."""
+
+    root: Path
+    class_names: list[str]
+    samples: list[Sample]
+    digests: list[str]
+
+
+def read_image_folder(root: Path) -> ImageFolder:
+    """scan_image_folder, with every file's digest."""
+    class_names, samples = scan_image_folder(root)
+    return ImageFolder(Path(root), class_names, samples, [file_digest(s.path) for s in samples])
 
 
 def stratified_split(labels: list[int], val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[int]]:

@@ -16,7 +16,6 @@ import logging
 import os
 import shutil
 import socket
-import struct
 import sys
 import tempfile
 import time
@@ -242,42 +241,71 @@ def _holder(owner_file: Path) -> str:
         return "another process"
 
 
+LOCK_FILE, OWNER_FILE = ".lock", ".lock.owner"  # in the folder locked: the lock, and who holds it
+
+
 @contextmanager
-def exclusive(folder: Path, what: str, wait: bool):
-    """Hold `folder`'s lock for the block. Held by another run: raise LockedError naming it
-    (wait=False), or say so once and wait for it (wait=True). The lock is the kernel's (flock),
-    so a killed holder frees it at once."""
+def exclusive(folder: Path, what: str, wait: bool, setting: str | None = None):
+    """Hold `folder`'s lock for the block (the folder is made if need be). Held by another run:
+    raise LockedError naming it and asking for another `what` (wait=False; `setting`: the
+    LockedError's), or say so once and wait for it (wait=True). The lock is the kernel's (flock,
+    through filelock), so a killed holder frees it at once. A block that leaves the folder holding
+    nothing but the lock (a first run that failed) leaves no lock behind, nor the folders it
+    made (`_tidy`)."""
     folder = Path(folder)
+    lock, made = _acquire(folder, what, wait, setting)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise write_error(folder, exc) from None
-    lock, owner_file = FileLock(folder / ".lock"), folder / ".lock.owner"
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        holder = _holder(owner_file)
-        if not wait:
-            raise LockedError(f"{folder} is in use by another run ({holder}); wait for it to finish "
-                              f"or choose another {what}") from None
-        log.warning("waiting for %s: in use by another run (%s)", folder, holder)
-        lock.acquire()
-    except OSError as exc:
-        raise write_error(folder / ".lock", exc) from None
-    try:
-        write_json(owner_file, {"pid": os.getpid(), "host": socket.gethostname(),
-                                "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)})
+        write_json(folder / OWNER_FILE, {"pid": os.getpid(), "host": socket.gethostname(),
+                                         "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)})
         yield
     finally:
-        lock.release()
+        try:
+            _tidy(folder, made)
+        finally:
+            lock.release()
 
 
-def read_safetensors_metadata(path: Path) -> dict[str, str]:
-    """The `__metadata__` of a safetensors file, read from its header alone: an 8-byte
-    little-endian length, then that much JSON. Needs neither torch nor the tensors."""
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        if length > 100_000_000:
-            raise ValueError(f"header length {length} is implausible")
-        header = json.loads(f.read(length))
-    return header.get("__metadata__") or {}
+def _acquire(folder: Path, what: str, wait: bool, setting: str | None) -> tuple[FileLock, list[Path]]:
+    """The lock, held, and the folders made for it (deepest first)."""
+    while True:
+        lock = FileLock(folder / LOCK_FILE)
+        made = [p for p in (folder, *folder.parents) if not p.exists()]
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                holder = _holder(folder / OWNER_FILE)
+                if not wait:
+                    raise LockedError(f"{folder} is in use by another run ({holder}); wait for it to finish "
+                                      f"or choose another {what}", setting=setting) from None
+                log.warning("waiting for %s: in use by another run (%s)", folder, holder)
+                lock.acquire()
+            return lock, made
+        except (FileNotFoundError, FileExistsError) as exc:  # (mkdir's, when the folder goes as it looks)
+            if not folder.is_dir():
+                continue  # the run that held the lock removed the folder as it left (_tidy): make it again
+            raise write_error(folder / LOCK_FILE, exc) from None
+        except OSError as exc:
+            raise write_error(folder / LOCK_FILE, exc) from None
+
+
+def _tidy(folder: Path, made: list[Path]) -> None:
+    """Still holding the lock: if the folder holds nothing but it, remove the lock's files, then
+    the folders `exclusive` made (each only while empty). Safe for a run waiting for the lock:
+    - the lock file is unlinked while held, and filelock (>= 4.3.1) counts a flock won on an inode
+      unlinked meanwhile as not acquired and tries the path again, so two runs never hold two
+      inodes of one name;
+    - a run that creates a new lock file once this one is unlinked holds the lock at once; all
+      that is left to do here is rmdir, which fails on a folder holding that file (the folder
+      stays, the new holder's);
+    - a waiter whose folder vanished makes it again (_acquire);
+    - the owner file goes first: once the lock file is gone, a new holder may write its own."""
+    try:
+        if {p.name for p in folder.iterdir()} <= {LOCK_FILE, OWNER_FILE}:
+            (folder / OWNER_FILE).unlink(missing_ok=True)
+            (folder / LOCK_FILE).unlink(missing_ok=True)
+            for empty in made:
+                empty.rmdir()
+    except OSError:
+        pass  # only tidying: a folder someone writes into, or cannot list, keeps its files

@@ -1,7 +1,7 @@
 """Photos filed under the wrong class, and photos unlike both classes.
 
 Label issues: every photo scored by a head that never saw it (out of fold, as the calibration
-does it: training.run.out_of_fold_logits), then cleanlab's confident learning on those
+does it: training.calibration.out_of_fold_logits), then cleanlab's confident learning on those
 probabilities: its label quality score (the out-of-fold probability of the given label) ranks
 every photo, and find_label_issues says which ones are likely wrong (per-class thresholds from
 the data, not a fixed cut). On 312 sample photos with 16 moved to the other class it ranked all
@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from .. import config
 from ..data import stratified_split
 from ..devices import torch_threads
-from ..training.run import out_of_fold_logits, train_head
+from ..training.calibration import out_of_fold_logits
+from ..training.head_training import train_head
 
 
 def out_of_fold_probabilities(x: torch.Tensor, y: torch.Tensor, num_classes: int,
@@ -31,9 +32,9 @@ def out_of_fold_probabilities(x: torch.Tensor, y: torch.Tensor, num_classes: int
     saw it, trained for the epochs early stopping picks on cfg's validation share (as training
     picks them for the kept head)."""
     split = stratified_split(y.tolist(), cfg.val_fraction or 0.15, 0.0, cfg.seed)
-    with torch_threads(1):  # tiny steps: see training.run._fit
-        _, _, epochs = train_head(x[split["train"]], y[split["train"]], x[split["val"]], y[split["val"]],
-                                  num_classes, cfg, progress=False)
+    with torch_threads(1):  # tiny steps: see training.run.fit
+        epochs = train_head(x[split["train"]], y[split["train"]], x[split["val"]], y[split["val"]],
+                            num_classes, cfg, progress=False).best_epoch
         logits = out_of_fold_logits(x, y, num_classes, epochs, cfg)
     return logits.softmax(dim=1).numpy()
 

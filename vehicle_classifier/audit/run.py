@@ -3,7 +3,6 @@ out-of-fold label issues, near-duplicates and outliers."""
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -12,17 +11,14 @@ import numpy as np
 import torch
 
 from .. import config
-from ..backbone import get_spec
 from ..data import DataError, stratified_split
-from ..distributed import SINGLE
 from ..fileio import json_bytes, publish
 from ..runtime import usable_cores
-from ..training.run import Extraction, _extract, unique_readable
+from ..training.job import Job
+from ..training.run import Extraction, extract, unique_readable
 from .duplicates import fingerprint_all, near_duplicate_pairs
 from .labels import label_issues, out_of_fold_probabilities, outlier_scores
 from .sheet import contact_sheet_png
-
-log = logging.getLogger(__name__)
 
 
 def run_audit(data_dir: Path, output_dir: Path, cfg: config.TrainConfig, weights: Path | None = None,
@@ -31,21 +27,21 @@ def run_audit(data_dir: Path, output_dir: Path, cfg: config.TrainConfig, weights
     set) and return the report. Raises a UserError with a message fit for one line."""
     started = time.perf_counter()
     data_dir = Path(data_dir)
-    ex = _extract(data_dir, replace(cfg, neither_dir=""), weights, cache_dir, device, get_spec(cfg.backbone), SINGLE)
-    for path, reason in ex.failures.items():
-        log.warning("skipped %s: %s", path, reason)
-    readable = [i for i, digest in enumerate(ex.digests) if digest in ex.features]
-    paths = [str(ex.samples[i].path.relative_to(data_dir)) for i in readable]
-    features = torch.stack([ex.features[ex.digests[i]] for i in readable])
-    labels = np.array([ex.samples[i].label for i in readable])
-    if min(np.bincount(labels, minlength=len(ex.class_names))) < config.CALIBRATION_FOLDS:
-        raise _too_few_photos(ex.class_names, labels)
+    # The training run's first stages (unreadable files are skipped with a warning there).
+    ex = extract(Job(data_dir, cfg=replace(cfg, neither_dir=""), weights=weights, cache_dir=cache_dir, device=device))
+    photos, class_names = ex.photos, ex.photos.class_names
+    readable = [i for i, digest in enumerate(photos.digests) if digest in ex.features]
+    paths = [str(photos.samples[i].path.relative_to(data_dir)) for i in readable]
+    features = torch.stack([ex.features[photos.digests[i]] for i in readable])
+    labels = np.array([photos.samples[i].label for i in readable])
+    if min(np.bincount(labels, minlength=len(class_names))) < config.CALIBRATION_FOLDS:
+        raise _too_few_photos(class_names, labels)
     report = {
         "data_dir": str(data_dir), "backbone": cfg.backbone, "photos": len(paths),
         "unreadable": sorted(str(p.relative_to(data_dir)) for p in ex.failures),
-        "label_issues": _label_report(features, labels, paths, ex.class_names, cfg),
+        "label_issues": _label_report(features, labels, paths, class_names, cfg),
         "near_duplicates": _duplicate_report(ex, readable, paths, data_dir, cfg),
-        "outliers": _outlier_report(features, [ex.digests[i] for i in readable], paths, cfg),
+        "outliers": _outlier_report(features, [photos.digests[i] for i in readable], paths, cfg),
     }
     report["seconds"] = round(time.perf_counter() - started, 2)
     report["extract_seconds"] = round(ex.seconds, 2)
@@ -90,7 +86,7 @@ def split_sides(ex: Extraction, data_dir: Path, cfg: config.TrainConfig) -> dict
     """Which part of train.py's split (train, val or test) each photo falls in, as train.py
     makes it from these photos and settings; identical files after the first are in none
     (training drops them)."""
-    kept, _ = unique_readable(ex.samples, ex.digests, ex.features)
+    kept, _ = unique_readable(ex.photos.samples, ex.photos.digests, ex.features)
     split = stratified_split([s.label for s, _ in kept], cfg.val_fraction, cfg.test_fraction, cfg.seed)
     return {str(kept[i][0].path.relative_to(data_dir)): name for name, indices in split.items() for i in indices}
 

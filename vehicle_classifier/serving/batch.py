@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import UserError, config
+from ..data import image_files
 
 FORMATS = (".csv", ".jsonl")
 FIXED_COLUMNS = ("path", "label", "confidence")
@@ -43,11 +44,7 @@ def find_images(inputs: list[Path]) -> list[Path]:
     found: list[Path] = []
     for item in inputs:
         if item.is_dir():
-            found += sorted(
-                p for p in item.rglob("*")
-                if p.is_file() and p.suffix.lower() in config.IMAGE_EXTENSIONS
-                and not any(part.startswith(".") for part in p.relative_to(item).parts)
-            )
+            found += image_files(item)
         elif item.is_file():
             found.append(item)
         else:

@@ -23,7 +23,8 @@ def read_audit(path: Path) -> tuple[set[str], list[list[str]]]:
         issues = {item["path"] for item in report["label_issues"] if item["issue"]}
         pairs = [list(pair["paths"]) for pair in report["near_duplicates"]]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"--exclude {path}: not a readable {config.AUDIT_FILE} ({type(exc).__name__}: {exc})") from None
+        raise DataError(f"{path}: not a readable {config.AUDIT_FILE} ({type(exc).__name__}: {exc})",
+                        setting="exclude") from None
     return issues, pairs
 
 
@@ -61,7 +62,7 @@ def apply_exclusions(kept: list[tuple[Sample, str]], data_dir: Path,
     report = {"audit": str(cfg.exclude), "label_issues": sum(n in issues for n in names),
               "near_duplicate_copies": sum(n in copies for n in names), "near_duplicate_pairs": len(pairs),
               "pairs_across_split_without_exclusion": crossing, "not_found": len((issues | copies) - set(names))}
-    log.info("--exclude %s: left out %d label issues and %d near-duplicate copies (%d of the audit's %d "
+    log.info("audit %s: left out %d label issues and %d near-duplicate copies (%d of the audit's %d "
              "near-duplicate pairs would have crossed this split)", cfg.exclude, report["label_issues"],
              report["near_duplicate_copies"], crossing, len(pairs))
     return left, report

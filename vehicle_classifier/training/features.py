@@ -60,7 +60,7 @@ class FeatureCache:
 
     def __enter__(self) -> "FeatureCache":
         with contextlib.ExitStack() as stack:
-            stack.enter_context(exclusive(self.folder, "--cache-dir", wait=True))
+            stack.enter_context(exclusive(self.folder, "feature cache folder", wait=True, setting="cache_dir"))
             clean_temporaries(self.folder)
             for shard in self._shards():
                 self.features.update(self._read(shard))

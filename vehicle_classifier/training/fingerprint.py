@@ -2,22 +2,25 @@
 
 A rerun of train.py with the same data (by content), backbone weights and config would write
 the same model again; instead it says so and stops. Kept free of torch and timm imports so
-that this check costs well under a second.
+that this check costs well under a second. The photos it reads and hashes are handed to the run
+(Job.photos), which reads each photo's content no second time.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .. import __version__, config
-from ..data import file_digest, scan_image_folder
-from ..fileio import in_transition, read_safetensors_metadata
+from .. import UserError, __version__, config
+from ..data import ImageFolder, file_digest, read_image_folder
+from ..artifact import read_metadata
+from ..fileio import in_transition
+from ..registry import BackboneSpec, WeightsError, get_spec
 
 
-def weights_identity(spec: config.BackboneSpec, weights: Path | None) -> str | None:
+def weights_identity(spec: BackboneSpec, weights: Path | None) -> str | None:
     """The weights file's content digest; for hub weights, the cached blob's name (the hub
     names blobs by their content hash). None when the weights are not on disk yet."""
     if weights:
@@ -28,39 +31,48 @@ def weights_identity(spec: config.BackboneSpec, weights: Path | None) -> str | N
     return f"hub:{Path(cached).resolve().name}" if isinstance(cached, str) else None
 
 
-def training_fingerprint(data_dir: Path, cfg: config.TrainConfig, weights: Path | None, device: str) -> str | None:
-    spec = config.BACKBONES.get(cfg.backbone)
-    if spec is None and cfg.backbone.startswith(config.TIMM_PREFIX):
-        # Without timm's registry (it imports torch): the name as given. With no --weights and no
-        # pretrained tag in the name, the cache lookup below misses and the run just trains.
-        spec = config.BackboneSpec(cfg.backbone, cfg.backbone.removeprefix(config.TIMM_PREFIX))
-    if spec is None:
-        return None
+@dataclass
+class Fingerprint:
+    value: str | None  # None when it cannot be told without torch: the run then just trains
+    photos: ImageFolder | None  # the data folder, read and every file hashed (for the run to reuse)
+
+
+def training_fingerprint(data_dir: Path, cfg: config.TrainConfig, weights: Path | None, device: str) -> Fingerprint:
+    """A digest of everything that decides the run's result. Without one to compute (an unknown
+    backbone, weights not on disk yet) the photos are not read here: the run reads them, after
+    checking the backbone."""
+    try:
+        # A timm: name as written, without timm (it imports torch): with no --weights and no
+        # pretrained tag in the name, the cache lookup misses and the run just trains.
+        spec = get_spec(cfg.backbone, resolve_tag=False)
+    except WeightsError:
+        return Fingerprint(None, None)
     weights_id = weights_identity(spec, weights)
     if weights_id is None:
-        return None
-    class_names, samples = scan_image_folder(data_dir)
+        return Fingerprint(None, None)
+    photos = read_image_folder(data_dir)
     identity = {
         "package": __version__,
         "backbone": [spec.architecture, spec.model_kwargs, weights_id],
         "config": asdict(cfg),
         "device": device,
-        "classes": class_names,
-        "files": [[str(s.path.relative_to(data_dir)), s.label, file_digest(s.path)] for s in samples],
+        "classes": photos.class_names,
+        "files": [[str(s.path.relative_to(photos.root)), s.label, digest]
+                  for s, digest in zip(photos.samples, photos.digests)],
         # The audit's content, not only its name: a new audit of the same folder is a new run.
         "exclude": file_digest(Path(cfg.exclude)) if cfg.exclude and Path(cfg.exclude).is_file() else None,
     }
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    return Fingerprint(hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest(), photos)
 
 
 def up_to_date(output_dir: Path, fingerprint: str | None) -> bool:
     """True when every output exists and the artifact was trained from exactly these inputs."""
     output_dir = Path(output_dir)
-    outputs = (config.ARTIFACT_FILE, config.METRICS_FILE, config.SPLIT_FILE, config.HISTORY_PLOT)
+    outputs = (config.ARTIFACT_FILE, *config.EXPORT_FILES, config.METRICS_FILE, config.SPLIT_FILE, config.HISTORY_PLOT)
     if fingerprint is None or in_transition(output_dir) or not all((output_dir / name).is_file() for name in outputs):
         return False
     try:
-        metadata = json.loads(read_safetensors_metadata(output_dir / config.ARTIFACT_FILE)[config.ARTIFACT_METADATA_KEY])
-    except (OSError, ValueError, KeyError):
+        metadata = read_metadata(output_dir / config.ARTIFACT_FILE)  # the header alone, without torch
+    except UserError:
         return False
     return metadata.get("training", {}).get("fingerprint") == fingerprint
