@@ -9,12 +9,16 @@ import contextlib
 import io
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import UserError
 from .config import MAX_IMAGE_PIXELS
+
+if TYPE_CHECKING:
+    import torch
 
 Image.MAX_IMAGE_PIXELS = None  # we check the pixel count ourselves, before decoding
 # Bumped whenever decoding changes the pixels it produces: part of the feature cache's key.
