@@ -144,16 +144,19 @@ class Predictor:
         """Compile (or place) the forward for this process with `threads` cores (0: every usable
         one) and run it, plain and with attention, so the first request pays for nothing."""
         with self._warming:
-            self.forward.start(threads or usable_cores())
-            self._batcher.concurrency = self.forward.streams
-            size = self.model.preprocessing["input_size"]
-            blank = [Image.new("RGB", (size, size))]
-            self._answer(blank)
-            # Other batch sizes need no warm-up: OpenVINO's first call at a new shape costs ~5 ms
-            # more, and every warm-up forward delays a replacement worker's first answer.
-            if self.attention_available:  # also imports matplotlib's colormaps for the overlay
-                self._answer(blank, attention=True)
-            self._warm = True
+            self._warm_up(threads)
+
+    def _warm_up(self, threads: int) -> None:
+        self.forward.start(threads or usable_cores())
+        self._batcher.concurrency = self.forward.streams
+        size = self.model.preprocessing["input_size"]
+        blank = [Image.new("RGB", (size, size))]
+        self._answer(blank)
+        # Other batch sizes need no warm-up: OpenVINO's first call at a new shape costs ~5 ms
+        # more, and every warm-up forward delays a replacement worker's first answer.
+        if self.attention_available:  # also imports matplotlib's colormaps for the overlay
+            self._answer(blank, attention=True)
+        self._warm = True
 
     def load_image(self, source: bytes | str | Path, max_pixels: int = config.MAX_IMAGE_PIXELS) -> Image.Image:
         """Decode an image (raises images.ImageError with a message fit for the user)."""
@@ -180,8 +183,10 @@ class Predictor:
         """Answers for centre crops (`crop`); without attention, batched with the calls of
         other threads waiting beside this one."""
         self.check_attention(attention)
-        if not self._warm:
-            self.warm_up()
+        if not self._warm:  # nothing warmed it up (not under gunicorn): the first caller does, once
+            with self._warming:
+                if not self._warm:
+                    self._warm_up(0)
         return self._answer(crops, attention)
 
     def _answer(self, crops: list[Image.Image], attention: bool = False) -> list[Prediction]:
