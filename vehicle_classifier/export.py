@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the export is published as one set: all of it or none
+        print(f"interrupted: {args.model_dir} is as it was, or holds the whole export", file=sys.stderr)
+        return 130
     print(f"exported {path}")
     return 0
 
