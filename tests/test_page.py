@@ -138,13 +138,15 @@ def test_a_service_that_never_answers_times_out(monkeypatch, photos):
 
 
 def test_the_page_needs_neither_torch_nor_the_model_code(service, photos):
-    """The page's container holds Streamlit, requests and the client module, nothing else of
-    ours and no torch: run the page with everything else made unimportable."""
+    """The page's container holds Streamlit, requests, the client module and the config it takes
+    its defaults from, nothing else of ours and no torch: run the page with everything else made
+    unimportable."""
     script = textwrap.dedent(f"""
         import sys
+        PAGE_MODULES = ("vehicle_classifier.client", "vehicle_classifier.config")  # streamlit-app.dockerfile's
         class PageContainer:
             def find_spec(self, name, path=None, target=None):
-                ours = name.startswith("vehicle_classifier.") and name != "vehicle_classifier.client"
+                ours = name.startswith("vehicle_classifier.") and name not in PAGE_MODULES
                 if ours or name.split(".")[0] in ("torch", "torchvision", "timm"):
                     raise ImportError(f"{{name}} is not in the page's container")
         sys.meta_path.insert(0, PageContainer())
