@@ -174,7 +174,8 @@ class Predictor:
 
     def crop(self, image: Image.Image) -> Image.Image:
         """What the backbone sees of `image`: its centre crop, at the input size."""
-        return center_crop(image, self.model.preprocessing)
+        crop = center_crop(image, self.model.preprocessing)
+        return crop if crop.mode == "RGB" else crop.convert("RGB")  # decoded photos are RGB already
 
     def predict(self, images: list[Image.Image], attention: bool = False) -> list[Prediction]:
         return self.predict_crops([self.crop(image) for image in images], attention)
@@ -195,7 +196,7 @@ class Predictor:
         return self._batcher(crops)
 
     def _predict_batch(self, crops: list[Image.Image], attention: bool = False) -> list[Prediction]:
-        pixels = np.stack([np.asarray(crop.convert("RGB"), dtype=np.uint8) for crop in crops])
+        pixels = np.stack([np.asarray(crop, dtype=np.uint8) for crop in crops])
         features, maps = self.forward(pixels, attention)
         overlays = None if maps is None else [attention_overlay_png(c, m) for c, m in zip(crops, maps)]
         return self.predict_features(features, overlays)
