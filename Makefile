@@ -4,15 +4,17 @@
 #   make test   the test suite (installs, as root, what it runs besides Python: Chromium, nginx,
 #               the Docker engine and Compose, from Debian and PyPI)
 #   make page   the web page on :8501 (talks to the service that make run serves)
-#   make cluster  production on this machine: nginx on $PORT (9696) in front of $REPLICAS (2)
-#                 gunicorn replicas serving $MODEL_DIR (models), in the foreground
-#   make reload   roll the artifact now in $MODEL_DIR out to that cluster, one replica at a time
+#   make reload   the service that make run started serves the model now in $MODEL_DIR: checks
+#                 that it loads, then SIGHUP to gunicorn's master (new workers, old ones retired)
+# nginx in front of replicas on one machine is docker compose (docker-compose.yml); many
+# machines, deploy/k8s (docs/deployment.md says which when).
 
 VENV   := .venv
 PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+PIDFILE := gunicorn.pid
 
-.PHONY: run test setup page bench cluster reload
+.PHONY: run test setup page bench reload
 
 $(STAMP): pyproject.toml constraints.txt scripts/setup.sh
 	scripts/setup.sh
@@ -20,17 +22,15 @@ $(STAMP): pyproject.toml constraints.txt scripts/setup.sh
 setup: $(STAMP)
 
 run: setup
-	scripts/run.sh
+	GUNICORN_PIDFILE=$(PIDFILE) scripts/run.sh
 
 test: setup
 	scripts/setup.sh --system
 	$(PYTHON) -m pytest
 
-cluster: setup
-	$(PYTHON) -m vehicle_classifier.serving.cluster serve
-
 reload: setup
-	$(PYTHON) -m vehicle_classifier.serving.cluster reload
+	$(PYTHON) predict.py --check
+	kill -HUP $$(cat $(PIDFILE))
 
 page: setup
 	$(VENV)/bin/streamlit run streamlit_app.py

@@ -6,10 +6,12 @@ photos; requests waiting together share a forward, which OpenVINO runs on both c
 runs alone and on one core each when two overlap (OPENVINO_MODE, see docs/serving.md). The
 app is preloaded in the master, so a missing artifact stops gunicorn at once with one line, and
 a replacement worker (after a crash or SIGKILL) forks with the model already in memory, compiles
-it and serves again in about a second.
+it and serves again in about a second. SIGHUP to the master (make reload) reads the model now in
+MODEL_DIR: the master loads it first, and only a model that loads replaces the served one (see
+on_reload); gunicorn then starts new workers and retires the old ones gracefully.
 
 Settings come from the environment through vehicle_classifier.config.ServiceConfig (the one
-list of them, checked once): GUNICORN_BIND, GUNICORN_WORKERS, GUNICORN_THREADS,
+list of them, checked once): GUNICORN_BIND (the port: default 0.0.0.0:9696), GUNICORN_PIDFILE, GUNICORN_WORKERS, GUNICORN_THREADS,
 GUNICORN_TIMEOUT, GUNICORN_BACKLOG, GUNICORN_ACCESSLOG, TORCH_THREADS (per worker, default:
 cores / workers); PROMETHEUS_MULTIPROC_DIR (prometheus_client's own; default: a fresh
 temporary directory).
@@ -31,6 +33,7 @@ except ValueError as exc:  # a bad setting: one line, as predict.py does
 cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 bind = settings.bind
+pidfile = settings.pidfile  # where make reload finds the master
 workers = settings.workers
 # gthread: request threads read uploads and decode photos, so a slow or stalled upload holds one
 # thread, not the worker (forwards run in OpenVINO's threads, or in the predictor's one torch
@@ -50,8 +53,8 @@ preload_app = True
 torch_threads = settings.torch_threads or max(1, cores // max(1, workers))
 accesslog = settings.accesslog
 # No control socket: gunicorn 27 puts it at one fixed path per user, so a second instance on the
-# host (make cluster runs several) would take over the first one's and delete it on exit.
-# Instances are managed by signals (make cluster, Docker, Kubernetes).
+# host (a test's, a benchmark's) would take over the first one's and delete it on exit.
+# Instances are managed by signals (make reload, Docker, Kubernetes).
 control_socket_disable = True
 
 # Prometheus counters shared by all workers: prometheus_client reads PROMETHEUS_MULTIPROC_DIR,
@@ -80,10 +83,21 @@ def post_worker_init(worker):
 
 
 def on_reload(server):
-    # SIGHUP restarts the workers from the master, which holds the model it loaded at start
-    # (preload_app): a new model.safetensors is not read. Say so instead of leaving it silent.
-    server.log.warning("SIGHUP: workers restart with the model loaded at start; a new artifact needs a "
-                       "restart of gunicorn (or make reload behind the proxy, see docs/deployment.md)")
+    # SIGHUP: gunicorn calls this in the master before it starts the new workers, which fork from
+    # the master's app (preload_app). So the new model is loaded here, once: if it loads, the new
+    # workers serve it; if not (damaged, incompatible, half-copied), the app stays the old one and
+    # every worker, old or new, keeps answering with the old model.
+    from vehicle_classifier import UserError
+    from vehicle_classifier.serving.api import EXTENSION, create_app
+
+    try:
+        app = create_app(ServiceConfig.from_env())
+    except (UserError, ValueError, OSError) as exc:
+        server.log.error("SIGHUP: refused the model in %s, still serving the loaded one: %s", settings.model_dir, exc)
+        return
+    server.app.callable = app  # what gunicorn's wsgi() hands each worker forked from now on
+    server.log.info("SIGHUP: loaded model %s from %s; workers restart with it",
+                    app.extensions[EXTENSION].predictor.metadata["model_version"], settings.model_dir)
 
 
 def when_ready(server):

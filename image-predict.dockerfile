@@ -64,4 +64,4 @@ EXPOSE 9696
 HEALTHCHECK --interval=2s --timeout=2s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9696/ready', timeout=2)"]
 # gunicorn reads gunicorn.conf.py from the working directory (workers, threads, timeouts).
-CMD ["gunicorn", "--bind=0.0.0.0:9696", "predict:app"]
+CMD ["gunicorn", "predict:app"]

@@ -12,7 +12,7 @@ official DINO format, then measures:
      feature-extraction phase (from metrics.json);
   3. the unchanged rerun (finds its artifact up to date);
   4. the forced rerun (--force: head retrained from cached features, backbone not run);
-  5. batch prediction over the same photos (`python -m vehicle_classifier.serving.batch`, fresh output).
+  5. batch prediction over the same photos (`python -m vehicle_classifier.offline.batch`, fresh output).
 Prints seconds and each as a ratio to the naive loop; asserts nothing.
 """
 
@@ -123,7 +123,7 @@ def main() -> None:
         extraction = json.loads((tmp / "out" / config.METRICS_FILE).read_text())["summary"]["extract_seconds"]
         rerun, rerun_line = timed(train_args)
         forced, _ = timed([*train_args, "--force"])
-        predicted, predicted_line = timed(["-m", "vehicle_classifier.serving.batch", str(tmp / "photos"), "--model-dir",
+        predicted, predicted_line = timed(["-m", "vehicle_classifier.offline.batch", str(tmp / "photos"), "--model-dir",
                                            str(tmp / "out"), "--output", str(tmp / "predictions.csv"),
                                            "--device", str(device)])
     report(naive, naive_single, [
@@ -131,7 +131,7 @@ def main() -> None:
         ("train.py, first run (empty cache, start-up included)", first, 0.6),
         ("train.py, unchanged rerun (up to date)", rerun, None),
         ("train.py --force (head retrained from cached features)", forced, 0.4),
-        ("batch prediction, python -m vehicle_classifier.serving.batch", predicted, 0.35),
+        ("batch prediction, python -m vehicle_classifier.offline.batch", predicted, 0.35),
     ])
     print(f"\n  first run:        {first_line}\n  unchanged rerun:  {rerun_line[:90]}...\n  batch:            "
           f"{predicted_line}")

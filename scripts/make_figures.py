@@ -81,7 +81,7 @@ def test_photos_by_class(split: dict, seed: int) -> dict[str, list[Path]]:
     """The model's held-out test photos per class in a seeded order, then its other photos
     (a tiny dataset may hold too few test photos)."""
     from vehicle_classifier.data import Sample
-    from vehicle_classifier.serving.figures import shuffled_by_class
+    from vehicle_classifier.plots import shuffled_by_class
 
     root, names = Path(split["data_dir"]), split["class_names"]
     by_class = {name: [] for name in names}
@@ -103,13 +103,13 @@ def main(argv=None) -> int:
         ensure_model(args, cfg)
 
         from vehicle_classifier.data import scan_image_folder
-        from vehicle_classifier.serving.figures import (
+        from vehicle_classifier.plots import (
             attention_banner,
             sample_grid,
             save_figure,
             shuffled_by_class,
         )
-        from vehicle_classifier.serving.predictor import Predictor
+        from vehicle_classifier.model.predictor import Predictor
         from vehicle_classifier.fileio import write_file
         from vehicle_classifier.training.metrics import plot_confusion_matrix, plot_learning_curves
 

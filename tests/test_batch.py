@@ -1,4 +1,4 @@
-"""Batch prediction (`python -m vehicle_classifier.serving.batch`): the same answers as the Predictor,
+"""Batch prediction (`python -m vehicle_classifier.offline.batch`): the same answers as the Predictor,
 CSV and JSON lines, unreadable files reported per row, resumable after a kill, and one-line
 errors; the device-fitted extraction settings it shares with training."""
 
@@ -15,8 +15,8 @@ from PIL import Image
 
 from conftest import REPO, make_dataset
 from vehicle_classifier import extraction as features
-from vehicle_classifier.serving import batch
-from vehicle_classifier.serving.predictor import Predictor
+from vehicle_classifier.offline import batch
+from vehicle_classifier.model.predictor import Predictor
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +133,7 @@ def test_bad_arguments_get_one_line(tiny_model_dir, photos_dir, tmp_path, capsys
 
 
 def test_the_command_without_a_model_says_so_in_one_line(photos_dir, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "vehicle_classifier.serving.batch", str(photos_dir), "--model-dir",
+    result = subprocess.run([sys.executable, "-m", "vehicle_classifier.offline.batch", str(photos_dir), "--model-dir",
                              str(tmp_path), "--output", str(tmp_path / "p.csv")], cwd=REPO, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 2

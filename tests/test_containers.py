@@ -295,7 +295,8 @@ def _port(url: str) -> int:
 def test_ports_healthchecks_and_environment_agree_with_the_code():
     predict, page = COMPOSE["services"]["predict"], COMPOSE["services"]["streamlit"]
     service_port = _port(client_mod.DEFAULT_URL)  # the code's default service URL
-    assert PREDICT.expose == [service_port] and f"--bind=0.0.0.0:{service_port}" in PREDICT.cmd
+    assert PREDICT.expose == [service_port] and not any(arg.startswith("--bind") for arg in PREDICT.cmd)
+    assert config.ServiceConfig().bind == f"0.0.0.0:{service_port}"  # gunicorn.conf.py owns the port
     assert PREDICT.cmd[-1] == "predict:app" and (REPO / "predict.py").is_file()
     assert (REPO / "gunicorn.conf.py").is_file()  # picked up from the WORKDIR by gunicorn
     assert PAGE.expose == [8501] and "--server.port=8501" in PAGE.cmd
@@ -380,4 +381,4 @@ def test_serving_path_needs_only_what_the_predict_image_installs_and_copies(tmp_
     assert dists <= installed, f"loaded but not installed by the Dockerfile: {sorted(dists - installed)}"
     assert {"openvino", "flask", "matplotlib", "pillow"} <= dists
     assert not {"torch", "timm", "torchvision"} & dists  # the exported model: serving runs without torch
-    assert "predict.py" in project and "vehicle_classifier/serving/predictor.py" in project
+    assert "predict.py" in project and "vehicle_classifier/model/predictor.py" in project

@@ -20,13 +20,13 @@ from PIL import Image
 from conftest import REPO, TINY_SPEC, sample_photos
 from live_service import gunicorn_service
 from vehicle_classifier import config, registry
-from vehicle_classifier.serving import batch
+from vehicle_classifier.offline import batch
 from vehicle_classifier.training.job import Job
 from vehicle_classifier.training.run import run_training
 from vehicle_classifier.backbone import create_backbone, preprocessing_for
 from vehicle_classifier.extraction import fit_batch_size
 from vehicle_classifier.training.features import FeatureCache, extract_features
-from vehicle_classifier.serving.predictor import Predictor
+from vehicle_classifier.model.predictor import Predictor
 
 pytestmark = pytest.mark.cuda
 CUDA = torch.device("cuda")

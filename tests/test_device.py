@@ -13,8 +13,8 @@ from vehicle_classifier import config
 from vehicle_classifier.serving.api import EXTENSION, create_app
 from vehicle_classifier.config import ServiceConfig
 from vehicle_classifier.devices import DeviceUnavailable, check_device
-from vehicle_classifier.serving.predictor import Predictor
-from vehicle_classifier.serving.torch_forward import torch_forward
+from vehicle_classifier.model.predictor import Predictor
+from vehicle_classifier.model.torch_forward import torch_forward
 
 
 class CudaTouched(Exception):

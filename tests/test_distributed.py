@@ -12,7 +12,7 @@ import torch
 from conftest import REPO, TINY_SPEC, make_dataset
 from live_service import free_port
 from vehicle_classifier import config
-from vehicle_classifier.serving import batch
+from vehicle_classifier.offline import batch
 from vehicle_classifier.training.job import Job
 from vehicle_classifier.training.run import run_training
 from vehicle_classifier.training.features import FeatureCache

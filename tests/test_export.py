@@ -19,7 +19,7 @@ from PIL import Image
 from conftest import REPO, sample_photos
 from vehicle_classifier import config
 from vehicle_classifier.export import main as export_main
-from vehicle_classifier.serving.predictor import Predictor
+from vehicle_classifier.model.predictor import Predictor
 
 
 def answers_of(predictor: Predictor, crops: list[Image.Image], attention: bool = False):

@@ -21,7 +21,7 @@ from vehicle_classifier.artifact import load_artifact
 from vehicle_classifier.registry import get_spec
 from vehicle_classifier.config import ServiceConfig
 from vehicle_classifier.images import preprocess
-from vehicle_classifier.serving.predictor import AttentionUnavailable, Predictor
+from vehicle_classifier.model.predictor import AttentionUnavailable, Predictor
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from vehicle_classifier.images import center_crop, open_image, read_header
 from vehicle_classifier.serving.body import Deadlines
 from vehicle_classifier.serving.decoding import PixelBudget, decode_uploads
 from vehicle_classifier.serving.errors import BadRequest, printable
-from vehicle_classifier.serving.predictor import Predictor
+from vehicle_classifier.model.predictor import Predictor
 from vehicle_classifier.serving.uploads import Upload
 from vehicle_classifier.training.features import FeatureCache, extract_features
 

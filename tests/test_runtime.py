@@ -13,7 +13,7 @@ from conftest import TINY_SPEC
 from vehicle_classifier.backbone import create_backbone
 from vehicle_classifier.export import to_openvino
 from vehicle_classifier.runtime import OpenVINOModel
-from vehicle_classifier.serving.batcher import Batcher
+from vehicle_classifier.model.batcher import Batcher
 
 
 def openvino(backbone, precision: str, mode: str = "latency"):

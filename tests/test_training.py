@@ -23,7 +23,7 @@ from vehicle_classifier.devices import autocast
 from vehicle_classifier.runtime import resolve_precision
 from vehicle_classifier.fileio import atomic_path
 from vehicle_classifier.images import load_tensor
-from vehicle_classifier.serving.predictor import Predictor
+from vehicle_classifier.model.predictor import Predictor
 from vehicle_classifier.runtime import OpenVINOModel
 
 

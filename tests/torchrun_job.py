@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from conftest import TINY_SPEC  # noqa: E402
 from vehicle_classifier import config, registry  # noqa: E402
-from vehicle_classifier.serving import batch  # noqa: E402
+from vehicle_classifier.offline import batch  # noqa: E402
 from vehicle_classifier.distributed import process_group  # noqa: E402
 from vehicle_classifier.training.job import Job  # noqa: E402
 from vehicle_classifier.training.run import run_training  # noqa: E402

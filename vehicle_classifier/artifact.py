@@ -3,7 +3,7 @@ with the JSON metadata (classes, backbone, preprocessing, training config, metri
 its header. Serving needs nothing else and no network; the file is replaced atomically.
 
 Reading the metadata and the small tensors (the head, the "neither" references) needs numpy
-alone: the torch-free CPU service (serving/predictor.py) reads those, and the fingerprint check
+alone: the torch-free CPU service (model/predictor.py) reads those, and the fingerprint check
 reads the header before torch is imported. Rebuilding the torch modules (`load_artifact`) and
 writing an artifact (`encode_artifact`) import torch, the backbone and the head when called.
 """

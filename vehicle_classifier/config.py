@@ -192,6 +192,7 @@ class ServiceConfig:
     ood_check: bool = True
     # gunicorn (gunicorn.conf.py); torch_threads 0: the cores divided among the workers.
     bind: str = f"0.0.0.0:{DEFAULT_PORT}"  # --bind on the command line wins
+    pidfile: str | None = None  # where gunicorn writes the master's PID (make run: gunicorn.pid, for make reload)
     accesslog: str | None = None  # e.g. "-" for stdout; off by default
     workers: int = 1
     threads: int = 6
@@ -227,6 +228,7 @@ ENVIRONMENT = {
     "UPLOAD_TIMEOUT": ("upload_timeout", _whole_number),
     "OOD_CHECK": ("ood_check", lambda name, value: _choice(OOD_CHECKS)(name, value) == "on"),
     "GUNICORN_BIND": ("bind", lambda _name, value: value),
+    "GUNICORN_PIDFILE": ("pidfile", lambda _name, value: value),
     "GUNICORN_ACCESSLOG": ("accesslog", lambda _name, value: value),
     "GUNICORN_WORKERS": ("workers", _whole_number),
     "GUNICORN_THREADS": ("threads", _whole_number),
@@ -234,47 +236,3 @@ ENVIRONMENT = {
     "GUNICORN_BACKLOG": ("backlog", _whole_number),
     "TORCH_THREADS": ("torch_threads", _whole_number),
 }
-
-
-# --- the local cluster: nginx in front of gunicorn replicas (make cluster / make reload) ------
-NGINX_TEMPLATE = Path(__file__).resolve().parents[1] / "deploy" / "nginx" / "vehicle-classifier.conf.template"
-NGINX_BINARY = "nginx"  # looked up on PATH, then in /usr/sbin (Debian's package)
-
-
-@dataclass
-class ClusterConfig:
-    port: int = DEFAULT_PORT  # where nginx listens
-    host: str = "0.0.0.0"
-    replicas: int = 2
-    model_dir: Path = OUTPUT_DIR
-    # Logs, nginx's config and temp files, the replicas' state; one folder per port, so that
-    # `make reload` finds the cluster that `make cluster` started with the same PORT.
-    run_dir: Path = Path(".cluster")
-    # Connections one client address may hold open at once at the proxy (beyond: 429). High
-    # enough for a NAT full of users; what bounds an attacker is nginx's cheap waiting and its
-    # header/body timeouts (deploy/nginx/vehicle-classifier.conf.template).
-    max_conn_per_client: int = 200
-    # Seconds a replica may take to load, compile and warm up its model before it counts as failed.
-    start_timeout: float = 180.0
-
-    @classmethod
-    def from_env(cls, environ: dict | None = None) -> "ClusterConfig":
-        """Settings from `environ` (default os.environ): PORT, CLUSTER_HOST, REPLICAS, MODEL_DIR
-        (the service's own), CLUSTER_DIR; a bad value raises ValueError naming the variable."""
-        environ = os.environ if environ is None else environ
-        values = {}
-        for variable, (field_name, parse) in {
-            "PORT": ("port", _whole_number),
-            "CLUSTER_HOST": ("host", lambda _name, value: value),
-            "REPLICAS": ("replicas", _whole_number),
-            "MODEL_DIR": ("model_dir", ENVIRONMENT["MODEL_DIR"][1]),
-            "CLUSTER_DIR": ("run_dir", lambda _name, value: Path(value)),
-        }.items():
-            raw = environ.get(variable, "").strip()
-            if raw:
-                values[field_name] = parse(variable, raw)
-        return cls(**values)
-
-    @property
-    def state_dir(self) -> Path:
-        return self.run_dir / str(self.port)

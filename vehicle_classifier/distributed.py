@@ -2,7 +2,7 @@
 sharded by rank, each rank writing its own part, rank 0 merging the parts.
 
     torchrun --nproc-per-node=4 train.py ...                    # one node, four GPUs
-    torchrun --nproc-per-node=gpu -m vehicle_classifier.serving.batch ...
+    torchrun --nproc-per-node=gpu -m vehicle_classifier.offline.batch ...
 
 torchrun tells each process its place through the environment (RANK, WORLD_SIZE, LOCAL_RANK,
 MASTER_ADDR, MASTER_PORT): that is its documented interface, read here and by

@@ -1,6 +1,6 @@
 """Images to features, fast: photos decoded in worker processes that keep batches ready, and
 the frozen backbone run over them in batches (OpenVINO, a stream per core, on CPU; torch on CUDA).
-Shared by training's feature cache (training/features.py) and batch prediction (serving/batch.py).
+Shared by training's feature cache (training/features.py) and batch prediction (offline/batch.py).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The HTTP API: a Flask app factory, and a blueprint of endpoints around one Predictor.
 
     app = create_app()            # ServiceConfig.from_env(): MODEL_DIR, MAX_UPLOAD_MB, ...
-    gunicorn --bind=0.0.0.0:9696 predict:app
+    gunicorn predict:app
 
 A request reads top-down: the body (body.py: whole, within a deadline) -> its images (uploads.py)
 -> decoded within the pixel budgets into centre crops (decoding.py) -> the predictor's answers
@@ -23,7 +23,7 @@ from . import errors, schemas
 from .body import receive_body
 from .decoding import PixelBudget, decode_uploads, release_memory
 from .monitoring import Metrics
-from .predictor import Predictor
+from ..model.predictor import Predictor
 from .uploads import HOW_TO_SEND, flag, max_form_parts, read_uploads
 
 EXTENSION = "vehicle_classifier"  # app.extensions key holding the Service
@@ -158,7 +158,7 @@ def _predict(svc: Service):
     for prediction in predictions:
         svc.metrics.images.labels(prediction.label).inc()
     answer = schemas.answer([upload.name for upload in uploads], predictions, predictor.metadata["model_version"])
-    response = jsonify(answer.model_dump(exclude_unset=True))
+    response = jsonify(answer)
     timings.append(("attention" if attention else "answer", time.perf_counter()))
     response.headers["Server-Timing"] = _server_timing(timings)
     if pixels > RELEASE_AFTER_PIXELS:

@@ -110,12 +110,14 @@ class Metadata(BaseModel):
     serving: dict
 
 
-def answer(names: list[str], predictions: list[Prediction], model_version: str) -> SingleAnswer | BatchAnswer:
-    """One image, however it was sent: the flat answer; several: one prediction each, named."""
+def answer(names: list[str], predictions: list, model_version: str) -> dict:
+    """The JSON of the predictor's answers (model.predictor.Prediction), built once: one image,
+    however it was sent, the flat answer; several, one prediction each, named. The shapes are
+    SingleAnswer and BatchAnswer (the document's; tests/ validate answers against them)."""
     if len(predictions) == 1:
-        return SingleAnswer(**predictions[0].model_dump(exclude_unset=True), model_version=model_version)
-    named = [FilePrediction(filename=name, **p.model_dump(exclude_unset=True)) for name, p in zip(names, predictions)]
-    return BatchAnswer(predictions=named, model_version=model_version)
+        return predictions[0].as_dict() | {"model_version": model_version}
+    named = [{"filename": name} | p.as_dict() for name, p in zip(names, predictions)]
+    return {"predictions": named, "model_version": model_version}
 
 
 def metadata(predictor, config, package_version: str) -> dict:

@@ -1,7 +1,7 @@
 """Batch prediction without the service: image files and folders in, one row per image out.
 
-    python -m vehicle_classifier.serving.batch photos/ more.jpg --model-dir models/ --output predictions.csv
-    torchrun --nproc-per-node=gpu -m vehicle_classifier.serving.batch photos/ --output predictions.jsonl
+    python -m vehicle_classifier.offline.batch photos/ more.jpg --model-dir models/ --output predictions.csv
+    torchrun --nproc-per-node=gpu -m vehicle_classifier.offline.batch photos/ --output predictions.jsonl
 
 As timm's inference.py: a results table, written as batches complete, in CSV or JSON lines
 (by the --output suffix). Columns: path, label, confidence, one probability per class (named by
@@ -150,7 +150,7 @@ def result_columns(predictor) -> list[str]:
 
 def _flat(prediction) -> dict:
     """A prediction's answer with its probabilities as one entry per class."""
-    answer = prediction.model_dump(exclude_unset=True)
+    answer = prediction.as_dict()
     return {key: value for key, value in answer.items() if key != "probabilities"} | answer["probabilities"]
 
 
@@ -179,7 +179,7 @@ def predict_into(results: ResultsFile, predictor, backbone, paths: list[Path], b
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m vehicle_classifier.serving.batch", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m vehicle_classifier.offline.batch", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+", type=Path, metavar="INPUT",
                         help="image files, and folders searched recursively for images")
@@ -205,7 +205,7 @@ def run(args: argparse.Namespace) -> tuple[int, int, int] | None:
     from ..extraction import decode_workers
     from ..devices import check_device
     from ..runtime import resolve_precision
-    from .predictor import Predictor, ServedModel
+    from ..model.predictor import Predictor, ServedModel
 
     images = find_images(args.inputs)
     if not images:

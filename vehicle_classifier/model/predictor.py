@@ -8,7 +8,7 @@ the backbone's [CLS] attention drawn over the crop on request (ViT backbones).
 On the CPU (the default) the forward is the exported OpenVINO model that training wrote beside
 the artifact (export.py), run with openvino alone: no torch in this process. The head, the
 calibration and the "neither" check are small matmuls on the artifact's own tensors, in numpy.
-The other forwards (serving/torch_forward.py, which imports torch) take the same crops and
+The other forwards (model/torch_forward.py, which imports torch) take the same crops and
 return the same outputs: RUNTIME=torch, DEVICE=cuda, or an artifact without an exported model.
 Requests that arrive together share one batched forward (Batcher, one batch per stream).
 
@@ -33,9 +33,27 @@ from ..images import attention_overlay_png, center_crop, open_image
 from ..ood import ood_scores
 from ..runtime import OpenVINOModel, read_exported, resolve_precision, runtime_for, usable_cores
 from .batcher import Batcher
-from .schemas import Prediction
 
 _erf = np.vectorize(math.erf, otypes=[np.float32])
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One photo's answer, as plain values (serving/schemas.py documents each field for the API)."""
+
+    label: str
+    confidence: float
+    probabilities: dict[str, float]
+    in_distribution: bool | None = None
+    ood_score: float | None = None
+    attention_png: str | None = None  # base64 PNG, only when attention was asked for
+
+    def as_dict(self) -> dict:
+        """The answer's fields, without attention_png when none was asked for."""
+        fields = dict(self.__dict__)
+        if fields["attention_png"] is None:
+            del fields["attention_png"]
+        return fields
 
 
 class AttentionUnavailable(UserError, ValueError):

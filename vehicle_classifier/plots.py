@@ -16,10 +16,9 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
-from ..data import Sample
-from ..fileio import atomic_path
-from ..images import ImageError, center_crop, open_image
-from .predictor import Predictor
+from .data import Sample
+from .fileio import atomic_path
+from .images import ImageError, center_crop, open_image
 
 
 def shuffled_by_class(samples: list[Sample], class_names: list[str], seed: int = 0) -> dict[str, list[Path]]:
@@ -63,7 +62,7 @@ def sample_grid(paths_by_class: dict[str, list[Path]], per_class: int, preproces
     return fig
 
 
-def attention_banner(predictor: Predictor, paths_by_class: dict[str, list[Path]], per_class: int) -> Figure:
+def attention_banner(predictor, paths_by_class: dict[str, list[Path]], per_class: int) -> Figure:
     """For `per_class` photos of each class: the photo (top) and the last block's [CLS]
     attention over it with the model's answer (bottom). A backbone without attention maps (a
     CNN) gets the photos with the answers alone."""
