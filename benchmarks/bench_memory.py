@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from vehicle_classifier.config import ServiceConfig  # noqa: E402
-from vehicle_classifier.serving.cluster import free_port  # noqa: E402
+from tests.live_service import free_port  # noqa: E402
 
 
 def worst_png(pixels: int) -> bytes:

@@ -66,7 +66,7 @@ from vehicle_classifier.artifact import load_artifact  # noqa: E402
 from vehicle_classifier.backbone import create_backbone  # noqa: E402
 from vehicle_classifier.images import preprocess  # noqa: E402
 from vehicle_classifier.registry import get_spec  # noqa: E402
-from vehicle_classifier.serving.cluster import free_port  # noqa: E402
+from tests.live_service import free_port  # noqa: E402
 from vehicle_classifier.model.predictor import OpenVINOForward, Predictor  # noqa: E402
 from vehicle_classifier.serving.uploads import form_parts  # noqa: E402
 from vehicle_classifier.training.job import Job  # noqa: E402

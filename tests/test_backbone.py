@@ -1,6 +1,7 @@
 """Backbone weights: official DINO checkpoints and timm files load strictly; anything that does
 not fit is refused with a message; nothing is ever unpickled; attention maps are real."""
 
+import argparse
 import pickle
 
 import pytest
@@ -9,7 +10,7 @@ from safetensors.torch import save_file
 
 from conftest import TINY_SPEC
 from vehicle_classifier.backbone import (
-    WeightsError, cls_attention, create_backbone, load_backbone, preprocessing_for, state_dict_digest,
+    WeightsError, cls_attention, create_backbone, load_backbone, preprocessing_for, read_checkpoint, state_dict_digest,
 )
 from vehicle_classifier.registry import BACKBONES, BackboneSpec
 
@@ -89,6 +90,15 @@ def test_pickled_objects_are_never_unpickled(tmp_path):
     with pytest.raises(WeightsError, match="cannot read"):
         load_backbone(TINY_SPEC, path)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_a_pickle_of_other_objects_is_refused_without_torchs_unsafe_advice(tmp_path):
+    path = tmp_path / "full.pt"
+    torch.save({"args": argparse.Namespace(lr=0.1), "model": {}}, path)  # a training script's pickle
+    with pytest.raises(WeightsError, match="cannot read weights file") as caught:
+        read_checkpoint(path)
+    message = str(caught.value)
+    assert "\n" not in message and "weights_only" not in message and "state_dict" in message
 
 
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b"\x00" * 100])

@@ -121,3 +121,15 @@ def test_405_names_the_allowed_methods(served, method, path, allowed):
 def test_no_bad_request_wrote_a_traceback(served):
     _, log = served
     assert "Traceback" not in log.read_text()
+
+
+@pytest.mark.parametrize("image", ["    ", "\n\t  \n", "data:image/png;base64,    "])
+def test_a_blank_base64_image_is_outside_the_schema_as_the_service_refuses_it(image):
+    """What schemathesis once found (ST202): a blank string matched the documented pattern."""
+    import pydantic
+
+    from vehicle_classifier.serving.schemas import PredictJSON
+
+    with pytest.raises(pydantic.ValidationError):
+        PredictJSON(image=image)
+    assert PredictJSON(image="AAAA").image == "AAAA"

@@ -281,8 +281,9 @@ def test_a_failed_first_run_leaves_no_lock_behind(tmp_path, tiny_weights):
             run(data, out, bad_weights, tmp_path / "cache")
     assert not (tmp_path / "new").exists()  # the folders the run made, removed
     assert list(empty.iterdir()) == []  # a folder it did not make, kept, without the lock's files
-    run(data, fresh, tiny_weights, tmp_path / "cache")  # a run that publishes keeps its lock file
-    assert output_set(fresh).keys() >= {config.ARTIFACT_FILE} and (fresh / fileio.LOCK_FILE).is_file()
+    run(data, fresh, tiny_weights, tmp_path / "cache")  # a run that publishes leaves no lock files either
+    assert output_set(fresh).keys() >= {config.ARTIFACT_FILE}
+    assert not (fresh / fileio.LOCK_FILE).exists() and not (fresh / fileio.OWNER_FILE).exists()
 
 
 def test_a_run_waiting_for_a_lock_whose_folder_is_removed_holds_the_lock_it_gets(tmp_path):

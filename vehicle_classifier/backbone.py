@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import io
 import math
+import pickle
 import sys
 from pathlib import Path
 
@@ -86,6 +87,10 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's own message advises weights_only=False: never here
+        raise WeightsError(f"cannot read weights file {path}: it holds Python objects besides tensors, which are "
+                           "never unpickled here; save the state dict alone (torch.save(model.state_dict(), ...)) "
+                           "or as .safetensors") from None
     except Exception as exc:  # a damaged or foreign file: say which, in one line
         raise WeightsError(f"cannot read weights file {path}: {str(exc).splitlines()[0]}") from None
     return _unwrap(state, path)

@@ -250,8 +250,8 @@ def exclusive(folder: Path, what: str, wait: bool, setting: str | None = None):
     raise LockedError naming it and asking for another `what` (wait=False; `setting`: the
     LockedError's), or say so once and wait for it (wait=True). The lock is the kernel's (flock,
     through filelock), so a killed holder frees it at once. A block that leaves the folder holding
-    nothing but the lock (a first run that failed) leaves no lock behind, nor the folders it
-    made (`_tidy`)."""
+    nothing behind (a first run that failed) leaves no folder it made either (`_tidy`); no run
+    leaves the lock's files."""
     folder = Path(folder)
     lock, made = _acquire(folder, what, wait, setting)
     try:
@@ -291,8 +291,8 @@ def _acquire(folder: Path, what: str, wait: bool, setting: str | None) -> tuple[
 
 
 def _tidy(folder: Path, made: list[Path]) -> None:
-    """Still holding the lock: if the folder holds nothing but it, remove the lock's files, then
-    the folders `exclusive` made (each only while empty). Safe for a run waiting for the lock:
+    """Still holding the lock: remove the lock's files (a finished run leaves none behind), then
+    the folders `exclusive` made, each only while empty. Safe for a run waiting for the lock:
     - the lock file is unlinked while held, and filelock (>= 4.3.1) counts a flock won on an inode
       unlinked meanwhile as not acquired and tries the path again, so two runs never hold two
       inodes of one name;
@@ -302,10 +302,9 @@ def _tidy(folder: Path, made: list[Path]) -> None:
     - a waiter whose folder vanished makes it again (_acquire);
     - the owner file goes first: once the lock file is gone, a new holder may write its own."""
     try:
-        if {p.name for p in folder.iterdir()} <= {LOCK_FILE, OWNER_FILE}:
-            (folder / OWNER_FILE).unlink(missing_ok=True)
-            (folder / LOCK_FILE).unlink(missing_ok=True)
-            for empty in made:
-                empty.rmdir()
+        (folder / OWNER_FILE).unlink(missing_ok=True)
+        (folder / LOCK_FILE).unlink(missing_ok=True)
+        for empty in made:
+            empty.rmdir()
     except OSError:
         pass  # only tidying: a folder someone writes into, or cannot list, keeps its files

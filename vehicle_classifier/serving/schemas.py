@@ -69,8 +69,9 @@ class PredictAnswer(RootModel[SingleAnswer | BatchAnswer]):
 
 # What the service decodes as base64: the standard alphabet, whitespace ignored, padded to whole
 # groups of four (or a data: URL whose payload is that). Stated in the document so that a
-# generated request such as {"image": "0"} is not schema-valid yet rejected.
-BASE64_PATTERN = r"^(data:[^,]*,)?\s*(([A-Za-z0-9+/]\s*){4})*(([A-Za-z0-9+/]\s*){2}==|([A-Za-z0-9+/]\s*){3}=)?\s*$"
+# generated request such as {"image": "0"} or {"image": "    "} is not schema-valid yet rejected.
+BASE64_PATTERN = (r"^(data:[^,]*,)?\s*(([A-Za-z0-9+/]\s*){4})*"  # whole groups, then a last one (padded or not):
+                  r"(([A-Za-z0-9+/]\s*){4}|([A-Za-z0-9+/]\s*){2}==|([A-Za-z0-9+/]\s*){3}=)\s*$")  # never blank
 
 
 class PredictJSON(BaseModel):
