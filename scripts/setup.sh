@@ -2,27 +2,26 @@
 # Create .venv and install the project with its training, test and page extras, at constraints.txt's versions.
 #   scripts/setup.sh            Python side (pip takes torch from this machine's wheel cache when
 #                               it has one; elsewhere from PyPI)
-#   scripts/setup.sh --system   what the tests run besides Python: Debian's Chromium, nginx, Docker
+#   scripts/setup.sh --system   what the tests run besides Python: Debian's Chromium, Docker
 #                               engine and debootstrap, and the Compose plugin, when missing and root
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [[ "${1:-}" == "--system" ]]; then
-    # Debian packages the tests run for real: Chromium (the browser tests), nginx (the proxy of
-    # make cluster and its tests), the Docker engine and debootstrap (the compose stack,
+    # Debian packages the tests run for real: Chromium (the browser tests), the Docker engine
+    # and debootstrap (the compose stack, with nginx in front,
     # tests/test_stack.py; debootstrap makes the stand-in base images where no registry can be
     # reached). Installed when missing and root; else those tests skip.
     missing=()
     have() { command -v "$1" >/dev/null 2>&1 || [[ -x "/usr/sbin/$1" ]]; }
     have chromium || missing+=(chromium)
-    have nginx || missing+=(nginx)
     have dockerd || missing+=(docker.io)
     have debootstrap || missing+=(debootstrap)
     root=false
     [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1 && root=true
     if [[ ${#missing[@]} -gt 0 ]]; then
         if $root; then
-            echo "installing ${missing[*]} (Debian) for the browser, proxy and container tests"
+            echo "installing ${missing[*]} (Debian) for the browser and container tests"
             apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
         else
             echo "note: ${missing[*]} missing and not root: the tests that need them will be skipped"

@@ -121,7 +121,7 @@ class TrainConfig:
 
 
 # --- service --------------------------------------------------------------------------------
-# Where the service listens (gunicorn, the development server, the local cluster's nginx) and
+# Where the service listens (gunicorn, through gunicorn.conf.py's bind; the development server) and
 # the client looks. The Makefile, scripts, Dockerfiles, compose and k8s files cannot import it:
 # they say 9696 themselves (tests/test_k8s.py checks the manifests against it).
 DEFAULT_PORT = 9696
