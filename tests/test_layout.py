@@ -67,3 +67,22 @@ def test_the_rule_sees_a_forbidden_import():
     assert violations(api, api.read_text() + "\nfrom ..training.run import run_training\n") == {"training"}
     inside = config.read_text() + "\ndef f():\n    from .serving import api\n"
     assert violations(config, inside) == {"serving"}
+
+
+def test_the_model_layer_imports_no_http_library():
+    """The predictor answers in plain dataclasses: importing it (and batch prediction, which
+    stands on it) loads none of the service's HTTP libraries."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, vehicle_classifier.model.predictor, vehicle_classifier.offline.batch\n"
+             "print(sorted({m.split('.')[0] for m in sys.modules} & {'flask', 'werkzeug', 'pydantic', 'spectree', "
+             "'multipart', 'python_multipart'}))")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+def test_no_module_of_the_package_mentions_nginx_and_serving_is_http_only():
+    assert not [p for p in MODULES if "nginx" in p.read_text().lower()]
+    offline = {"batch", "cluster", "figures", "predictor", "torch_forward", "batcher"}
+    assert not [p.stem for p in (PACKAGE / "serving").glob("*.py") if p.stem in offline]
