@@ -1,4 +1,4 @@
-"""python -m vehicle_classifier.audit --data-dir D --output-dir O: audit an image folder (see
+"""vehicle-audit (or python -m vehicle_classifier.audit) --data-dir D --output-dir O: audit an image folder (see
 the package's docstring); a short summary on the terminal, the details in O/audit.json."""
 
 from __future__ import annotations
@@ -8,27 +8,19 @@ import logging
 import sys
 from pathlib import Path
 
-from .. import config
+from .. import cli, config
 
 SHOWN = 5  # suspects listed on the terminal
 
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = config.TrainConfig()
-    parser = argparse.ArgumentParser(prog="python -m vehicle_classifier.audit", description=__doc__,
+    parser = argparse.ArgumentParser(prog="vehicle-audit", description=__doc__,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--data-dir", type=Path, default=config.DATA_DIR, help="image folder, one sub-folder per class")
+    cli.add_flags(parser, "data_dir")
     parser.add_argument("--output-dir", type=Path, default=config.AUDIT_DIR,
                         help=f"where {config.AUDIT_FILE} and {config.AUDIT_SHEET} go")
-    parser.add_argument("--backbone", default=defaults.backbone, help="as train.py's --backbone")
-    parser.add_argument("--weights", type=Path, default=None, help="as train.py's --weights")
-    parser.add_argument("--cache-dir", type=Path, default=config.FEATURE_CACHE_DIR,
-                        help="feature cache directory (train.py's: features it extracted are reused)")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda[:N]")
-    parser.add_argument("--precision", default=defaults.precision, choices=config.PRECISIONS,
-                        help="backbone precision: auto (bf16 where the hardware has it), bf16 or fp32")
-    parser.add_argument("--extract-batch-size", type=int, default=defaults.extract_batch_size,
-                        help="images per backbone batch (0: fitted to the device)")
+    cli.add_flags(parser, "backbone", "weights", "cache_dir", "device", "precision", "extract_batch_size")
     for name in ("seed", "val_fraction", "test_fraction"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(getattr(defaults, name)),
                             default=getattr(defaults, name),

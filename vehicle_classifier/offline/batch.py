@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import UserError, config
+from .. import UserError, cli, config
 from ..data import image_files
 
 FORMATS = (".csv", ".jsonl")
@@ -179,7 +179,7 @@ def predict_into(results: ResultsFile, predictor, backbone, paths: list[Path], b
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m vehicle_classifier.offline.batch", description=__doc__,
+    parser = argparse.ArgumentParser(prog="vehicle-batch", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+", type=Path, metavar="INPUT",
                         help="image files, and folders searched recursively for images")
@@ -187,9 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"directory holding {config.ARTIFACT_FILE} (default: %(default)s)")
     parser.add_argument("--output", type=Path, required=True,
                         help="results file, .csv or .jsonl; files already in it are skipped")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda[:N]")
-    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
-                        help="backbone precision (default: %(default)s, bf16 where the hardware has it)")
+    cli.add_flags(parser, "device", "precision")
     parser.add_argument("-b", "--batch-size", type=int, default=0,
                         help="images per backbone batch (default 0: fitted to the device)")
     parser.add_argument("-j", "--workers", type=int, default=None,
