@@ -146,10 +146,11 @@ def blueprint(docs) -> Blueprint:
 def _predict(svc: Service):
     """POST /predict, top-down: body, images, crops, answers, JSON."""
     settings, predictor = svc.config, svc.predictor
-    receive_body(settings.max_upload_bytes, settings.upload_timeout)
+    body = receive_body(settings.max_upload_bytes, settings.upload_timeout)
     attention = flag("attention")
-    predictor.check_attention(attention)
-    uploads = read_uploads(settings.max_batch_files)
+    predictor.check_attention(attention)  # before any decoding: a CNN asked for attention costs nothing
+    uploads = read_uploads(body, settings.max_batch_files)
+    del body  # the uploads hold what is needed of it
     timings = [("read", time.perf_counter())]
     crops, pixels = decode_uploads(uploads, settings, svc.budget, predictor.draft_size, predictor.crop)
     timings.append(("decode", time.perf_counter()))

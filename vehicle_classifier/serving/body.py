@@ -4,7 +4,6 @@ cut off (408) instead of holding a request thread, and everything after reads fr
 from __future__ import annotations
 
 import heapq
-import io
 import itertools
 import logging
 import os
@@ -77,15 +76,15 @@ class Deadlines:
 _deadlines = Deadlines()
 
 
-def receive_body(max_bytes: int, timeout: float) -> None:
-    """Under gunicorn, read the whole body now, within `timeout` seconds: when the deadline
-    passes, the socket's read side is shut, which ends a blocked read at once, whether the client
-    trickles a byte at a time or sends nothing more. The rest of the request reads from memory.
-    (Flask's test client has no socket and nothing slow to guard against.)"""
+def receive_body(max_bytes: int, timeout: float) -> bytes:
+    """The request's whole body, read once. Under gunicorn within `timeout` seconds: when the
+    deadline passes, the socket's read side is shut, which ends a blocked read at once, whether
+    the client trickles a byte at a time or sends nothing more. (Flask's test client has no
+    socket and nothing slow to guard against: werkzeug reads it, within MAX_CONTENT_LENGTH.)"""
     sock = request.environ.get("gunicorn.socket")
     length = request.content_length
     if sock is None or (length is None and not request.headers.get("Transfer-Encoding")):
-        return
+        return request.get_data(cache=False)
     if length is not None and length > max_bytes:
         raise RequestEntityTooLarge()
     expired = threading.Event()
@@ -110,7 +109,7 @@ def receive_body(max_bytes: int, timeout: float) -> None:
         raise RequestEntityTooLarge()
     if length is not None and len(body) < length:
         raise BadRequest(f"the upload ended after {len(body)} of its {length} bytes")
-    request.environ["wsgi.input"] = io.BytesIO(body)
+    return body
 
 
 def _read(stream, size: int) -> bytes:

@@ -39,15 +39,15 @@ def max_form_parts(max_files: int) -> int:
 
 
 # --- the images in it -----------------------------------------------------------------------
-def read_uploads(max_files: int) -> list[Upload]:
-    """The images in the request, in the three accepted shapes."""
+def read_uploads(body: bytes, max_files: int) -> list[Upload]:
+    """The images in the request's `body` (body.receive_body), in the three accepted shapes."""
     mimetype = request.mimetype
     if mimetype == "multipart/form-data":
-        return _multipart(max_files)
+        return _multipart(body, max_files)
     if mimetype == "application/json":
-        return [_json_upload()]
+        return [_json_upload(body)]
     if mimetype.startswith("image/"):
-        data = request.get_data(cache=False)
+        data = body
         if not data:
             raise BadRequest("the request body is empty; " + HOW_TO_SEND)
         return [Upload("image", data)]
@@ -56,10 +56,9 @@ def read_uploads(max_files: int) -> list[Upload]:
     raise BadRequest(f"unsupported content type {printable(mimetype, 100) or '(none)'!r}; " + HOW_TO_SEND, status=415)
 
 
-def _multipart(max_files: int) -> list[Upload]:
+def _multipart(body: bytes, max_files: int) -> list[Upload]:
     """The 'file' parts of a multipart body, parsed from memory by python-multipart: werkzeug's
     parser, behind request.files, takes several times longer (benchmarks/bench_service.py)."""
-    body = request.get_data(cache=True)
     boundary = request.mimetype_params.get("boundary", "").encode("latin-1", "replace")
     if not boundary:
         raise BadRequest("multipart body without a boundary in its Content-Type; " + HOW_TO_SEND)
@@ -127,9 +126,9 @@ def _text(value: bytes | None) -> str:
     return (value or b"").decode("utf-8", "replace")
 
 
-def _json_upload() -> Upload:
+def _json_upload(data: bytes) -> Upload:
     try:
-        body = json.loads(request.get_data(cache=False))
+        body = json.loads(data)
     except RecursionError:  # [[[[... 100,000 deep: the parser gives up, and so do we
         raise BadRequest("JSON nested too deeply; expected {\"image\": \"<base64>\"}") from None
     except ValueError:
