@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, make_dataset
+from conftest import REPO, lying_header_jpeg, make_dataset
 from vehicle_classifier import extraction as features
 from vehicle_classifier.offline import batch
 from vehicle_classifier.model.predictor import Predictor
@@ -154,6 +154,16 @@ def test_every_named_input_gets_a_row_and_a_rerun_still_exits_1(tiny_model_dir, 
     assert batch.main(args) == 1  # the resumed run: nothing to do, but the errors are in the output
     assert capsys.readouterr().out.startswith("0 classified, 0 unreadable (see the error column), 6 already in")
     assert out.read_bytes() == written
+
+
+def test_a_jpeg_with_a_lying_header_gets_an_error_row(tiny_model_dir, photos_dir, tmp_path):
+    (tmp_path / "lying.jpg").write_bytes(lying_header_jpeg())
+    out = tmp_path / "p.csv"
+    args = [str(tmp_path / "lying.jpg"), str(photos_dir / "Bike" / "Bike_0.jpg")]
+    assert batch.main([*args, "--model-dir", str(tiny_model_dir), "--output", str(out)]) == 1
+    rows = {Path(r["path"]).name: r for r in read_csv(out)}
+    assert "damaged or truncated" in rows["lying.jpg"]["error"] and rows["lying.jpg"]["label"] == ""
+    assert rows["Bike_0.jpg"]["label"] and not rows["Bike_0.jpg"]["error"]
 
 
 def test_a_folders_skipped_entries_are_counted(tiny_model_dir, photos_dir, tmp_path, capsys):
