@@ -40,9 +40,10 @@ PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 "$PYTHON" -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required"'
 [[ -x .venv/bin/python ]] || "$PYTHON" -m venv .venv
-pip_install() {  # quiet, but the whole log when pip fails
-    .venv/bin/python -m pip install --progress-bar off "$@" >.venv/pip.log 2>&1 || { cat .venv/pip.log; exit 1; }
-}
-pip_install -c constraints.txt -e ".[train,dev,page]"  # the tested versions (the lock)
+# One line first: without it the first `make run` looks hung for minutes. pip's own output (and
+# its progress bars) follows on the terminal; --log keeps the whole verbose log for a failure.
+echo "installing the Python environment into .venv (the first time takes about 2-3 minutes; full log: .venv/pip.log)"
+rm -f .venv/pip.log  # --log appends: keep this run's only
+.venv/bin/python -m pip install --log .venv/pip.log -c constraints.txt -e ".[train,dev,page]"  # the tested versions (the lock)
 .venv/bin/python -c "import torch, timm, flask, streamlit" # fail here, not later, if the install did
 touch .venv/.installed

@@ -3,6 +3,7 @@ cost), synthetic image folders with visually separable classes, and a trained ti
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,17 @@ def synthetic_image(label: str, rng: np.random.Generator, size: tuple[int, int] 
     stripes = np.sin((yy if label == "Car" else xx) / 3.0)[..., None] * 50
     pixels = base + stripes + rng.normal(0, 25, size=(height, width, 3))
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def lying_header_jpeg(width: int = 7900, height: int = 7900) -> bytes:
+    """A small photo's JPEG whose frame header (SOF0) claims `width`x`height`: its data ends long
+    before that size, as a damaged or hostile file's would."""
+    buffer = io.BytesIO()
+    synthetic_image("Car", np.random.default_rng(3), (64, 48)).save(buffer, "JPEG")
+    data = bytearray(buffer.getvalue())
+    sof = data.index(b"\xff\xc0")  # marker, length (2), precision (1), then height and width
+    data[sof + 5:sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
 
 
 def make_dataset(root: Path, per_class: int = 30, seed: int = 0) -> Path:

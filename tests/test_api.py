@@ -17,7 +17,7 @@ from PIL import Image
 
 from urllib3 import encode_multipart_formdata
 
-from conftest import synthetic_image
+from conftest import lying_header_jpeg, synthetic_image
 from vehicle_classifier.serving.api import create_app
 from vehicle_classifier.config import ServiceConfig
 
@@ -144,6 +144,7 @@ def zip_file() -> bytes:
 BAD_IMAGES = [
     ("truncated jpeg", truncated_jpeg, "image/jpeg", 400, "damaged or truncated"),
     ("damaged png", damaged_png, "image/png", 400, "damaged or truncated"),
+    ("jpeg header claiming 6000x6000", lambda: lying_header_jpeg(6000, 6000), "image/jpeg", 400, "damaged or truncated"),
     ("random bytes", lambda: np.random.default_rng(1).bytes(5000), "image/jpeg", 400, "not an image"),
     ("text sent as png", lambda: b"this is not a picture\n" * 20, "image/png", 400, "not an image"),
     ("zip archive", zip_file, "image/jpeg", 400, "not an image"),

@@ -8,12 +8,13 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, make_dataset
+from conftest import REPO, lying_header_jpeg, make_dataset
 from vehicle_classifier import extraction as features
 from vehicle_classifier.offline import batch
 from vehicle_classifier.model.predictor import Predictor
@@ -69,7 +70,7 @@ def test_rerun_skips_written_rows_and_mends_a_torn_last_row(tiny_model_dir, phot
     out.write_bytes(b"".join(lines[:-2]) + lines[-2][:15])
     lost_unreadable = sum(b"damaged" in line for line in lines[-2:])
     capsys.readouterr()
-    assert batch.main(args) == (1 if lost_unreadable else 0)
+    assert batch.main(args) == 1  # broken.jpg's error row is in the file, from either run
     said = capsys.readouterr().out
     assert said.startswith(f"{2 - lost_unreadable} classified, {lost_unreadable} unreadable"), said
     assert "5 already in" in said
@@ -82,8 +83,10 @@ def test_rerun_skips_written_rows_and_mends_a_torn_last_row(tiny_model_dir, phot
         if row["confidence"]:
             assert abs(float(row["confidence"]) - float(before[row["path"]]["confidence"])) < 1e-4
     mended = out.read_bytes()
-    assert batch.main(args) == 0  # nothing left to do
-    assert capsys.readouterr().out.startswith("0 classified, 0 unreadable (see the error column), 7 already in")
+    assert batch.main(args) == 1  # nothing left to do, but the output still holds broken.jpg's error row
+    said = capsys.readouterr().out
+    assert said.startswith("0 classified, 0 unreadable (see the error column), 7 already in"), said
+    assert "(1 of this run's inputs have an error row there)" in said
     assert out.read_bytes() == mended
 
 
@@ -114,15 +117,12 @@ def test_an_output_of_other_columns_is_refused_untouched(tiny_model_dir, photos_
 
 
 @pytest.mark.parametrize("case, message", [
-    ("missing input", "no such file or folder"),
     ("no images", "no image files in"),
     ("bad suffix", "--output must end in .csv or .jsonl"),
 ])
 def test_bad_arguments_get_one_line(tiny_model_dir, photos_dir, tmp_path, capsys, case, message):
     inputs, output = str(photos_dir), str(tmp_path / "p.csv")
-    if case == "missing input":
-        inputs = str(tmp_path / "nowhere")
-    elif case == "no images":
+    if case == "no images":
         inputs = str(tmp_path)
     else:
         output = str(tmp_path / "p.xlsx")
@@ -130,6 +130,57 @@ def test_bad_arguments_get_one_line(tiny_model_dir, photos_dir, tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
     assert not list(tmp_path.iterdir())
+
+
+def test_every_named_input_gets_a_row_and_a_rerun_still_exits_1(tiny_model_dir, photos_dir, tmp_path, capsys):
+    """Special files named on the command line are never opened (a FIFO would block) but get an
+    error row saying what they are; the good photo beside them is classified."""
+    os.mkfifo(tmp_path / "fifo.jpg")
+    (tmp_path / "notimage.jpg").write_text("not an image")
+    (tmp_path / "dangling.jpg").symlink_to(tmp_path / "gone.jpg")
+    (tmp_path / "folder.jpg").mkdir()
+    names = ["fifo.jpg", "notimage.jpg", "dangling.jpg", "folder.jpg", "nowhere.jpg"]
+    out = tmp_path / "p.csv"
+    args = [*(str(tmp_path / n) for n in names), str(photos_dir / "Bike" / "Bike_0.jpg"),
+            "--model-dir", str(tiny_model_dir), "--output", str(out)]
+    assert batch.main(args) == 1
+    rows = {Path(r["path"]).name: r for r in read_csv(out)}
+    assert len(rows) == 6 and rows["Bike_0.jpg"]["label"] and not rows["Bike_0.jpg"]["error"]
+    assert "FIFO" in rows["fifo.jpg"]["error"] and "dangling link" in rows["dangling.jpg"]["error"]
+    assert "not an image" in rows["notimage.jpg"]["error"] and "a folder" in rows["folder.jpg"]["error"]
+    assert "no such file" in rows["nowhere.jpg"]["error"]
+    assert capsys.readouterr().out.startswith("1 classified, 5 unreadable")
+    written = out.read_bytes()
+    assert batch.main(args) == 1  # the resumed run: nothing to do, but the errors are in the output
+    assert capsys.readouterr().out.startswith("0 classified, 0 unreadable (see the error column), 6 already in")
+    assert out.read_bytes() == written
+
+
+def test_a_jpeg_with_a_lying_header_gets_an_error_row(tiny_model_dir, photos_dir, tmp_path):
+    (tmp_path / "lying.jpg").write_bytes(lying_header_jpeg())
+    out = tmp_path / "p.csv"
+    args = [str(tmp_path / "lying.jpg"), str(photos_dir / "Bike" / "Bike_0.jpg")]
+    assert batch.main([*args, "--model-dir", str(tiny_model_dir), "--output", str(out)]) == 1
+    rows = {Path(r["path"]).name: r for r in read_csv(out)}
+    assert "damaged or truncated" in rows["lying.jpg"]["error"] and rows["lying.jpg"]["label"] == ""
+    assert rows["Bike_0.jpg"]["label"] and not rows["Bike_0.jpg"]["error"]
+
+
+def test_a_folders_skipped_entries_are_counted(tiny_model_dir, photos_dir, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.open(photos_dir / "Car" / "Car_0.jpg").save(folder / "car.jpg")
+    os.mkfifo(folder / "pipe.jpg")
+    (folder / "dangling.png").symlink_to(tmp_path / "gone.png")
+    (folder / "album.jpg").mkdir()
+    (folder / "notes.txt").write_text("not an image")
+    (folder / ".hidden.jpg").write_text("left out, as hidden files are")
+    out = tmp_path / "p.csv"
+    assert batch.main([str(folder), "--model-dir", str(tiny_model_dir), "--output", str(out)]) == 0
+    assert [Path(r["path"]).name for r in read_csv(out)] == ["car.jpg"]
+    said = capsys.readouterr().out
+    assert ("skipped in folders: 1 FIFO (named pipe), 1 dangling link (its target does not exist), "
+            "1 folder named like an image (searched as a folder), 1 not an image file") in said, said
 
 
 def test_the_command_without_a_model_says_so_in_one_line(photos_dir, tmp_path):

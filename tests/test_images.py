@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import lying_header_jpeg
 from vehicle_classifier.images import ImageError, center_crop, load_tensor, open_image, preprocess
 
 PREP = {"input_size": 224, "resize_size": 248, "interpolation": "bicubic",
@@ -92,6 +93,21 @@ def test_pixel_limit_is_checked_before_decoding():
 def test_bad_bytes_raise_image_error(blob, words):
     with pytest.raises(ImageError, match=words):
         open_image(blob)
+
+
+@pytest.mark.parametrize("draft_size", [0, 256])
+def test_a_jpeg_header_claiming_more_pixels_than_its_data_holds_is_damaged(draft_size):
+    """libjpeg fills the missing blocks and only warns: without the length check the draft decode
+    (and the full one) answers a grey 7900x7900 image."""
+    with pytest.raises(ImageError, match="damaged or truncated.*7900x7900"):
+        open_image(lying_header_jpeg(), draft_size)
+    assert open_image(lying_header_jpeg(64, 48), draft_size).size == (64, 48)  # the same file, honest header
+
+
+def test_a_large_flat_jpeg_is_not_mistaken_for_a_damaged_one():
+    flat = Image.new("RGB", (4000, 4000), (128, 128, 128))
+    for options in ({"optimize": True}, {"optimize": True, "progressive": True}):
+        assert open_image(encode(flat, "JPEG", **options), 256).size[0] >= 256
 
 
 def test_very_wide_images_are_cropped_before_resizing():

@@ -52,9 +52,31 @@ def read_header(source: bytes | str | Path, draft_size: int = 0, max_pixels: int
             raise ImageError("image has no pixels")
         if width * height > max_pixels:
             raise ImageError(f"image is {width}x{height} pixels, over the limit of {max_pixels:,} pixels")
+        if image.format == "JPEG":
+            _check_jpeg_length(source, width, height)
         if draft_size and image.format == "JPEG":
             image.draft("RGB", (draft_size, draft_size))
         return image
+
+
+# Arithmetic-coded frames (SOF9-11, SOF13-15) can code a flat block in well under one bit.
+_ARITHMETIC_SOF = tuple(bytes((0xFF, marker)) for marker in (0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF))
+
+
+def _check_jpeg_length(source: bytes | str | Path, width: int, height: int) -> None:
+    """A JPEG whose data ends long before the size its header claims is damaged: libjpeg fills
+    the missing blocks with grey and only warns (hit a marker), so Pillow decodes it without an
+    error, at full size and in draft mode alike. Huffman coding spends at least one bit on each
+    8x8 luma block's DC value, so fewer bytes than (blocks / 8) cannot be a whole image."""
+    length = len(source) if isinstance(source, bytes) else Path(source).stat().st_size
+    blocks = -(-width // 8) * -(-height // 8)
+    if length * 8 >= blocks:
+        return
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()  # small: under blocks / 8 bytes
+    if any(marker in data for marker in _ARITHMETIC_SOF):
+        return
+    raise ImageError(f"damaged or truncated image: {length:,} bytes cannot hold the {width}x{height} pixels "
+                     f"its JPEG header claims")
 
 
 def decode(image: Image.Image, draft_size: int = 0) -> Image.Image:

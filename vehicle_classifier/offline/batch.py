@@ -22,13 +22,16 @@ import csv
 import io
 import json
 import logging
+import os
+import stat
 import sys
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .. import UserError, cli, config
-from ..data import image_files
 
 FORMATS = (".csv", ".jsonl")
 FIXED_COLUMNS = ("path", "label", "confidence")
@@ -38,18 +41,70 @@ class BatchError(UserError):
     """Bad inputs or output file; the message says why in one line."""
 
 
-def find_images(inputs: list[Path]) -> list[Path]:
+@dataclass
+class Inputs:
+    """What the command line names: the image files to classify (each once, in order), the
+    named inputs that cannot be classified with why (each gets an error row), and what the
+    folder scans skipped, counted by kind."""
+
+    images: list[Path] = field(default_factory=list)
+    rejected: dict[Path, str] = field(default_factory=dict)
+    skipped: Counter = field(default_factory=Counter)
+
+
+def find_images(inputs: list[Path]) -> Inputs:
     """Files as named, and the image files under each folder (sorted, hidden ones left out),
-    each file once."""
-    found: list[Path] = []
+    each file once. Nothing is opened: a FIFO would block its reader."""
+    found = Inputs()
     for item in inputs:
-        if item.is_dir():
-            found += image_files(item)
-        elif item.is_file():
-            found.append(item)
+        kind = _special(item)
+        if kind is None and item.is_dir():
+            images = _scan_folder(item, found.skipped)
+            if not images and item.suffix.lower() in config.IMAGE_EXTENSIONS:
+                found.rejected[item] = "a folder, not an image file (and no image files in it)"
+            found.images += images
+        elif kind is None:
+            found.images.append(item)
         else:
-            raise BatchError(f"no such file or folder: {item}")
-    return list(dict.fromkeys(found))
+            found.rejected[item] = kind if kind.startswith(("no such", "unreadable")) else f"{kind}, not an image file"
+    found.images = list(dict.fromkeys(found.images))
+    return found
+
+
+def _special(path: Path) -> str | None:
+    """What `path` is when it is neither a regular file nor a folder (by stat alone), or None."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "a dangling link (its target does not exist)" if os.path.islink(path) else "no such file or folder"
+    except OSError as exc:
+        return f"unreadable ({exc.strerror})"
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    return "a socket" if stat.S_ISSOCK(mode) else "a device"
+
+
+def _scan_folder(folder: Path, skipped: Counter) -> list[Path]:
+    """The image files under `folder` (sorted, hidden ones left out); each other visible entry
+    counted in `skipped` by what it is."""
+    images = []
+    for path in sorted(folder.rglob("*")):
+        if any(part.startswith(".") for part in path.relative_to(folder).parts):
+            continue
+        kind = _special(path)
+        image_name = path.suffix.lower() in config.IMAGE_EXTENSIONS
+        if kind is None and path.is_dir():
+            if image_name:  # searched like any folder, but counted: the user may have meant a file
+                skipped["folder named like an image (searched as a folder)"] += 1
+        elif kind is not None:
+            skipped[kind.removeprefix("a ")] += 1  # "1 FIFO (named pipe)" in the summary
+        elif image_name:
+            images.append(path)
+        else:
+            skipped["not an image file"] += 1
+    return images
 
 
 class ResultsFile:
@@ -64,6 +119,7 @@ class ResultsFile:
         self.jsonl = self.path.suffix.lower() == ".jsonl"
         self.rows = self._recover(repair)
         self.done = {str(row["path"]) for row in self.rows}
+        self.failed = {str(row["path"]) for row in self.rows if row.get("error")}  # paths with an error row
         self._file = None
 
     def _recover(self, repair: bool) -> list[dict]:
@@ -111,6 +167,7 @@ class ResultsFile:
         self._file.write(text)  # whole rows in one write: a kill tears at most the last one
         self._file.flush()
         self.done.update(str(row["path"]) for row in rows)
+        self.failed.update(str(row["path"]) for row in rows if row.get("error"))
 
     def close(self) -> None:
         if self._file is not None:
@@ -195,9 +252,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace) -> tuple[int, int, int] | None:
-    """Classify every input not yet in --output; (classified, unreadable, already there) on
-    rank 0, None on the other ranks of a torchrun."""
+@dataclass
+class Summary:
+    """What a run did (rank 0): this run's classified and unreadable rows, the inputs already
+    in --output, how many of this run's inputs have an error row there (this run's or an
+    earlier one's: the exit status goes by it), and what the folder scans skipped."""
+
+    classified: int
+    unreadable: int
+    already: int
+    failed: int
+    skipped: Counter
+
+    def line(self, output: Path) -> str:
+        text = (f"{self.classified} classified, {self.unreadable} unreadable (see the error column), "
+                f"{self.already} already in {output}")
+        if self.failed > self.unreadable:
+            text += f" ({self.failed} of this run's inputs have an error row there)"
+        if self.skipped:
+            text += "; skipped in folders: " + ", ".join(f"{n} {kind}" for kind, n in sorted(self.skipped.items()))
+        return f"{text}: results in {output}"
+
+
+def run(args: argparse.Namespace) -> Summary | None:
+    """Classify every input not yet in --output; a Summary on rank 0, None on the other ranks
+    of a torchrun."""
     from ..artifact import load_artifact
     from ..distributed import part_suffix, process_group
     from ..extraction import decode_workers
@@ -205,8 +284,8 @@ def run(args: argparse.Namespace) -> tuple[int, int, int] | None:
     from ..runtime import resolve_precision
     from ..model.predictor import Predictor, ServedModel
 
-    images = find_images(args.inputs)
-    if not images:
+    found = find_images(args.inputs)
+    if not found.images and not found.rejected:
         raise BatchError(f"no image files in {', '.join(map(str, args.inputs))}")
     path = args.model_dir / config.ARTIFACT_FILE
     backbone = load_artifact(path).backbone
@@ -217,7 +296,8 @@ def run(args: argparse.Namespace) -> tuple[int, int, int] | None:
         predictor = Predictor(ServedModel.read(path), device=str(device), precision=resolve_precision(args.precision, device))
         columns = result_columns(predictor)
         final = ResultsFile(args.output, columns, repair=group.is_main)
-        todo = [p for p in images if str(p) not in final.done]
+        todo = [p for p in found.images if str(p) not in final.done]
+        rejected = _write_rejected(final, found.rejected) if group.is_main else 0
         if group.distributed:
             target = ResultsFile(args.output.with_name(f".{args.output.name}{part_suffix(group)}{args.output.suffix}"),
                                  columns)
@@ -232,9 +312,20 @@ def run(args: argparse.Namespace) -> tuple[int, int, int] | None:
         gathered = group.gather(counts)
         if not group.is_main:
             return None
-        merge_parts(final, images)
+        merge_parts(final, found.images)
         final.close()
-    return sum(c for c, _ in gathered), sum(u for _, u in gathered), len(images) - len(todo)
+    inputs = {str(p) for p in [*found.images, *found.rejected]}
+    return Summary(sum(c for c, _ in gathered), sum(u for _, u in gathered) + rejected,
+                   len(found.images) - len(todo) + len(found.rejected) - rejected, len(final.failed & inputs),
+                   found.skipped)
+
+
+def _write_rejected(results: ResultsFile, rejected: dict[Path, str]) -> int:
+    """An error row for each named input that is no file to classify and has no row yet."""
+    rows = [{"path": str(p), "error": why} for p, why in rejected.items() if str(p) not in results.done]
+    if rows:
+        results.append(rows)
+    return len(rows)
 
 
 def main(argv=None) -> int:
@@ -243,19 +334,19 @@ def main(argv=None) -> int:
     try:
         if args.output.suffix.lower() not in FORMATS:
             raise BatchError(f"--output must end in {' or '.join(FORMATS)}: {args.output}")
-        counts = run(args)
+        summary = run(args)
     except (UserError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"interrupted: the rows written so far are kept in {args.output}; rerun to continue", file=sys.stderr)
         return 130
-    if counts is None:
+    if summary is None:
         return 0
-    classified, unreadable, skipped = counts
-    print(f"{classified} classified, {unreadable} unreadable (see the error column), {skipped} already in "
-          f"{args.output}: results in {args.output}")
-    return 1 if unreadable else 0
+    print(summary.line(args.output))
+    # 1 while the output holds an error row for any of this run's inputs, written now or by the
+    # run this one resumes: a script checking the status of a rerun still sees the failures.
+    return 1 if summary.failed else 0
 
 
 if __name__ == "__main__":
