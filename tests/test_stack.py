@@ -213,3 +213,33 @@ def test_a_replica_killed_under_load_costs_no_request(stack):
             break
         assert time.monotonic() < deadline, (state, stack.logs())
         time.sleep(1)
+
+
+def test_slow_header_clients_hold_nothing_behind_the_proxy(stack):
+    """What bare gunicorn does not survive (docs/reliability.md): connections trickling their
+    headers a line a second. Behind compose's nginx a normal request is answered at once beside
+    them, and nginx cuts each trickler off (client_header_timeout, 10 s)."""
+    import socket
+
+    port = int(stack.proxy.rsplit(":", 1)[1])
+    tricklers = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(6)]
+    for sock in tricklers:
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\n")
+    photo = next(p for p in sample_photos() if p.suffix.lower() in (".jpg", ".jpeg")).read_bytes()
+    cut_off, started = set(), time.monotonic()
+    answered = None
+    while time.monotonic() - started < 25 and len(cut_off) < len(tricklers):
+        if answered is None and time.monotonic() - started > 2:
+            begun = time.monotonic()
+            reply = requests.post(f"{stack.proxy}/predict", data=photo, headers={"Content-Type": "image/jpeg"}, timeout=30)
+            answered = (reply.status_code, time.monotonic() - begun)
+        for i, sock in enumerate(tricklers):
+            try:
+                sock.sendall(b"X-a: b\r\n")
+            except OSError:
+                cut_off.add(i)
+        time.sleep(1)
+    for sock in tricklers:
+        sock.close()
+    assert answered is not None and answered[0] == 200 and answered[1] < 2.0, answered
+    assert len(cut_off) == len(tricklers), f"{len(cut_off)} of {len(tricklers)} cut off in 25 s"
