@@ -177,6 +177,9 @@ def test_too_few_photos_and_a_missing_folder_are_one_line_errors(tmp_path, tiny_
                   "found {'Bike': 3, 'Car': 3}\n"
     assert audit_main(["--data-dir", str(tmp_path / "nowhere"), *args]) == 2
     assert capsys.readouterr().err.startswith(f"error: data directory not found: {tmp_path / 'nowhere'}")
+    (tmp_path / "photos.zip").write_bytes(b"PK")  # a path that exists, but as a file
+    assert audit_main(["--data-dir", str(tmp_path / "photos.zip"), *args]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'photos.zip'} is a file, not a folder")
     assert not (tmp_path / "out").exists()
 
 

@@ -123,3 +123,13 @@ print(client.get("/metadata").get_json()["serving"]["model"])
     answer = json.loads(body)
     assert status == "200" and answer["label"] in ("Bike", "Car") and answer["attention_png"]
     assert out.stdout.splitlines()[1] == "exported"
+
+
+def test_the_command_line_is_light_and_named_as_it_is_run():
+    """--help imports neither torch nor timm (they take seconds): they load when an export runs."""
+    code = "import sys, vehicle_classifier.export as e; print(sorted({'torch', 'timm'} & set(sys.modules)))"
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert loaded.stdout.strip() == "[]", loaded.stderr
+    shown = subprocess.run([sys.executable, "-m", "vehicle_classifier.export", "--help"], cwd=REPO,
+                           capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0 and shown.stdout.startswith("usage: python -m vehicle_classifier.export ")

@@ -99,7 +99,7 @@ def test_an_unreachable_hub_fails_within_seconds(monkeypatch, tmp_path):
             monkeypatch.setattr("huggingface_hub.constants.HUGGINGFACE_CO_URL_TEMPLATE",
                                 f"http://127.0.0.1:{port}/{{repo_id}}/resolve/{{revision}}/{{filename}}")
             started = time.monotonic()
-            with pytest.raises(WeightsError, match=rf"is unreachable. Pass a weights file: .*\(\w*{reason}"):
+            with pytest.raises(WeightsError, match=rf"is unreachable. Pass a weights file: .*WEIGHTS=path/to/file make run\)\. \(\w*{reason}"):
                 find_pretrained_weights(TINY_SPEC)
             # (plus, the first time, a second or two building huggingface_hub's HTTP client)
             assert time.monotonic() - started < HUB_TIMEOUT + 4

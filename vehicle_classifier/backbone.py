@@ -220,7 +220,7 @@ def find_pretrained_weights(spec: BackboneSpec) -> Path:
     hint = (
         f"no pretrained weights for {spec.name}: not in the Hugging Face cache and the hub "
         f"({spec.hub_id}) is unreachable. Pass a weights file: {official}timm's {HUB_WEIGHTS_FILE} "
-        f"from {spec.hub_id}."
+        f"from {spec.hub_id} (make run takes it as WEIGHTS=path/to/file make run)."
     )
     reason = _hub_unreachable(spec)
     if reason:

@@ -52,6 +52,8 @@ def scan_image_folder(root: Path) -> tuple[list[str], list[Sample]]:
     """Every file under each class folder (sorted); files that are not images are found out,
     and skipped with a warning, when they are decoded."""
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise DataError(f"{root} is a file, not a folder (expected a data folder with one sub-folder per class)")
     if not root.is_dir():
         raise DataError(f"data directory not found: {root} (expected one sub-folder per class)")
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))

@@ -21,28 +21,37 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from . import UserError, config
 from .artifact import load_artifact
-from .backbone import cls_attention, has_cls_attention
 from .fileio import exclusive, publish, recover
 from .runtime import RT_INFO_VERSION, import_openvino
 
+if TYPE_CHECKING:
+    from torch import nn
+
 FEATURES, ATTENTION = "features", "attention"  # the graph's output names
+PROG = "python -m vehicle_classifier.export"
 
 
-class _WithAttention(nn.Module):
-    """features and the [CLS] attention map from one forward (backbone.cls_attention)."""
+def _with_attention(backbone: nn.Module) -> nn.Module:
+    """`backbone` returning its features and the [CLS] attention map from one forward
+    (backbone.cls_attention). torch and timm are imported here, not at the top, so that
+    `--help` answers at once (they take ~4 s to import)."""
+    from torch import nn
 
-    def __init__(self, backbone: nn.Module):
-        super().__init__()
-        self.backbone = backbone
+    from .backbone import cls_attention
 
-    def forward(self, images):
-        return cls_attention(self.backbone, images)
+    class WithAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = backbone
+
+        def forward(self, images):
+            return cls_attention(self.backbone, images)
+
+    return WithAttention()
 
 
 def to_openvino(backbone: nn.Module, input_size: int, preprocessing: dict | None = None, attention: bool = False):
@@ -50,8 +59,10 @@ def to_openvino(backbone: nn.Module, input_size: int, preprocessing: dict | None
     with `preprocessing` uint8 NHWC crops normalised in the graph; outputs FEATURES and, with
     `attention`, ATTENTION. Traced here rather than by OpenVINO, to skip the trace check (a
     second forward and comparison, ~1 s); tracing and converting start no OpenVINO threads."""
+    import torch
+
     ov = import_openvino()
-    module = _WithAttention(backbone.eval()) if attention else backbone.eval()
+    module = _with_attention(backbone.eval()) if attention else backbone.eval()
     example = torch.zeros(1, 3, input_size, input_size)
     with torch.no_grad(), warnings.catch_warnings():
         # Tracing warns about timm's shape asserts, which hold for the one input size we serve.
@@ -80,6 +91,8 @@ def _with_preprocessing(model, preprocessing: dict):
 def export_files(backbone: nn.Module, metadata: dict) -> dict[str, bytes]:
     """The exported model's files (config.EXPORT_FILES) for the artifact with this `metadata`
     (as stored: with its model_version), as bytes to publish with the artifact."""
+    from .backbone import has_cls_attention
+
     ov = import_openvino()
     preprocessing = metadata["preprocessing"]
     graph = to_openvino(backbone, preprocessing["input_size"], preprocessing, attention=has_cls_attention(backbone))
@@ -101,7 +114,7 @@ def export(model_dir: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Export a trained artifact's backbone for the torch-free CPU service.")
+    parser = argparse.ArgumentParser(prog=PROG, description="Export a trained artifact's backbone for the torch-free CPU service.")
     parser.add_argument("--model-dir", type=Path, default=config.OUTPUT_DIR,
                         help="folder holding model.safetensors (default: %(default)s)")
     args = parser.parse_args(argv)

@@ -120,6 +120,7 @@ def extract_features(
     batch_size: int = 0,
     num_workers: int | None = None,
     group: Group = SINGLE,
+    desc: str = "extracting features",
 ) -> tuple[dict[str, torch.Tensor], dict[Path, str]]:
     """Features for every readable file (by digest) and the reason each unreadable one failed.
     Only files whose digest is not in the cache (an open FeatureCache) are decoded and run
@@ -131,7 +132,7 @@ def extract_features(
     todo = group.broadcast([i for i, d in enumerate(digests) if d not in cache.features])
     num_workers = decode_workers(device, group.local_world_size) if num_workers is None else num_workers
     mine = [(paths[i], digests[i]) for i in group.shard(todo) if digests[i] not in cache.features]
-    failures = _extract_into(cache, model, mine, preprocessing, device, precision, batch_size, num_workers)
+    failures = _extract_into(cache, model, mine, preprocessing, device, precision, batch_size, num_workers, desc)
     if group.distributed:
         failures = _merge_parts(cache, failures, group)
     found = {d: cache.features[d] for d in digests if d in cache.features}
@@ -144,14 +145,16 @@ def part_cache(cache_dir: Path, key: str, group: Group) -> FeatureCache:
 
 
 def _extract_into(cache: FeatureCache, model: nn.Module, files: list[tuple[Path, str]], preprocessing: dict,
-                  device: torch.device, precision: str, batch_size: int, num_workers: int) -> dict[Path, str]:
-    """Run the backbone over `files` (path, digest) into `cache`; the unreadable ones' reasons."""
+                  device: torch.device, precision: str, batch_size: int, num_workers: int,
+                  desc: str = "extracting features") -> dict[Path, str]:
+    """Run the backbone over `files` (path, digest) into `cache`, under a progress bar named
+    `desc`; the unreadable ones' reasons."""
     failures: dict[Path, str] = {}
     if not files:
         return failures
     batches = backbone_features(model, [p for p, _ in files], preprocessing, device, precision, batch_size,
                                 num_workers)
-    with tqdm(total=len(files), desc="extracting features", unit="img") as bar:
+    with tqdm(total=len(files), desc=desc, unit="img") as bar:
         for indices, features, failed in batches:
             for i, reason in failed:
                 failures[files[i][0]] = reason

@@ -108,12 +108,15 @@ def extract(job: Job) -> Extraction:
     key = cache_key(job.spec.architecture, job.spec.model_kwargs, weights_digest, preprocessing, precision, runtime)
     others = neither_paths(job.cfg.neither_dir)
     other_digests = [file_digest(p) for p in others]
+    # The bar counts every file not yet cached: the photos and the 'neither' images (data/neither:
+    # 400 + 24 = 424 on the sample), while the summary counts the photos only.
+    desc = "extracting features (photos + 'neither' images)" if others else "extracting features"
     started = time.perf_counter()
     cache = FeatureCache(job.cache_dir, key) if job.group.is_main else part_cache(job.cache_dir, key, job.group)
     with cache:
         features, failures = extract_features(
             backbone, [s.path for s in photos.samples] + others, photos.digests + other_digests, preprocessing,
-            cache, device, precision, batch_size=job.cfg.extract_batch_size, group=job.group,
+            cache, device, precision, batch_size=job.cfg.extract_batch_size, group=job.group, desc=desc,
         )
     if job.group.is_main:  # it has every rank's failures
         for path, reason in failures.items():
