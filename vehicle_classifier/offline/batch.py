@@ -275,8 +275,7 @@ class Summary:
 
 
 def run(args: argparse.Namespace) -> Summary | None:
-    """Classify every input not yet in --output; a Summary on rank 0, None on the other ranks
-    of a torchrun."""
+    """Classify every input not yet in --output: a Summary on rank 0, None on torchrun's other ranks."""
     from ..artifact import load_artifact
     from ..distributed import part_suffix, process_group
     from ..extraction import decode_workers
@@ -314,9 +313,15 @@ def run(args: argparse.Namespace) -> Summary | None:
             return None
         merge_parts(final, found.images)
         final.close()
+    return _summary(found, len(todo), rejected, gathered, final)
+
+
+def _summary(found: Inputs, todo: int, rejected: int, gathered: list[tuple[int, int]], final: ResultsFile) -> Summary:
+    """What the run did: `todo` images and `rejected` error rows written now, `gathered` each
+    rank's (classified, unreadable); `final` the merged output."""
     inputs = {str(p) for p in [*found.images, *found.rejected]}
     return Summary(sum(c for c, _ in gathered), sum(u for _, u in gathered) + rejected,
-                   len(found.images) - len(todo) + len(found.rejected) - rejected, len(final.failed & inputs),
+                   len(found.images) - todo + len(found.rejected) - rejected, len(final.failed & inputs),
                    found.skipped)
 
 
