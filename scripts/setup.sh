@@ -44,6 +44,6 @@ command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 pip_install() {  # quiet, but the whole log when pip fails
     .venv/bin/python -m pip install --progress-bar off "$@" >.venv/pip.log 2>&1 || { cat .venv/pip.log; exit 1; }
 }
-pip_install -c constraints.txt -e ".[train,dev,page]"  # the tested versions (the lock)
-.venv/bin/python -c "import torch, timm, flask, streamlit" # fail here, not later, if the install did
+pip_install -c constraints.txt -e ".[train,dev,page,cluster]"  # the tested versions (the lock)
+.venv/bin/python -c "import torch, timm, flask, streamlit, ray.data" # fail here, not later, if the install did
 touch .venv/.installed
