@@ -77,11 +77,24 @@ class _Classifier:
         return pa.Table.from_pylist([{c: row.get(c) for c in self.columns} for row in out])
 
 
+def list_inputs(inputs: list[Path]) -> list[Path]:
+    """The inputs, with each .txt file replaced by the paths it lists (one a line; blank lines
+    and #-comments left out): a fleet's file list, written where every node reads the same names."""
+    found: list[Path] = []
+    for item in inputs:
+        if item.suffix.lower() == ".txt" and item.is_file():
+            lines = (line.strip() for line in item.read_text(encoding="utf-8").splitlines())
+            found += [Path(line) for line in lines if line and not line.startswith("#")]
+        else:
+            found.append(item)
+    return found
+
+
 def run(args: argparse.Namespace) -> tuple[int, int, int]:
     """Classify every input not yet in --output on the cluster; (classified, unreadable, already there)."""
     import ray
 
-    images = [str(p) for p in batch.find_images(args.inputs)]
+    images = [str(p) for p in batch.find_images(list_inputs(args.inputs))]
     if not images:
         raise batch.BatchError(f"no image files in {', '.join(map(str, args.inputs))}")
     if not (args.model_dir / config.ARTIFACT_FILE).is_file():
