@@ -132,7 +132,7 @@ def _predictions(paths: list[str], args: argparse.Namespace):
     cpus = args.ray_cpus_per_actor
     actors = args.ray_actors or max(1, int(ray.cluster_resources().get("CPU", 1) // cpus) - 1)
     # ^ one CPU's worth left free for Ray Data's own tasks (ray#44687)
-    size = args.batch_size or 16  # extraction.CPU_BATCH_SIZE: what keeps an OpenVINO stream busy
+    size = args.batch_size or 64  # larger than locally (16): amortises Ray's cost per batch
     blocks = max(1, min(len(paths) // size, actors * 4))
     dataset = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=blocks)
     # An autoscaling pool (1..n), not a fixed one: a fixed pool whose actor dies can hang (ray#62746).
