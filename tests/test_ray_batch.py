@@ -119,3 +119,16 @@ def test_a_bad_ray_output_is_one_line(tiny_model_dir, fleet, tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--output must end in .csv, .jsonl or .parquet" in err
+
+
+def test_an_address_nobody_answers_on_is_one_line_at_once(tiny_model_dir, fleet, tmp_path, capsys):
+    import socket
+
+    with socket.socket() as s:  # a port bound but not listening: refused at once
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+        code = batch.main([str(fleet), "--model-dir", str(tiny_model_dir), "--ray", address,
+                           "--output", str(tmp_path / "out.parquet")])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"no Ray cluster answers at {address}" in err

@@ -90,6 +90,19 @@ def list_inputs(inputs: list[Path]) -> list[Path]:
     return found
 
 
+def check_reachable(address: str | None) -> None:
+    """A host:port that nobody answers on is one line now: ray.init would retry for minutes."""
+    import socket
+
+    host, _, port = (address or "").rpartition(":")
+    if "://" in (address or "") or not host or not port.isdigit():
+        return  # ray://, auto, local: left to ray.init
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as exc:
+        raise batch.BatchError(f"no Ray cluster answers at {address} ({exc.strerror or exc}): is `ray start` running there?")
+
+
 def run(args: argparse.Namespace) -> tuple[int, int, int]:
     """Classify every input not yet in --output on the cluster; (classified, unreadable, already there)."""
     import ray
@@ -102,13 +115,18 @@ def run(args: argparse.Namespace) -> tuple[int, int, int]:
     output = RayOutput(args.output, _columns(args))
     todo = [p for p in images if p not in output.done]
     classified = unreadable = 0
-    ray.init(address=args.ray or os.environ.get("RAY_ADDRESS") or None, log_to_driver=False,
-             logging_level="ERROR")
+    address = args.ray or os.environ.get("RAY_ADDRESS") or None
+    check_reachable(address)
+    ray.init(address=address, log_to_driver=False, logging_level="ERROR")
     try:
         for rows in _predictions(todo, args).iter_batches(batch_format="pyarrow", batch_size=None):
             written = output.append(rows.to_pylist())
             unreadable += sum(1 for row in written if row.get("error"))
             classified += sum(1 for row in written if not row.get("error"))
+    except ray.exceptions.RayError as exc:  # what Ray's retries could not mend: one line, and how to go on
+        output.results.close()
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise batch.BatchError(f"the Ray run failed ({first}); the rows written are kept: rerun to continue") from exc
     finally:
         ray.shutdown()
     output.finish()
