@@ -56,13 +56,14 @@ def node_memory_mb(node: subprocess.Popen) -> float:
 
 def measure(args: argparse.Namespace) -> None:
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-    with tempfile.TemporaryDirectory(prefix="bench-ray") as temp:
+    with tempfile.TemporaryDirectory(prefix="bench-ray") as temp, \
+            tempfile.TemporaryDirectory(prefix="ray", dir="/tmp") as ray_temp:  # short: Ray's socket paths
         photos = Path(temp) / "photos"
         photos.mkdir()
         total = copies(args.photos, photos, args.copies)
         local = timed_batch(photos, args.model_dir, Path(temp) / "local.csv", None)
         start = time.perf_counter()
-        nodes, port = cluster.start_cluster(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+        nodes, port = cluster.start_cluster(ray_temp)
         started = time.perf_counter() - start
         try:
             memory = [node_memory_mb(node) for node in nodes]
