@@ -44,6 +44,6 @@ command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 # its progress bars) follows on the terminal; --log keeps the whole verbose log for a failure.
 echo "installing the Python environment into .venv (the first time takes about 2-3 minutes; full log: .venv/pip.log)"
 rm -f .venv/pip.log  # --log appends: keep this run's only
-.venv/bin/python -m pip install --log .venv/pip.log -c constraints.txt -e ".[train,dev,page]"  # the tested versions (the lock)
-.venv/bin/python -c "import torch, timm, flask, streamlit" # fail here, not later, if the install did
+.venv/bin/python -m pip install --log .venv/pip.log -c constraints.txt -e ".[train,dev,page,cluster]"  # the tested versions (the lock)
+.venv/bin/python -c "import torch, timm, flask, streamlit, ray.data" # fail here, not later, if the install did
 touch .venv/.installed

@@ -63,7 +63,7 @@ def test_pyproject_declares_ranges_that_the_lock_satisfies():
 
 def test_setup_and_ci_install_the_lock():
     setup = (REPO / "scripts" / "setup.sh").read_text()
-    assert re.search(r"pip install --log \.venv/pip\.log -c constraints\.txt -e \"\.\[train,dev,page\]\"", setup)
+    assert re.search(r"pip install --log \.venv/pip\.log -c constraints\.txt -e \"\.\[train,dev,page,cluster\]\"", setup)
     assert "make test" in (REPO / ".ci" / "run").read_text()  # CI sets up through scripts/setup.sh
     assert "constraints.txt" in (REPO / "Makefile").read_text().split("scripts/setup.sh")[0]
 

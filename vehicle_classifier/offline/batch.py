@@ -195,14 +195,15 @@ def merge_parts(results: ResultsFile, order: list[Path]) -> None:
         part.unlink()
 
 
-def result_columns(predictor) -> list[str]:
-    """path, label, confidence, a probability per class, what else the predictor reports, error."""
+def result_columns(predictor, features: bool = False) -> list[str]:
+    """path, label, confidence, a probability per class, what else the predictor reports,
+    features (the backbone's vector, when asked for), error."""
     example = _flat(predictor.predict_features(np.zeros((1, predictor.metadata["head"]["in_dim"]), np.float32))[0])
     columns = [*FIXED_COLUMNS, *predictor.model.class_names]
     columns += [key for key in example if key not in columns]
     if len(set(columns)) != len(columns) or "error" in columns:
         raise BatchError(f"class names clash with the result columns: {predictor.model.class_names}")
-    return [*columns, "error"]
+    return [*columns, *(["features"] if features else []), "error"]
 
 
 def _flat(prediction) -> dict:
@@ -211,8 +212,16 @@ def _flat(prediction) -> dict:
     return {key: value for key, value in answer.items() if key != "probabilities"} | answer["probabilities"]
 
 
+def answer_row(path, prediction, features: np.ndarray | None = None) -> dict:
+    """A result row; `features` as a list of floats (a JSON array in CSV) when given."""
+    row = {"path": str(path), **_flat(prediction)}
+    if features is not None:
+        row["features"] = [float(x) for x in features]
+    return row
+
+
 def predict_into(results: ResultsFile, predictor, backbone, paths: list[Path], batch_size: int = 0,
-                 num_workers: int | None = None) -> tuple[int, int]:
+                 num_workers: int | None = None, features: bool = False) -> tuple[int, int]:
     """Classify `paths` into `results` with the torch `backbone` and the predictor's head; how
     many were classified and how many were unreadable."""
     import torch
@@ -224,11 +233,12 @@ def predict_into(results: ResultsFile, predictor, backbone, paths: list[Path], b
     batches = backbone_features(backbone, paths, predictor.model.preprocessing, torch.device(predictor.device),
                                 predictor.precision, batch_size, num_workers)
     with tqdm(total=len(paths), desc="predicting", unit="img") as bar:
-        for indices, features, failed in batches:
+        for indices, vectors, failed in batches:
             rows = [{"path": str(paths[i]), "error": reason} for i, reason in failed]
-            if features is not None:
-                predictions = predictor.predict_features(features.numpy())
-                rows += [{"path": str(paths[i]), **_flat(p)} for i, p in zip(indices, predictions)]
+            if vectors is not None:
+                predictions = predictor.predict_features(vectors.numpy())
+                rows += [answer_row(paths[i], p, v if features else None)
+                         for i, p, v in zip(indices, predictions, vectors.numpy())]
             results.append(rows)
             classified, unreadable = classified + len(indices), unreadable + len(failed)
             bar.update(len(rows))
@@ -249,6 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="images per backbone batch (default 0: fitted to the device)")
     parser.add_argument("-j", "--workers", type=int, default=None,
                         help="decoding worker processes (default: from the cores this process may use)")
+    parser.add_argument("--features", action="store_true",
+                        help="also write the backbone's feature vector (column features; ood_score is a column already)")
+    from .ray_batch import add_arguments  # imports no Ray
+
+    add_arguments(parser)
     return parser
 
 
@@ -293,7 +308,7 @@ def run(args: argparse.Namespace) -> Summary | None:
         check_device(device)
         # The predictor answers from features: backbone_features runs the backbone (extraction.py).
         predictor = Predictor(ServedModel.read(path), device=str(device), precision=resolve_precision(args.precision, device))
-        columns = result_columns(predictor)
+        columns = result_columns(predictor, args.features)
         final = ResultsFile(args.output, columns, repair=group.is_main)
         todo = [p for p in found.images if str(p) not in final.done]
         rejected = _write_rejected(final, found.rejected) if group.is_main else 0
@@ -305,7 +320,7 @@ def run(args: argparse.Namespace) -> Summary | None:
         mine = [p for p in group.shard(todo) if str(p) not in target.done]
         workers = decode_workers(device, group.local_world_size) if args.workers is None else args.workers
         try:
-            counts = predict_into(target, predictor, backbone, mine, args.batch_size, workers)
+            counts = predict_into(target, predictor, backbone, mine, args.batch_size, workers, args.features)
         finally:
             target.close()
         gathered = group.gather(counts)
@@ -333,13 +348,19 @@ def _write_rejected(results: ResultsFile, rejected: dict[Path, str]) -> int:
     return len(rows)
 
 
+def ray_run(args: argparse.Namespace) -> Summary:
+    from .ray_batch import run as run_on_ray  # Ray is imported only when asked for
+
+    return run_on_ray(args)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
-        if args.output.suffix.lower() not in FORMATS:
+        if args.ray is None and args.output.suffix.lower() not in FORMATS:
             raise BatchError(f"--output must end in {' or '.join(FORMATS)}: {args.output}")
-        summary = run(args)
+        summary = run(args) if args.ray is None else ray_run(args)
     except (UserError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
