@@ -30,7 +30,7 @@ HELP = {
     "max_epochs": "upper bound on head training epochs",
     "patience": "stop after this many epochs without a better validation loss",
     "extract_batch_size": "images per backbone batch during feature extraction (0: fitted to the device, 16 on CPU)",
-    "precision": "backbone precision: auto (bf16 where the hardware has it), bf16 or fp32",
+    "precision": "backbone precision: auto (int8 where the CPU has int8 dot products and the fidelity gate holds, else bf16 where the hardware has it), bf16, fp32 or int8 (training's features come from the float graph; the gate measures int8)",
     "ood_acceptance": "share of validation photos the 'neither a car nor a bike' threshold accepts",
     "neither_dir": "images that are neither class, for the flagged share in metrics.json (skipped when absent or '')",
     "calibration": f"where the temperature is fitted: out-of-fold (every train+val photo scored by one of "
