@@ -402,7 +402,7 @@ def test_metadata(client, tiny_model_dir):
     assert "roc_auc" in meta["metrics"]["test"]
     assert meta["training"]["backbone"] == "test-tiny"
     assert meta["serving"]["max_batch_files"] == MAX_FILES
-    assert meta["serving"]["precision"] in ("bf16", "fp32") and meta["serving"]["device"] == "cpu"
+    assert meta["serving"]["precision"] in ("int8", "bf16", "fp32") and meta["serving"]["device"] == "cpu"
 
 
 def test_metrics_count_requests_by_status(tiny_model_dir):

@@ -9,8 +9,9 @@ from pathlib import Path
 
 from . import config, registry
 
-_PRECISION_HELP = ("backbone precision: " + ", ".join(config.PRECISIONS)
-                   + " (auto: the fastest the hardware runs natively; see docs/serving.md)")
+_PRECISION_HELP = ("backbone precision: " + ", ".join(config.PRECISIONS) + " (auto: int8 where the CPU has int8 dot "
+                   "products and training's int8 fidelity gate held, else bf16 where the hardware has it, else fp32; "
+                   "training's features come from the float graph, the gate measures int8)")
 
 SHARED = {
     "data_dir": dict(type=Path, default=config.DATA_DIR, help="image folder, one sub-folder per class"),

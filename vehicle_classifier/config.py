@@ -37,8 +37,15 @@ CONFUSION_PLOT = "confusion_matrix.png"
 RELIABILITY_PLOT = "reliability.png"
 # The backbone exported for OpenVINO (export.py): what the CPU service runs, without torch.
 EXPORT_FILES = ("backbone.xml", "backbone.bin")
+# The same graph quantized to int8 post-training (export.quantized_files, NNCF), calibrated on
+# INT8_CALIBRATION_CROPS centre crops of the training photos; served as precision int8.
+INT8_FILES = ("backbone-int8.xml", "backbone-int8.bin")
+INT8_CALIBRATION_CROPS = 100
+# The fidelity gate: 'auto' serves int8 only when the head's top-1 answers through the int8
+# graph agree with fp32 on at least this share of the validation photos (metrics.json "int8").
+INT8_MIN_AGREEMENT = 0.995
 # One training run's outputs: published together, as one set (fileio.publish).
-OUTPUT_FILES = (ARTIFACT_FILE, *EXPORT_FILES, METRICS_FILE, SPLIT_FILE, HISTORY_PLOT, CONFUSION_PLOT, RELIABILITY_PLOT)
+OUTPUT_FILES = (ARTIFACT_FILE, *EXPORT_FILES, *INT8_FILES, METRICS_FILE, SPLIT_FILE, HISTORY_PLOT, CONFUSION_PLOT, RELIABILITY_PLOT)
 ARTIFACT_METADATA_KEY = "vehicle_classifier"  # the artifact header entry holding its JSON metadata
 
 # --- backbones (the registry itself: registry.py) -----------------------------------------
@@ -75,7 +82,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 MAX_IMAGE_PIXELS = 64_000_000
 
 # --- allowed values, each list once (the first entry is the default) -----------------------
-PRECISIONS = ("auto", "bf16", "fp32")  # auto: bf16 where the hardware runs it natively
+PRECISIONS = ("auto", "bf16", "fp32", "int8")  # auto: int8/bf16 where the hardware runs it natively (runtime.py)
 RUNTIMES = ("auto", "openvino", "torch")  # auto: openvino on cpu, torch elsewhere
 # OpenVINO: "throughput" runs one stream per core (two requests' forwards at once, ~1.3x the
 # requests/s under load); "latency" one stream over all cores (a lone request ~1.4x sooner);

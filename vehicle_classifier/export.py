@@ -23,6 +23,8 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from . import UserError, config
 from .artifact import load_artifact
 from .fileio import exclusive, publish, recover
@@ -88,19 +90,45 @@ def _with_preprocessing(model, preprocessing: dict):
     return steps.build()
 
 
-def export_files(backbone: nn.Module, metadata: dict) -> dict[str, bytes]:
-    """The exported model's files (config.EXPORT_FILES) for the artifact with this `metadata`
-    (as stored: with its model_version), as bytes to publish with the artifact."""
+def exported_graph(backbone: nn.Module, preprocessing: dict):
+    """The graph the service runs: uint8 NHWC crops in, features (and a ViT's attention) out."""
     from .backbone import has_cls_attention
 
+    return to_openvino(backbone, preprocessing["input_size"], preprocessing, attention=has_cls_attention(backbone))
+
+
+def export_files(backbone: nn.Module, metadata: dict, graphs: tuple | None = None) -> dict[str, bytes]:
+    """The exported model's files (config.EXPORT_FILES) for the artifact with this `metadata`
+    (as stored: with its model_version), as bytes to publish with the artifact. `graphs`:
+    (float graph, its int8 copy or None) made already (training measures them before it
+    publishes); with an int8 copy, its files (config.INT8_FILES) too."""
+    graph, quantized = graphs or (exported_graph(backbone, metadata["preprocessing"]), None)
+    files = {}
+    for model, names in ((graph, config.EXPORT_FILES), (quantized, config.INT8_FILES)):
+        if model is not None:
+            model.set_rt_info(metadata["model_version"], RT_INFO_VERSION)
+            files.update(_saved(model, names))
+    return files
+
+
+def _saved(graph, names: tuple[str, str]) -> dict[str, bytes]:
+    """An openvino.Model as the bytes of its (xml, bin) files."""
     ov = import_openvino()
-    preprocessing = metadata["preprocessing"]
-    graph = to_openvino(backbone, preprocessing["input_size"], preprocessing, attention=has_cls_attention(backbone))
-    graph.set_rt_info(metadata["model_version"], RT_INFO_VERSION)
     with tempfile.TemporaryDirectory() as folder:
-        xml = Path(folder) / config.EXPORT_FILES[0]
-        ov.save_model(graph, str(xml), compress_to_fp16=False)
-        return {name: (Path(folder) / name).read_bytes() for name in config.EXPORT_FILES}
+        ov.save_model(graph, str(Path(folder) / names[0]), compress_to_fp16=False)
+        return {name: (Path(folder) / name).read_bytes() for name in names}
+
+
+def quantize(graph, calibration: list[np.ndarray], transformer: bool):
+    """The graph quantized to int8 post-training by NNCF, its activation ranges measured on the
+    `calibration` crops (uint8 HWC, as the service feeds them). A transformer needs NNCF's
+    transformer scheme (it keeps softmax and layer norms float); a CNN takes the default.
+    nncf is imported here only: the service loads the quantized graph with openvino alone."""
+    import nncf
+
+    dataset = nncf.Dataset([crop[None] for crop in calibration])
+    options = {"model_type": nncf.ModelType.TRANSFORMER} if transformer else {}
+    return nncf.quantize(graph, dataset, subset_size=len(calibration), **options)
 
 
 def export(model_dir: Path) -> Path:

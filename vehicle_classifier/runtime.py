@@ -4,8 +4,9 @@ No torch here: the CPU service runs the exported backbone (export.py) with openv
 Measured on this project's 2-core AMD EPYC (AVX512-BF16, no AMX), ViT-S/16 (benchmarks/):
 torch eager fp32 62-82 ms per image, torch bf16 autocast 37-50 ms; OpenVINO bf16 ~33 ms at
 batch 1 on one stream over both cores, ~25 ms per image with a stream per core both busy, with
-[CLS] features as close to fp32 as torch's bf16 (cosine > 0.9999). int8 (NNCF) was faster still
-(~22 ms) but flipped the label of up to 24 of 400 sample photos, so it is not offered.
+[CLS] features as close to fp32 as torch's bf16 (cosine > 0.9999). int8 (the graph quantized by
+NNCF, export.quantized_files) is faster still (~25 ms) but its fidelity depends on the model, so
+'auto' serves it only where training's fidelity gate held (metrics.json "int8").
 
 Converting takes ~0.7 s and is done once; compiling takes ~0.2 s and is done in the process
 that runs the model. OpenVINO's thread pool does not survive fork(): a child of a process that
@@ -28,7 +29,9 @@ import numpy as np
 
 from .config import OPENVINO_MODES, PRECISIONS
 
-OPENVINO_PRECISION = {"bf16": "bf16", "fp32": "f32"}
+# int8: the quantized graph's int8 ops run as int8 whatever the hint; the ops left float run in
+# f32 (faster than bf16 around int8 ones in issue #26's trial: 24.7 against 28.6 ms).
+OPENVINO_PRECISION = {"bf16": "bf16", "fp32": "f32", "int8": "f32"}
 RT_INFO_VERSION = ["vehicle_classifier", "model_version"]  # where an exported graph records its artifact
 
 
@@ -65,7 +68,7 @@ class OpenVINOModel:
 
     def __init__(self, model, precision: str, mode: str = "latency"):
         if precision not in OPENVINO_PRECISION:
-            raise ValueError(f"precision must be bf16 or fp32, not {precision!r}")
+            raise ValueError(f"precision must be one of {', '.join(OPENVINO_PRECISION)}, not {precision!r}")
         if mode not in OPENVINO_MODES:
             raise ValueError(f"mode must be one of {', '.join(OPENVINO_MODES)}, not {mode!r}")
         self.precision, self.mode = precision, mode
@@ -167,28 +170,43 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def cpu_supports_bf16() -> bool:
-    """Whether the CPU computes bf16 natively (AVX512-BF16 or AMX), read from the kernel's CPU
-    flags: no torch, and nothing that starts threads before a fork."""
+def _cpu_flags() -> set[str]:
+    """The kernel's CPU flags: no torch, and nothing that starts threads before a fork."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: fp32
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no fast paths
+        return set()
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
 
 
-def resolve_precision(requested: str, device) -> str:
-    """'auto' is bf16 where the hardware runs it natively (CUDA with bf16, CPUs with AVX512-BF16
-    or AMX: 1.3-1.6x fp32 on this project's AMD EPYC (benchmarks/), features within ~1e-4 cosine
-    of fp32), else fp32. `device`: "cpu", "cuda", "cuda:1" or a torch.device."""
+def cpu_supports_bf16() -> bool:
+    """Whether the CPU computes bf16 natively (AVX512-BF16 or AMX)."""
+    return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def cpu_supports_int8() -> bool:
+    """Whether the CPU has int8 dot products (VNNI or AMX), without which int8 is no faster."""
+    return bool(_cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def resolve_precision(requested: str, device, int8_gate: bool = False) -> str:
+    """'auto' is int8 on CPUs with int8 dot products when `int8_gate` (training's fidelity gate
+    held and the quantized graph is there), else bf16 where the hardware runs it natively (CUDA
+    with bf16, CPUs with AVX512-BF16 or AMX: 1.3-1.6x fp32 on this project's AMD EPYC
+    (benchmarks/), features within ~1e-4 cosine of fp32), else fp32. `device`: "cpu", "cuda",
+    "cuda:1" or a torch.device."""
     if requested not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {requested!r}")
+    if requested == "int8" and runtime_for(device) != "openvino":
+        raise ValueError(f"precision int8 runs on the cpu only (the OpenVINO graph), not on {device}")
     if requested != "auto":
         return requested
     if runtime_for(device) == "torch":  # CUDA: torch is there
         import torch
 
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if int8_gate and cpu_supports_int8():
+        return "int8"
     return "bf16" if cpu_supports_bf16() else "fp32"
 
 

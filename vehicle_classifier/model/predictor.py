@@ -19,6 +19,7 @@ model, and each forked worker compiles (and on a GPU places) its own copy.
 from __future__ import annotations
 
 import base64
+import logging
 import math
 import threading
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ from ..images import attention_overlay_png, center_crop, open_image
 from ..ood import ood_scores
 from ..runtime import OpenVINOModel, read_exported, resolve_precision, runtime_for, usable_cores
 from .batcher import Batcher
+
+log = logging.getLogger(__name__)
 
 _erf = np.vectorize(math.erf, otypes=[np.float32])
 
@@ -236,6 +239,22 @@ class Predictor:
         return answers
 
 
+def _cpu_precision(model: ServedModel, path: Path, requested: str) -> str:
+    """The CPU's precision (its flags: nothing starts); 'auto' is int8 only where training's
+    fidelity gate held for this model and its int8 graph is there, and says why if not."""
+    gate = model.metadata.get("int8") or {}
+    held = bool(gate.get("passed")) and (path.parent / config.INT8_FILES[0]).is_file()
+    precision = resolve_precision(requested, "cpu", int8_gate=held)
+    if requested == "auto":
+        why = ("the fidelity gate held" if held else
+               "no int8 graph or gate for this model" if not gate else
+               f"the fidelity gate failed (top-1 agreement {gate['top1_agreement']:.2%})")
+        if precision != "int8" and held:
+            why = "this CPU has no int8 dot products (VNNI/AMX)"
+        log.info("serving %s: %s", precision, why)
+    return precision
+
+
 def _make_forward(model: ServedModel, path: Path, device: str, runtime: str, precision: str, mode: str):
     """(forward, where it came from): the exported model on the CPU when it belongs to this
     artifact; torch's forwards otherwise (imported only then)."""
@@ -245,10 +264,15 @@ def _make_forward(model: ServedModel, path: Path, device: str, runtime: str, pre
     if runtime == "openvino" and runtime_for(device) != "openvino":
         raise ValueError(f"the openvino runtime runs on the cpu only, not on {device}: use runtime auto or torch")
     if runtime == "openvino":
-        precision = resolve_precision(precision, device)  # the CPU's flags: nothing starts
-        exported = read_exported(path.parent / config.EXPORT_FILES[0], model.metadata["model_version"])
+        precision = _cpu_precision(model, path, precision)
+        name = config.INT8_FILES[0] if precision == "int8" else config.EXPORT_FILES[0]
+        exported = read_exported(path.parent / name, model.metadata["model_version"])
         if exported is not None:
             return OpenVINOForward(OpenVINOModel(exported, precision, mode)), "exported"
+        if precision == "int8":
+            raise ValueError(f"precision int8 needs {name} of this model beside it: train it on the cpu")
+    elif precision == "int8":
+        raise ValueError(f"precision int8 runs on the cpu only (the OpenVINO graph), not on {device}")
     from .torch_forward import converted_forward, torch_forward  # torch: only on these paths
 
     if runtime == "openvino":

@@ -105,6 +105,8 @@ def extract(job: Job) -> Extraction:
     preprocessing = preprocessing_for(backbone)
     device = job.group.device(job.device)
     precision, runtime = resolve_precision(job.cfg.precision, device), runtime_for(device)
+    if precision == "int8":  # the head learns from the float graph's features; the gate measures int8's
+        precision = "fp32"
     key = cache_key(job.spec.architecture, job.spec.model_kwargs, weights_digest, preprocessing, precision, runtime)
     others = neither_paths(job.cfg.neither_dir)
     other_digests = [file_digest(p) for p in others]
@@ -205,10 +207,26 @@ def publish(job: Job, ex: Extraction, data: Readable, split: dict, fitted: Fitte
     }
     tensors = {OOD_REFERENCES: torch.from_numpy(fitted.neither.references)} if fitted.neither else {}
     files = {config.RELIABILITY_PLOT: fitted.calibration.diagram} if fitted.calibration.diagram else {}
-    publish_outputs(job.output_dir, ex.backbone, fitted.trained.head, artifact_metadata(job, ex, fitted, summary),
+    graphs, metrics_doc["int8"] = int8_gate(ex, data, split, fitted)
+    metadata = {**artifact_metadata(job, ex, fitted, summary), "int8": metrics_doc["int8"]}
+    publish_outputs(job.output_dir, ex.backbone, fitted.trained.head, metadata,
                     split_doc, {**metrics_doc, "history": fitted.trained.history},
-                    extra_tensors=tensors, extra_files=files)
+                    extra_tensors=tensors, extra_files=files, graphs=graphs)
     return metrics_doc
+
+
+def int8_gate(ex: Extraction, data: Readable, split: dict, fitted: Fitted) -> tuple[tuple | None, dict | None]:
+    """On the CPU (where the int8 graph runs): (float graph, int8 graph) to publish and the
+    fidelity gate's report on the validation photos; (None, None) elsewhere or without them."""
+    if ex.runtime != "openvino" or not len(split["val"]):
+        return None, None
+    from .int8 import fidelity, quantized_graphs  # nncf: only here
+
+    graphs = quantized_graphs(ex.backbone, ex.preprocessing, [data.samples[i].path for i in split["train"]])
+    val = [data.samples[i] for i in split["val"]]
+    report = fidelity(graphs, fitted.trained.head, fitted.calibration.temperature, [s.path for s in val],
+                      [s.label for s in val], ex.preprocessing)
+    return graphs, report
 
 
 def artifact_metadata(job: Job, ex: Extraction, fitted: Fitted, summary: dict) -> dict:
