@@ -23,9 +23,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from vehicle_classifier import config  # noqa: E402
+from vehicle_classifier import config
 
 
 def timed(command: list[str]) -> float:
@@ -45,10 +44,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if args.weights is None:
-            sys.path.insert(0, str(REPO / "scripts"))
-            from lite0_weights import convert
-
-            args.weights = convert(tmp / "lite0.safetensors")
+            args.weights = tmp / "lite0.safetensors"
+            subprocess.run([sys.executable, str(REPO / "scripts" / "lite0_weights.py"), str(args.weights)],
+                           check=True)
         common = ["--data-dir", str(args.data_dir), "--backbone", args.backbone, "--weights", str(args.weights)]
         train = [sys.executable, "train.py", *common, "--output-dir", str(tmp / "model"), "--neither-dir", ""]
         audit = [sys.executable, "-m", "vehicle_classifier.audit", *common, "--output-dir", str(tmp / "audit")]

@@ -14,7 +14,6 @@ dino-vits16, measured in this one run; asserts nothing.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -23,13 +22,12 @@ import torch
 from tqdm.auto import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from vehicle_classifier import registry  # noqa: E402
-from vehicle_classifier.backbone import create_backbone, preprocessing_for  # noqa: E402
-from vehicle_classifier.runtime import resolve_precision  # noqa: E402
-from vehicle_classifier.export import to_openvino  # noqa: E402
-from vehicle_classifier.runtime import OpenVINOModel  # noqa: E402
+from vehicle_classifier import registry
+from vehicle_classifier.backbone import create_backbone, preprocessing_for
+from vehicle_classifier.runtime import resolve_precision
+from vehicle_classifier.export import to_openvino
+from vehicle_classifier.runtime import OpenVINOModel
 
 # Input sizes not chosen, priced for the justification in docs/backbones.md.
 ALTERNATIVES = {

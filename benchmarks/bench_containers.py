@@ -32,12 +32,10 @@ from pathlib import Path
 import requests
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
-import docker_stack as ds  # noqa: E402
-from live_service import free_port  # noqa: E402
+from harness import docker_stack as ds
+from harness.live import free_port
 
-from vehicle_classifier import config  # noqa: E402
+from vehicle_classifier import config
 
 BEFORE = {"predict image": "6.37 GB", "start to /ready": "6.1 s", "compose up to first answer": "22.6 s"}
 PROJECT = "vehicle-classifier-bench"
@@ -100,8 +98,7 @@ def up_to_first_answer(stack: ds.Stack, proxy: str, photo: Path) -> tuple[float,
 
 
 def model(work: Path) -> Path:
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from bench_service import build_artifact
+    from bench_service import build_artifact  # beside this script
 
     return build_artifact(work, per_class=20)
 

@@ -21,16 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
-
-from conftest import sample_photos  # noqa: E402
-from vehicle_classifier.backbone import create_backbone, preprocessing_for  # noqa: E402
-from vehicle_classifier.images import preprocess  # noqa: E402
-from vehicle_classifier.runtime import (OpenVINOModel, _cpu_flags, cpu_supports_bf16,  # noqa: E402
+from vehicle_classifier import config
+from vehicle_classifier.backbone import create_backbone, preprocessing_for
+from vehicle_classifier.images import preprocess
+from vehicle_classifier.runtime import (OpenVINOModel, _cpu_flags, cpu_supports_bf16,
                                         cpu_supports_int8, resolve_precision)
-from vehicle_classifier.training.int8 import crops, quantized_graphs  # noqa: E402
+from vehicle_classifier.training.int8 import crops, quantized_graphs
 
 SHOWN_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile")
 
@@ -62,7 +58,7 @@ def main() -> None:
     torch.manual_seed(0)
     backbone = create_backbone("vit_small_patch16_224.dino").eval()
     preprocessing = preprocessing_for(backbone)
-    photos = sample_photos()[: args.photos]
+    photos = sorted(p for p in config.SAMPLE_DIR.glob("*/*") if p.is_file())[: args.photos]
     started = time.perf_counter()
     graphs = quantized_graphs(backbone, preprocessing, photos[0::2])
     print(f"quantization (NNCF, calibration included): {time.perf_counter() - started:.1f} s")

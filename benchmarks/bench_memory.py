@@ -15,10 +15,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
-import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -29,11 +25,8 @@ import psutil
 import requests
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from vehicle_classifier.config import ServiceConfig  # noqa: E402
-from tests.live_service import free_port  # noqa: E402
+from vehicle_classifier.config import ServiceConfig
+from harness.live import start_gunicorn, stop
 
 
 def worst_png(pixels: int) -> bytes:
@@ -69,26 +62,14 @@ def main() -> None:
             from bench_service import build_artifact
 
             model_dir = build_artifact(Path(work), per_class=20)
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "predict:app"],
-                                cwd=REPO, env={**os.environ, "MODEL_DIR": str(model_dir)}, start_new_session=True,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc, url, _ = start_gunicorn(model_dir, Path(work) / "gunicorn.log", timeout=300)
         try:
             run(url, psutil.Process(proc.pid), settings, args.rounds)
         finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
+            stop(proc)
 
 
 def run(url: str, master: psutil.Process, settings: ServiceConfig, rounds: int) -> None:
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"{url}/ready", timeout=2).status_code == 200:
-                break
-        except requests.RequestException:
-            time.sleep(0.5)
     png = worst_png(settings.max_request_pixels)
     clients = settings.threads
     print(f"worst accepted request: one {len(png) / 1e6:.2f} MB RGBA PNG of {settings.max_request_pixels / 1e6:g} MP; "

@@ -24,10 +24,9 @@ from pathlib import Path
 
 import psutil
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+from harness import ray_cluster as cluster
 
-import ray_cluster_job as cluster  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 SAMPLE = REPO.parent / "shared" / "data" / "car-bike-sample"
 

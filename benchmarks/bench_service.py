@@ -37,9 +37,7 @@ import argparse
 import copy
 import http.client
 import io
-import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -58,19 +56,16 @@ from torch import nn
 from tqdm.auto import tqdm
 from urllib3 import encode_multipart_formdata
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from vehicle_classifier import config  # noqa: E402
-from vehicle_classifier.artifact import load_artifact  # noqa: E402
-from vehicle_classifier.backbone import create_backbone  # noqa: E402
-from vehicle_classifier.images import preprocess  # noqa: E402
-from vehicle_classifier.registry import get_spec  # noqa: E402
-from tests.live_service import free_port  # noqa: E402
-from vehicle_classifier.model.predictor import OpenVINOForward, Predictor  # noqa: E402
-from vehicle_classifier.serving.uploads import form_parts  # noqa: E402
-from vehicle_classifier.training.job import Job  # noqa: E402
-from vehicle_classifier.training.run import run_training  # noqa: E402
+from vehicle_classifier import config
+from vehicle_classifier.artifact import load_artifact
+from vehicle_classifier.backbone import create_backbone
+from vehicle_classifier.images import preprocess
+from vehicle_classifier.registry import get_spec
+from harness.live import start_gunicorn, stop
+from vehicle_classifier.model.predictor import OpenVINOForward, Predictor
+from vehicle_classifier.serving.uploads import form_parts
+from vehicle_classifier.training.job import Job
+from vehicle_classifier.training.run import run_training
 
 SAMPLE_DIR = config.SAMPLE_DIR
 
@@ -259,37 +254,16 @@ def photo_1920x1080(photos: list[Path]) -> tuple[bytes, str]:
 
 
 def start(model_dir: Path, log: Path) -> tuple[subprocess.Popen, str, float]:
-    """`gunicorn predict:app` serving `model_dir` on a free port: (process, URL, seconds from
-    its start until /ready answers 200, which under gunicorn means a worker has compiled and
-    warmed up the model). A /ready sent while the worker warms up waits in the listen queue
+    """`gunicorn predict:app` serving `model_dir` (the harness's start_gunicorn): (process, URL,
+    seconds until /ready). A /ready sent while the worker warms up waits in the listen queue
     and is answered the moment the worker takes it."""
-    port = free_port()
-    started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "predict:app"],
-                            cwd=REPO, env={**os.environ, "MODEL_DIR": str(model_dir)},
-                            stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    while time.perf_counter() - started < 300:
-        if proc.poll() is not None:
-            sys.exit(f"gunicorn exited:\n{log.read_text()[-2000:]}")
-        try:
-            if requests.get(f"{url}/ready", timeout=(1, 30)).ok:
-                return proc, url, time.perf_counter() - started
-        except requests.RequestException:
-            time.sleep(0.05)
-    stop(proc)
-    sys.exit("gunicorn not ready within 300 s")
+    return start_gunicorn(model_dir, log, timeout=300)
 
 
 def serve(model_dir: Path, log: Path) -> tuple[subprocess.Popen, str]:
     proc, url, seconds = start(model_dir, log)
     print(f"\ngunicorn ready in {seconds:.1f} s at {url}")
     return proc, url
-
-
-def stop(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
 
 
 # --- processes (/proc) ------------------------------------------------------------------------

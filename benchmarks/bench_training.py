@@ -32,10 +32,9 @@ from torchvision import transforms
 from tqdm.auto import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from vehicle_classifier import config, registry  # noqa: E402
-from vehicle_classifier.backbone import create_backbone  # noqa: E402
+from vehicle_classifier import config, registry
+from vehicle_classifier.backbone import create_backbone
 
 SAMPLE_DIR = config.SAMPLE_DIR
 NAIVE_BATCH = 32
@@ -116,25 +115,32 @@ def main() -> None:
         naive = naive_loop(model, paths, NAIVE_BATCH, device)
         naive_single = None if args.skip_batch1 or device.type == "cuda" else naive_loop(model, paths, 1, device)
         del model
+        rows, lines = time_the_commands(tmp, weights, device)
+    report(naive, naive_single, rows)
+    print(f"\n  first run:        {lines[0]}\n  unchanged rerun:  {lines[1][:90]}...\n  batch:            "
+          f"{lines[2]}")
 
-        train_args = ["train.py", "--data-dir", str(tmp / "photos"), "--weights", str(weights), "--device", str(device),
-                      "--output-dir", str(tmp / "out"), "--cache-dir", str(tmp / "cache")]
-        first, first_line = timed(train_args)
-        extraction = json.loads((tmp / "out" / config.METRICS_FILE).read_text())["summary"]["extract_seconds"]
-        rerun, rerun_line = timed(train_args)
-        forced, _ = timed([*train_args, "--force"])
-        predicted, predicted_line = timed(["-m", "vehicle_classifier.offline.batch", str(tmp / "photos"), "--model-dir",
-                                           str(tmp / "out"), "--output", str(tmp / "predictions.csv"),
-                                           "--device", str(device)])
-    report(naive, naive_single, [
+
+def time_the_commands(tmp: Path, weights: Path, device: torch.device) -> tuple[list, list[str]]:
+    """train.py (first run, unchanged rerun, --force) and batch prediction on the photos in
+    `tmp`: the report's rows, and the first line each of the first run, the rerun and batch printed."""
+    train_args = ["train.py", "--data-dir", str(tmp / "photos"), "--weights", str(weights), "--device", str(device),
+                  "--output-dir", str(tmp / "out"), "--cache-dir", str(tmp / "cache")]
+    first, first_line = timed(train_args)
+    extraction = json.loads((tmp / "out" / config.METRICS_FILE).read_text())["summary"]["extract_seconds"]
+    rerun, rerun_line = timed(train_args)
+    forced, _ = timed([*train_args, "--force"])
+    predicted, predicted_line = timed(["-m", "vehicle_classifier.offline.batch", str(tmp / "photos"), "--model-dir",
+                                       str(tmp / "out"), "--output", str(tmp / "predictions.csv"),
+                                       "--device", str(device)])
+    rows = [
         ("feature extraction phase of the first run", extraction, 0.3),
         ("train.py, first run (empty cache, start-up included)", first, 0.6),
         ("train.py, unchanged rerun (up to date)", rerun, None),
         ("train.py --force (head retrained from cached features)", forced, 0.4),
         ("batch prediction, python -m vehicle_classifier.offline.batch", predicted, 0.35),
-    ])
-    print(f"\n  first run:        {first_line}\n  unchanged rerun:  {rerun_line[:90]}...\n  batch:            "
-          f"{predicted_line}")
+    ]
+    return rows, [first_line, rerun_line, predicted_line]
 
 
 def report(naive: float, naive_single: float | None, rows: list[tuple[str, float, float | None]]) -> None:

@@ -18,7 +18,6 @@ Asserts nothing.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -27,16 +26,15 @@ import torch
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from vehicle_classifier import config, registry  # noqa: E402
-from vehicle_classifier.data import stratified_split  # noqa: E402
-from vehicle_classifier.devices import torch_threads  # noqa: E402
-from vehicle_classifier.training.metrics import calibration_error  # noqa: E402
-from vehicle_classifier.training.calibration import fit_temperature, out_of_fold_logits  # noqa: E402
-from vehicle_classifier.training.head_training import train_head  # noqa: E402
-from vehicle_classifier.training.job import Job  # noqa: E402
-from vehicle_classifier.training.run import extract, readable  # noqa: E402
+from vehicle_classifier import config, registry
+from vehicle_classifier.data import stratified_split
+from vehicle_classifier.devices import torch_threads
+from vehicle_classifier.training.metrics import calibration_error
+from vehicle_classifier.training.calibration import fit_temperature, out_of_fold_logits
+from vehicle_classifier.training.head_training import train_head
+from vehicle_classifier.training.job import Job
+from vehicle_classifier.training.run import extract, readable
 
 METHODS = ("none", "val", "out-of-fold")
 

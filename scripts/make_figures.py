@@ -101,50 +101,61 @@ def main(argv=None) -> int:
         get_spec(args.backbone)  # an unknown name stops here, in one line
         cfg = config.TrainConfig(backbone=args.backbone, calibration=args.calibration)
         ensure_model(args, cfg)
-
-        from vehicle_classifier.data import scan_image_folder
-        from vehicle_classifier.plots import (
-            attention_banner,
-            sample_grid,
-            save_figure,
-            shuffled_by_class,
-        )
-        from vehicle_classifier.model.predictor import Predictor
-        from vehicle_classifier.fileio import write_file
-        from vehicle_classifier.training.metrics import plot_confusion_matrix, plot_learning_curves
-
-        predictor = Predictor.from_dir(args.model_dir)
-        out = args.out_dir
-        class_names, samples = scan_image_folder(args.data_dir)
-        save_figure(sample_grid(shuffled_by_class(samples, class_names, args.seed), args.per_class,
-                                predictor.model.preprocessing), out / FIGURES[0])
-
-        split = json.loads((args.model_dir / config.SPLIT_FILE).read_text())
-        if predictor.attention_available:
-            save_figure(attention_banner(predictor, test_photos_by_class(split, args.seed), args.banner_per_class),
-                        out / FIGURES[1])
-        else:
-            logging.info("no %s: this backbone has no attention maps (a CNN such as ConvNeXt)", FIGURES[1])
-
-        metrics = json.loads((args.model_dir / config.METRICS_FILE).read_text())
-        plot_learning_curves(metrics["history"], metrics["summary"]["best_epoch"], out / FIGURES[2])
-        plot_confusion_matrix(metrics["test"]["confusion_matrix"], class_names, out / FIGURES[3],
-                              f"test split ({metrics['test']['count']} photos)")
-        # Drawn by training, which has every bin.
-        write_file(out / FIGURES[4], (args.model_dir / config.RELIABILITY_PLOT).read_bytes())
-        from vehicle_classifier.audit.run import run_audit
-
-        run_audit(args.data_dir, args.model_dir / config.AUDIT_DIR, cfg, args.weights, args.cache_dir)
-        write_file(out / FIGURES[5], (args.model_dir / config.AUDIT_DIR / config.AUDIT_SHEET).read_bytes())
+        predictor = write_figures(args, cfg)
     except (UserError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     backbone = predictor.metadata["backbone"]
     test = predictor.metadata["metrics"].get("test", {})
-    print(f"wrote {', '.join(str(out / name) for name in FIGURES)}")
+    print(f"wrote {', '.join(str(args.out_dir / name) for name in FIGURES)}")
     print(f"model {predictor.metadata['model_version']}: {backbone['name']} weights from {backbone['weights_source']} "
           f"(digest {backbone['weights_digest'][:12]}), test accuracy {test.get('accuracy')}")
     return 0
+
+
+def write_figures(args, cfg: config.TrainConfig):
+    """Every figure in FIGURES, from the model in args.model_dir (and an audit run on it); the
+    model's Predictor."""
+    from vehicle_classifier.data import scan_image_folder
+    from vehicle_classifier.plots import (
+        attention_banner,
+        sample_grid,
+        save_figure,
+        shuffled_by_class,
+    )
+    from vehicle_classifier.model.predictor import Predictor
+    from vehicle_classifier.fileio import write_file
+    from vehicle_classifier.training.metrics import plot_confusion_matrix, plot_learning_curves
+
+    predictor = Predictor.from_dir(args.model_dir)
+    out = args.out_dir
+    class_names, samples = scan_image_folder(args.data_dir)
+    save_figure(sample_grid(shuffled_by_class(samples, class_names, args.seed), args.per_class,
+                            predictor.model.preprocessing), out / FIGURES[0])
+
+    split = json.loads((args.model_dir / config.SPLIT_FILE).read_text())
+    if predictor.attention_available:
+        save_figure(attention_banner(predictor, test_photos_by_class(split, args.seed), args.banner_per_class),
+                    out / FIGURES[1])
+    else:
+        logging.info("no %s: this backbone has no attention maps (a CNN such as ConvNeXt)", FIGURES[1])
+
+    metrics = json.loads((args.model_dir / config.METRICS_FILE).read_text())
+    plot_learning_curves(metrics["history"], metrics["summary"]["best_epoch"], out / FIGURES[2])
+    plot_confusion_matrix(metrics["test"]["confusion_matrix"], class_names, out / FIGURES[3],
+                          f"test split ({metrics['test']['count']} photos)")
+    # Drawn by training, which has every bin.
+    write_file(out / FIGURES[4], (args.model_dir / config.RELIABILITY_PLOT).read_bytes())
+    write_audit_sheet(args, cfg, out)
+    return predictor
+
+
+def write_audit_sheet(args, cfg: config.TrainConfig, out: Path) -> None:
+    from vehicle_classifier.audit.run import run_audit
+    from vehicle_classifier.fileio import write_file
+
+    run_audit(args.data_dir, args.model_dir / config.AUDIT_DIR, cfg, args.weights, args.cache_dir)
+    write_file(out / FIGURES[5], (args.model_dir / config.AUDIT_DIR / config.AUDIT_SHEET).read_bytes())
 
 
 if __name__ == "__main__":

@@ -85,6 +85,12 @@ def packaged_photos() -> Iterator[tuple[str, Image.Image]]:
 def generated_scenes(rng: np.random.Generator) -> Iterator[tuple[str, Image.Image]]:
     """Scenes and textures drawn here: what a camera on a road may see that is no vehicle."""
     yy, xx = np.mgrid[0:240, 0:320] / 240.0
+    yield from _scenes(rng, yy)
+    yield from _textures(rng, yy, xx)
+
+
+def _scenes(rng: np.random.Generator, yy: np.ndarray) -> Iterator[tuple[str, Image.Image]]:
+    """A road, the sky, a page of text, two charts and noise."""
     road = Image.new("RGB", (320, 240), (120, 170, 230))
     draw = ImageDraw.Draw(road)
     draw.rectangle((0, 110, 320, 240), fill=(70, 130, 60))
@@ -103,6 +109,10 @@ def generated_scenes(rng: np.random.Generator) -> Iterator[tuple[str, Image.Imag
     yield "line_chart", _figure_image(lambda fig: fig.subplots().plot(np.cumsum(rng.normal(size=(200, 3)), 0)))
     yield "bar_chart", _figure_image(lambda fig: fig.subplots().bar(list("ABCDEFG"), rng.uniform(1, 9, 7)))
     yield "noise", Image.fromarray(rng.integers(0, 256, (240, 320, 3), dtype=np.uint8))
+
+
+def _textures(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray) -> Iterator[tuple[str, Image.Image]]:
+    """A checkerboard, wood, bricks, a fractal, bokeh and plain grey."""
     squares = ((xx * 8).astype(int) + (yy * 8).astype(int)) % 2
     yield "checkerboard", Image.fromarray((squares * 255).astype(np.uint8)).convert("RGB")
     rings = np.sin(40 * np.hypot(xx - 0.3, yy - 0.2) + 3 * np.sin(7 * yy))

@@ -154,7 +154,7 @@ def real_model_dir(tmp_path_factory, lite0_weights, real_feature_cache) -> Path:
 @pytest.fixture(scope="module")
 def service(tiny_model_dir):
     """The real app with the tiny model, served over HTTP from a thread; its URL."""
-    from live_service import flask_service
+    from harness.live import flask_service
 
     with flask_service(tiny_model_dir) as url:
         yield url

@@ -21,6 +21,8 @@ from conftest import lying_header_jpeg, synthetic_image
 from vehicle_classifier.serving.api import create_app
 from vehicle_classifier.config import ServiceConfig
 
+pytestmark = pytest.mark.integration
+
 MAX_UPLOAD = 2 * 1024 * 1024
 MAX_FILES = 4
 MAX_PIXELS = 40_000_000

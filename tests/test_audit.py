@@ -23,6 +23,8 @@ from vehicle_classifier.audit.__main__ import main as audit_main
 from vehicle_classifier.audit.duplicates import aligned_correlation, aligned_views, fingerprint, near_duplicate_pairs
 from vehicle_classifier.audit.labels import label_issues, outlier_scores
 
+pytestmark = pytest.mark.integration
+
 MOVED, COPIES = 16, 12
 
 

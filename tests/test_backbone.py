@@ -14,6 +14,8 @@ from vehicle_classifier.backbone import (
 )
 from vehicle_classifier.registry import BACKBONES, BackboneSpec
 
+pytestmark = pytest.mark.integration
+
 
 def tiny_state(seed=0, **overrides):
     torch.manual_seed(seed)

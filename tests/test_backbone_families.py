@@ -28,6 +28,8 @@ from vehicle_classifier.images import preprocess
 from vehicle_classifier.training.job import Job
 from vehicle_classifier.training.run import run_training
 
+pytestmark = pytest.mark.integration
+
 NEW = [name for name in registry.BACKBONES if name.startswith(("dinov2-", "dinov3-"))]
 
 

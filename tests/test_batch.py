@@ -19,6 +19,8 @@ from vehicle_classifier import extraction as features
 from vehicle_classifier.offline import batch
 from vehicle_classifier.model.predictor import Predictor
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def photos_dir(tmp_path_factory):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import NEITHER_DIR, sample_photos
-from live_service import gunicorn_service, streamlit_page
+from harness.live import gunicorn_service, streamlit_page
 from vehicle_classifier.client import PredictionClient
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -21,8 +21,8 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-sync", "--no-first-run", "--disable-quic"]
 ANSWER = re.compile(r"^((Bike|Car) · \d{1,3}\.\d%|Neither a car nor a bike\?)$")
 
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no Chromium at {CHROMIUM}; install Debian's "
-                                "chromium package (make test does, as root)")
+pytestmark = [pytest.mark.system, pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no Chromium at {CHROMIUM}; install Debian's "
+                                "chromium package (make test does, as root)")]
 
 
 def heading(answer: dict) -> str:

@@ -21,8 +21,10 @@ import requests
 from PIL import Image
 
 from conftest import synthetic_image
-from live_service import REPO, free_port
+from harness.live import REPO, free_port
 from vehicle_classifier.client import PredictionClient, ServiceError
+
+pytestmark = pytest.mark.integration
 
 # "Car (97.1%)", or for a photo out of distribution (the tiny model's synthetic stripes are
 # nothing like real photos) "neither a car nor a bike? (out of distribution: ...; closer class Car (97.1%))".

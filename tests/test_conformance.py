@@ -16,7 +16,9 @@ import pytest
 import requests
 from PIL import Image
 
-from live_service import gunicorn_service
+from harness.live import gunicorn_service
+
+pytestmark = pytest.mark.system
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMATHESIS_EXAMPLES = 25  # per operation: the suite's time budget (~30 s for all checks)

@@ -21,12 +21,14 @@ from urllib.parse import urlparse
 
 import pytest
 import yaml
-from package_probe import BASE_IMAGE_DISTS, installed_closure, module_owners, probe, site_view
+from harness.package_probe import BASE_IMAGE_DISTS, installed_closure, module_owners, probe, site_view
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from vehicle_classifier import client as client_mod
 from vehicle_classifier import config
+
+pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[1]
 PREDICT_DOCKERFILE = REPO / "image-predict.dockerfile"

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO, TINY_SPEC, sample_photos
-from live_service import gunicorn_service
+from harness.live import gunicorn_service
 from vehicle_classifier import config, registry
 from vehicle_classifier.offline import batch
 from vehicle_classifier.training.job import Job
@@ -28,7 +28,7 @@ from vehicle_classifier.extraction import fit_batch_size
 from vehicle_classifier.training.features import FeatureCache, extract_features
 from vehicle_classifier.model.predictor import Predictor
 
-pytestmark = pytest.mark.cuda
+pytestmark = [pytest.mark.system, pytest.mark.cuda]
 CUDA = torch.device("cuda")
 
 

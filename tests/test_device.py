@@ -16,6 +16,8 @@ from vehicle_classifier.devices import DeviceUnavailable, check_device
 from vehicle_classifier.model.predictor import Predictor
 from vehicle_classifier.model.torch_forward import torch_forward
 
+pytestmark = pytest.mark.integration
+
 
 class CudaTouched(Exception):
     pass

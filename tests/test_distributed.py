@@ -7,15 +7,18 @@ import re
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import REPO, TINY_SPEC, make_dataset
-from live_service import free_port
+from harness.live import free_port
 from vehicle_classifier import config
 from vehicle_classifier.offline import batch
 from vehicle_classifier.training.job import Job
 from vehicle_classifier.training.run import run_training
 from vehicle_classifier.training.features import FeatureCache
+
+pytestmark = pytest.mark.system
 
 
 def torchrun(*args):

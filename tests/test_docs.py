@@ -11,6 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.unit
+
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 PAGES = [README, *sorted((REPO / "docs").glob("*.md"))]
@@ -106,13 +110,15 @@ def make_targets() -> set[str]:
 
 
 def module_exists(name: str) -> bool:
-    sys.path.insert(0, str(REPO))  # `python -m` from the repository root, as the pages run it
+    """`python -m name` from the repository root, as the pages run it: a module of the checkout or
+    an installed one."""
+    local = REPO.joinpath(*name.split("."))
+    if local.with_suffix(".py").is_file() or (local / "__init__.py").is_file():
+        return True
     try:
         return importlib.util.find_spec(name) is not None
     except ModuleNotFoundError:
         return False
-    finally:
-        sys.path.remove(str(REPO))
 
 
 def help_text(script: str) -> str:

@@ -19,7 +19,9 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
-from package_probe import BASE_IMAGE_DISTS, installed_closure, module_owners, probe, site_view
+from harness.package_probe import BASE_IMAGE_DISTS, installed_closure, module_owners, probe, site_view
+
+pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]

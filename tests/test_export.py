@@ -14,12 +14,15 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from conftest import REPO, sample_photos
 from vehicle_classifier import config
 from vehicle_classifier.export import main as export_main
 from vehicle_classifier.model.predictor import Predictor
+
+pytestmark = pytest.mark.integration
 
 
 def answers_of(predictor: Predictor, crops: list[Image.Image], attention: bool = False):

@@ -19,6 +19,8 @@ from vehicle_classifier import config
 from vehicle_classifier.data import DataError
 from vehicle_classifier.training.fetch import ensure_dataset, lay_out
 
+pytestmark = pytest.mark.integration
+
 OWNER, NAME = config.KAGGLE_DATASET.split("/")
 
 

@@ -22,11 +22,13 @@ import torch
 from safetensors.torch import save
 
 from conftest import REPO, TINY_SPEC
-from live_service import free_port
+from harness.live import free_port
 from vehicle_classifier.backbone import (
     WeightsError, create_backbone, find_pretrained_weights, state_dict_digest,
 )
 from vehicle_classifier.config import HUB_TIMEOUT, HUB_WEIGHTS_FILE
+
+pytestmark = pytest.mark.integration
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

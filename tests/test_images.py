@@ -11,6 +11,8 @@ from PIL import Image
 from conftest import lying_header_jpeg
 from vehicle_classifier.images import ImageError, center_crop, load_tensor, open_image, preprocess
 
+pytestmark = pytest.mark.unit
+
 PREP = {"input_size": 224, "resize_size": 248, "interpolation": "bicubic",
         "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 

@@ -21,6 +21,8 @@ from vehicle_classifier.model.predictor import Predictor
 from vehicle_classifier.runtime import OpenVINOModel, cpu_supports_int8
 from vehicle_classifier.training.int8 import crops, quantized_graphs
 
+pytestmark = pytest.mark.integration
+
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))

@@ -28,6 +28,8 @@ from vehicle_classifier.artifact import read_metadata
 from vehicle_classifier.backbone import WeightsError
 from vehicle_classifier.fileio import LockedError, WriteError, exclusive, publish, recover
 
+pytestmark = pytest.mark.integration
+
 BATCH = 4
 PER_CLASS = 10  # 20 photos: 5 batches of 4
 
@@ -66,7 +68,6 @@ def run(data, out, weights, cache, **kw):
 DRIVER = textwrap.dedent("""
     import functools, importlib, os, signal, sys
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    sys.path.insert(0, {repo!r})
     from vehicle_classifier import registry
     registry.BACKBONES[{spec.name!r}] = registry.BackboneSpec({spec.name!r}, {spec.architecture!r},
                                                             model_kwargs={spec.model_kwargs!r})

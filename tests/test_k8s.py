@@ -17,6 +17,8 @@ from vehicle_classifier import client as client_mod
 from vehicle_classifier import config
 from vehicle_classifier.config import ServiceConfig
 
+pytestmark = pytest.mark.unit
+
 K8S_VERSION = "1.35.0"  # the newest schemas kubernetes-validate 1.37.0 ships
 BASE = REPO / "deploy" / "k8s"
 KUSTOMIZATION = yaml.safe_load((BASE / "kustomization.yaml").read_text())

@@ -12,6 +12,8 @@ import pytest
 
 from conftest import REPO
 
+pytestmark = pytest.mark.unit
+
 PACKAGE = REPO / "vehicle_classifier"
 HALVES = ("model", "training", "serving", "offline", "audit")
 

@@ -1,4 +1,4 @@
-"""A reduced load-and-fault run (benchmarks/load_test.py) against real gunicorn with the tiny
+"""A reduced load-and-fault run (benchmarks/bench_load.py) against real gunicorn with the tiny
 model: a worker SIGKILLed mid-load is replaced and the service keeps answering; slow uploads are
 cut off without blocking others; a storm over the batch limit gets fast 4xx, never 5xx."""
 
@@ -7,7 +7,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO, sample_photos
+
+pytestmark = pytest.mark.system
 
 
 def test_service_survives_a_killed_worker_slow_uploads_and_a_storm(tiny_model_dir, tmp_path):
@@ -16,7 +20,7 @@ def test_service_survives_a_killed_worker_slow_uploads_and_a_storm(tiny_model_di
     # Two workers of three threads: a worker takes on at most three connections at a time.
     env = {**os.environ, "UPLOAD_TIMEOUT": "2", "GUNICORN_WORKERS": "2", "GUNICORN_THREADS": "3"}
     result = subprocess.run(
-        [sys.executable, "benchmarks/load_test.py", "--model-dir", str(tiny_model_dir), "--naive-images", "0",
+        [sys.executable, "benchmarks/bench_load.py", "--model-dir", str(tiny_model_dir), "--naive-images", "0",
          "--clients", "6", "--seconds", "6", "--kill-after", "3", "--slow-clients", "2", "--slow-seconds", "4",
          "--storm-clients", "12", "--storm-seconds", "2", "--memory-requests", "150", "--json", str(out)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

@@ -6,6 +6,8 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, r
 
 from vehicle_classifier.training.metrics import classification_metrics
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize("seed, n_classes, n", [(0, 2, 50), (1, 2, 7), (2, 3, 80), (3, 2, 200)])
 def test_metrics_match_sklearn(seed, n_classes, n):

@@ -21,6 +21,8 @@ from PIL import Image
 
 from vehicle_classifier import config
 
+pytestmark = pytest.mark.integration
+
 NOTEBOOK = REPO / "notebook.ipynb"
 KERNEL = "vehicle-classifier-test"
 

@@ -13,8 +13,10 @@ import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
 
-from live_service import REPO, free_port
+from harness.live import REPO, free_port
 from vehicle_classifier.client import PredictionClient
+
+pytestmark = pytest.mark.integration
 
 PAGE = str(REPO / "streamlit_app.py")
 
@@ -170,7 +172,7 @@ def test_neither_a_car_nor_a_bike_with_real_features(monkeypatch, real_model_dir
     """The real model: a car gets its label, a portrait (a pedestrian, to a road camera) the
     "neither" headline with the closer class in words; a CNN backbone offers no overlay toggle."""
     from conftest import NEITHER_DIR, sample_photos
-    from live_service import flask_service
+    from harness.live import flask_service
 
     car, portrait = sample_photos("Car")[0], NEITHER_DIR / "portrait.jpg"
     with flask_service(real_model_dir) as url:

@@ -15,6 +15,8 @@ from vehicle_classifier.offline import batch, ray_batch
 
 pytest.importorskip("ray.data", reason="the cluster extra (ray[data]) is not installed")
 
+pytestmark = pytest.mark.system
+
 
 def unshare_allowed() -> bool:
     if not shutil.which("unshare") or not shutil.which("ip"):
@@ -64,7 +66,7 @@ def local_answers(fleet, tiny_model_dir, tmp_path_factory) -> dict:
 def test_two_node_cluster_answers_each_photo_once_also_when_a_node_dies(fleet, tiny_model_dir, local_answers, tmp_path):
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"inputs": [str(fleet)], "model_dir": str(tiny_model_dir), "out": str(tmp_path)}))
-    job = subprocess.run(["unshare", "-n", sys.executable, str(REPO / "tests" / "ray_cluster_job.py"), str(spec)],
+    job = subprocess.run(["unshare", "-n", sys.executable, str(REPO / "harness" / "ray_cluster.py"), str(spec)],
                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert job.returncode == 0, job.stderr[-3000:]
     codes = json.loads(job.stdout.strip().splitlines()[-1])

@@ -23,6 +23,8 @@ from vehicle_classifier.config import ServiceConfig
 from vehicle_classifier.images import preprocess
 from vehicle_classifier.model.predictor import AttentionUnavailable, Predictor
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def metrics(real_model_dir) -> dict:
@@ -131,7 +133,7 @@ def test_predictor_refuses_attention_for_a_cnn(predictor):
 
 
 def test_the_command_line_client_says_neither(real_model_dir):
-    from live_service import flask_service
+    from harness.live import flask_service
 
     car = sample_photos("Car")[0]
     with flask_service(real_model_dir) as url:

@@ -17,11 +17,12 @@ import requests
 from PIL import Image
 
 from conftest import TINY_SPEC
-from live_service import gunicorn_service
+from harness.live import gunicorn_service
 from vehicle_classifier import config
 from vehicle_classifier.training.job import Job
 from vehicle_classifier.training.run import run_training
 
+pytestmark = pytest.mark.system
 CLIENTS = 4
 
 

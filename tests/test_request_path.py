@@ -26,6 +26,8 @@ from vehicle_classifier.model.predictor import Predictor
 from vehicle_classifier.serving.uploads import Upload
 from vehicle_classifier.training.features import FeatureCache, extract_features
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def predictor(tiny_model_dir):

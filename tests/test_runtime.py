@@ -15,6 +15,8 @@ from vehicle_classifier.export import to_openvino
 from vehicle_classifier.runtime import OpenVINOModel
 from vehicle_classifier.model.batcher import Batcher
 
+pytestmark = pytest.mark.integration
+
 
 def openvino(backbone, precision: str, mode: str = "latency"):
     """The backbone through OpenVINO, torch tensors in and out (as training's extraction feeds it)."""

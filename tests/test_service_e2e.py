@@ -9,14 +9,17 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import requests
 
 from conftest import REPO, sample_photos
-from live_service import free_port
+from harness.live import free_port, start_gunicorn
+from harness.live import stop as stop_group
+from vehicle_classifier import config
+
+pytestmark = pytest.mark.system
 
 
 def gunicorn(model_dir: Path, port: int, **env) -> subprocess.Popen:
@@ -37,21 +40,6 @@ def stop(proc: subprocess.Popen) -> tuple[str, str]:
         return proc.communicate()
 
 
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            pytest.fail(f"gunicorn exited with {proc.returncode}:\n{err[-3000:]}")
-        try:
-            if requests.get(f"{url}/ready", timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.3)
-    pytest.fail(f"{url} not ready within {timeout} s")
-
-
 def pick_photos() -> list[Path]:
     """A few real photos of each class and of every file type in the sample."""
     photos, seen = [], set()
@@ -63,13 +51,11 @@ def pick_photos() -> list[Path]:
     return photos
 
 
-def test_gunicorn_serves_real_photos(tiny_model_dir):
+def test_gunicorn_serves_real_photos(tiny_model_dir, tmp_path):
     photos = pick_photos()
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = gunicorn(tiny_model_dir, port, GUNICORN_WORKERS="2", GUNICORN_THREADS="2")
+    log = tmp_path / "gunicorn.log"
+    proc, url, _ = start_gunicorn(tiny_model_dir, log, {"GUNICORN_WORKERS": "2", "GUNICORN_THREADS": "2"})
     try:
-        wait_ready(url, proc)
         session = requests.Session()
         for photo in photos:
             with open(photo, "rb") as f:
@@ -99,9 +85,9 @@ def test_gunicorn_serves_real_photos(tiny_model_dir):
         assert f'http_requests_total{{endpoint="/predict",method="POST",status="200"}} {ok_requests:.1f}' in metrics
         assert 'http_requests_total{endpoint="/predict",method="POST",status="400"} 1.0' in metrics
     finally:
-        out, err = stop(proc)
-    assert proc.returncode == 0, err[-3000:]
-    assert "Traceback" not in err
+        stop_group(proc)
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    assert "Traceback" not in log.read_text()
 
 
 @pytest.mark.parametrize("damage", ["missing", "truncated", "not an artifact"])
@@ -132,7 +118,7 @@ def failed_start(model_dir, **env) -> str:
 
 @pytest.mark.parametrize("name, value, message", [
     ("MAX_UPLOAD_MB", "lots", "MAX_UPLOAD_MB must be a whole number, not 'lots'"),
-    ("PRECISION", "fp16", "PRECISION must be one of auto, bf16, fp32, not 'fp16'"),
+    ("PRECISION", "fp16", f"PRECISION must be one of {', '.join(config.PRECISIONS)}, not 'fp16'"),
     ("RUNTIME", "tensorrt", "RUNTIME must be one of auto, openvino, torch, not 'tensorrt'"),
     ("OPENVINO_MODE", "fast", "OPENVINO_MODE must be one of adaptive, throughput, latency, not 'fast'"),
     ("DEVICE", "gpu", "DEVICE must be one of cpu, cuda, not 'gpu'"),

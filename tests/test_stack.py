@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -24,13 +23,13 @@ from pathlib import Path
 import pytest
 import requests
 
-import docker_stack as ds
+from harness import docker_stack as ds
 from conftest import REPO, sample_photos
 from vehicle_classifier import config
-from live_service import free_port, wait_for
+from harness.live import free_port, wait_for
 
 UNAVAILABLE = ds.unavailable()
-pytestmark = pytest.mark.skipif(UNAVAILABLE is not None, reason=str(UNAVAILABLE))
+pytestmark = [pytest.mark.system, pytest.mark.skipif(UNAVAILABLE is not None, reason=str(UNAVAILABLE))]
 
 PROJECT = "vehicle-classifier-test"
 PREDICT_IMAGE, PAGE_IMAGE = "vehicle-classifier-predict", "vehicle-classifier-page"
@@ -187,8 +186,7 @@ def test_a_replica_killed_under_load_costs_no_request(stack):
     """8 clients posting photos through the proxy; one predict container SIGKILLed (its main
     process, as a crash or the OOM killer would) a third of the way in: no request fails, and
     the restart policy brings the replica back healthy."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from load_test import Recorder, run_clients  # the load benchmark's clients
+    from harness.load import Recorder, run_clients  # the load benchmark's clients
 
     photos = [p.read_bytes() for p in sample_photos() if p.suffix.lower() in (".jpg", ".jpeg")][:16]
     victim = stack.stack.containers("predict")[0]

@@ -16,6 +16,8 @@ from conftest import REPO, sample_photos
 from vehicle_classifier import config, registry
 from vehicle_classifier.backbone import create_backbone
 
+pytestmark = pytest.mark.integration
+
 
 def run_train(*args, env=None, timeout=600):
     return subprocess.run([sys.executable, "train.py", *map(str, args)], cwd=REPO, capture_output=True,

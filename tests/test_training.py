@@ -26,6 +26,8 @@ from vehicle_classifier.images import load_tensor
 from vehicle_classifier.model.predictor import Predictor
 from vehicle_classifier.runtime import OpenVINOModel
 
+pytestmark = pytest.mark.integration
+
 
 def tiny_cfg(**kw):
     kw.setdefault("neither_dir", "")  # no 'neither' images: the counts below are the dataset's photos

@@ -9,14 +9,12 @@ launch for both, since starting the processes is most of the cost.
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from conftest import TINY_SPEC  # noqa: E402
-from vehicle_classifier import config, registry  # noqa: E402
-from vehicle_classifier.offline import batch  # noqa: E402
-from vehicle_classifier.distributed import process_group  # noqa: E402
-from vehicle_classifier.training.job import Job  # noqa: E402
-from vehicle_classifier.training.run import run_training  # noqa: E402
+from conftest import TINY_SPEC  # beside this script, the first entry of sys.path
+from vehicle_classifier import config, registry
+from vehicle_classifier.offline import batch
+from vehicle_classifier.distributed import process_group
+from vehicle_classifier.training.job import Job
+from vehicle_classifier.training.run import run_training
 
 registry.BACKBONES[TINY_SPEC.name] = TINY_SPEC
 data_dir, weights, output_dir, cache_dir, predictions = map(Path, sys.argv[1:6])

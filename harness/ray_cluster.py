@@ -3,7 +3,7 @@ and a worker node, each its own `ray start --block`), the batch command run agai
 plainly and once with the worker node's raylet SIGKILLed two seconds in (plus at most one
 rerun). Prints one JSON line: each run's exit codes. Every Ray process is ended by its PID.
 
-    python ray_cluster_job.py SPEC.json      SPEC: {"inputs": [...], "model_dir": ..., "out": DIR}
+    python harness/ray_cluster.py SPEC.json      SPEC: {"inputs": [...], "model_dir": ..., "out": DIR}
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,18 +19,14 @@ from pathlib import Path
 
 import psutil
 
+from harness.net import free_port
+
 RAY = str(Path(sys.executable).with_name("ray"))
 ENV = os.environ | {"RAY_USAGE_STATS_ENABLED": "0",
                     # no token: nothing outside this loopback-only namespace can reach the cluster
                     "RAY_AUTH_MODE": "disabled",
                     # a dead node is noticed in ~3 s rather than ~15 s: the fault test's wall time
                     "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_cluster(temp: str) -> tuple[list[subprocess.Popen], int]:

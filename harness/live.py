@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -13,16 +12,9 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import requests
+from harness.net import free_port, wait_for  # noqa: F401 (re-exported for the tests)
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextmanager
@@ -50,56 +42,63 @@ def flask_service(model_dir: Path, **settings):
 @contextmanager
 def process(args: list[str], log: Path, env: dict | None = None):
     """A subprocess in its own process group, output to `log`; the whole group is killed on exit."""
+    proc = spawn(args, log, env)
+    try:
+        yield proc
+    finally:
+        stop(proc)
+
+
+def spawn(args: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    """`args` started from the repository root in a process group of its own, output to `log`."""
     with open(log, "wb") as out:
-        proc = subprocess.Popen(args, cwd=REPO, env={**os.environ, **(env or {})}, stdout=out,
+        return subprocess.Popen(args, cwd=REPO, env={**os.environ, **(env or {})}, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            yield proc
-        finally:
-            for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-                if proc.poll() is not None:
-                    break
-                try:
-                    os.killpg(proc.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    proc.wait(timeout=wait)
-                except subprocess.TimeoutExpired:
-                    pass
 
 
-def wait_for(url: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
-    """Poll `url` until it answers 200; fail early, with the log's tail, if the process dies."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[:4]} exited with {proc.returncode}:\n{_tail(log)}")
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM to the process group, then SIGKILL if it has not ended within 15 s."""
+    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        if proc.poll() is not None:
+            break
         try:
-            if requests.get(url, timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
             pass
-        time.sleep(0.3)
-    raise TimeoutError(f"{url} not ready within {timeout:g} s\n{_tail(log)}")
 
 
-def _tail(log: Path | None, lines: int = 30) -> str:
-    if log is None or not log.exists():
-        return ""
-    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+def start_gunicorn(model_dir: Path, log: Path, settings: dict | None = None,
+                   timeout: float = 180) -> tuple[subprocess.Popen, str, float]:
+    """The one "start gunicorn and wait for /ready": `gunicorn predict:app` as deployed
+    (gunicorn.conf.py included) serving `model_dir` on a free port, `settings` more of the
+    service's environment; returns (process, URL, seconds from its start until /ready answered
+    200: under gunicorn, a worker has loaded and warmed up the model). The caller stops it."""
+    port = free_port()
+    started = time.perf_counter()
+    proc = spawn([sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "predict:app"], log,
+                 {"MODEL_DIR": str(model_dir), **(settings or {})})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(f"{url}/ready", timeout=timeout, proc=proc, log=log, interval=0.05)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc, url, time.perf_counter() - started
 
 
 @contextmanager
 def gunicorn_service(model_dir: Path, log: Path, settings: dict | None = None):
-    """`gunicorn predict:app` as deployed (gunicorn.conf.py included), one small worker, free port;
-    `settings`: more of the service's environment variables."""
-    port = free_port()
-    env = {"MODEL_DIR": str(model_dir), "GUNICORN_WORKERS": "1", "GUNICORN_THREADS": "2", **(settings or {})}
-    with process([sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "predict:app"], log, env) as proc:
-        url = f"http://127.0.0.1:{port}"
-        wait_for(f"{url}/ready", timeout=180, proc=proc, log=log)
+    """`start_gunicorn` with one small worker; yields the URL, and stops it afterwards."""
+    small = {"GUNICORN_WORKERS": "1", "GUNICORN_THREADS": "2", **(settings or {})}
+    proc, url, _ = start_gunicorn(model_dir, log, small)
+    try:
         yield url
+    finally:
+        stop(proc)
 
 
 @contextmanager
