@@ -315,9 +315,9 @@ def test_ports_healthchecks_and_environment_agree_with_the_code():
     # reaches the proxy by its compose name.
     proxy = COMPOSE["services"]["proxy"]
     assert [int(p) for p in predict["expose"]] == PREDICT.expose and "ports" not in predict
-    assert predict["deploy"]["replicas"] == "${REPLICAS:-2}"  # REPLICAS, as for make cluster
+    assert predict["deploy"]["replicas"] == "${REPLICAS:-2}"  # REPLICAS: the replicas behind the proxy
     assert [int(p.split(":")[-1]) for p in page["ports"]] == PAGE.expose
-    assert proxy["ports"] == [f"${{PORT:-{service_port}}}:{service_port}"]  # PORT, as for make cluster
+    assert proxy["ports"] == [f"${{PORT:-{service_port}}}:{service_port}"]  # PORT: the port published on this machine
     assert proxy["environment"]["LISTEN"] == str(service_port)
     assert f"server predict:{PREDICT.expose[0]} " in proxy["environment"]["UPSTREAM_SERVERS"]
     for service, image in ((predict, PREDICT), (page, PAGE)):
@@ -329,7 +329,7 @@ def test_ports_healthchecks_and_environment_agree_with_the_code():
     assert page["depends_on"] == {"proxy": {"condition": "service_started"}}
     assert proxy["depends_on"] == {"predict": {"condition": "service_healthy"}}
 
-    # The model: MODEL_DIR (as for make cluster), by default ./models where train.py writes,
+    # The model: MODEL_DIR, by default ./models where train.py writes,
     # mounted read-only where the service looks.
     (volume,) = predict["volumes"]
     source, target, mode = re.fullmatch(r"(\$\{[^}]*\}|[^:]*):([^:]*):([^:]*)", volume).groups()
