@@ -25,6 +25,7 @@ from vehicle_classifier.backbone import (
 from vehicle_classifier.config import ServiceConfig, TrainConfig
 from vehicle_classifier.artifact import load_artifact
 from vehicle_classifier.images import preprocess
+from vehicle_classifier.runtime import cpu_supports_bf16
 from vehicle_classifier.training.job import Job
 from vehicle_classifier.training.run import run_training
 
@@ -275,7 +276,9 @@ def test_each_trains_and_serves_from_its_official_file(tmp_path, monkeypatch, sm
     metrics = run_training(Job(small_dataset, tmp_path / "out", cfg, weights, tmp_path / "cache", spec=spec))
     assert metrics["test"]["count"] > 0
 
-    app = create_app(ServiceConfig(model_dir=tmp_path / "out"))  # as served: bf16 where the CPU has it
+    # The float graph as served (bf16 where the CPU has it); the int8 graph's fidelity is
+    # tests/test_int8.py's and training's gate's.
+    app = create_app(ServiceConfig(model_dir=tmp_path / "out", precision="bf16" if cpu_supports_bf16() else "fp32"))
     predictor = app.extensions["vehicle_classifier"].predictor
     assert predictor.runtime == "openvino" and predictor.source == "exported"  # the CPU path without torch
     assert predictor.metadata["backbone"]["name"] == spec.name
@@ -294,7 +297,7 @@ def test_each_trains_and_serves_from_its_official_file(tmp_path, monkeypatch, sm
         assert with_attention.status_code == 200
         assert Image.open(io.BytesIO(base64.b64decode(with_attention.get_json()["attention_png"])))
 
-    # The served forward, the exported graph (bf16 where the CPU has it), gives torch fp32's
+    # The served float forward, the exported graph (bf16 where the CPU has it), gives torch fp32's
     # features of the same crops.
     size = model.preprocessing["input_size"]
     pixels = np.random.default_rng(1).integers(0, 256, (3, size, size, 3), dtype=np.uint8)
