@@ -23,6 +23,7 @@ from vehicle_classifier.serving.body import Deadlines
 from vehicle_classifier.serving.decoding import PixelBudget, decode_uploads
 from vehicle_classifier.serving.errors import BadRequest, printable
 from vehicle_classifier.model.predictor import Predictor
+from vehicle_classifier.runtime import cpu_supports_bf16
 from vehicle_classifier.serving.uploads import Upload
 from vehicle_classifier.training.features import FeatureCache, extract_features
 
@@ -31,7 +32,9 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def predictor(tiny_model_dir):
-    return Predictor.from_dir(tiny_model_dir)
+    # The float graph (bf16 where the CPU has it): `auto` may serve int8, whose distance from
+    # the float features is the fidelity gate's and tests/test_int8.py's.
+    return Predictor.from_dir(tiny_model_dir, precision="bf16" if cpu_supports_bf16() else "fp32")
 
 
 def encoded(image: Image.Image, fmt: str) -> bytes:
