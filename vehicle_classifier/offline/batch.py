@@ -360,6 +360,9 @@ def main(argv=None) -> int:
     try:
         if args.ray is None and args.output.suffix.lower() not in FORMATS:
             raise BatchError(f"--output must end in {' or '.join(FORMATS)}: {args.output}")
+        if args.precision == "int8":  # batch runs training's float graph: int8 would be a label only
+            raise BatchError("--precision int8 is not available for batch prediction yet (it runs the float "
+                             "graph); use auto, bf16 or fp32")
         summary = run(args) if args.ray is None else ray_run(args)
     except (UserError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
