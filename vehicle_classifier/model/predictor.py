@@ -246,11 +246,10 @@ def _cpu_precision(model: ServedModel, path: Path, requested: str) -> str:
     held = bool(gate.get("passed")) and (path.parent / config.INT8_FILES[0]).is_file()
     precision = resolve_precision(requested, "cpu", int8_gate=held)
     if requested == "auto":
-        why = ("the fidelity gate held" if held else
+        why = ("the fidelity gate held" if precision == "int8" else
+               "this CPU has no int8 dot products (VNNI/AMX)" if held else
                "no int8 graph or gate for this model" if not gate else
                f"the fidelity gate failed (top-1 agreement {gate['top1_agreement']:.2%})")
-        if precision != "int8" and held:
-            why = "this CPU has no int8 dot products (VNNI/AMX)"
         log.info("serving %s: %s", precision, why)
     return precision
 
