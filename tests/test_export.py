@@ -19,8 +19,10 @@ from PIL import Image
 
 from conftest import REPO, sample_photos
 from vehicle_classifier import config
+from vehicle_classifier.artifact import load_artifact
 from vehicle_classifier.export import main as export_main
 from vehicle_classifier.model.predictor import Predictor
+from vehicle_classifier.runtime import RT_INFO_VERSION
 
 pytestmark = pytest.mark.integration
 
@@ -45,7 +47,7 @@ def without_export(model_dir, target):
 
 
 def test_training_writes_the_export_with_the_artifact(tiny_model_dir):
-    assert all((tiny_model_dir / name).stat().st_size > 0 for name in config.EXPORT_FILES)
+    assert all((tiny_model_dir / name).stat().st_size > 0 for name in config.SERVED_FILES)
     predictor = Predictor.from_dir(tiny_model_dir, warm_up=False)
     assert predictor.source == "exported" and predictor.attention_available  # a ViT: features and attention
 
@@ -94,17 +96,31 @@ def test_the_export_command_writes_it_for_an_older_artifact(tiny_model_dir, tmp_
     assert export_main(["--model-dir", str(old)]) == 0
     assert Predictor.from_dir(old, warm_up=False).source == "exported"
     assert [p.name for p in sorted(old.iterdir()) if not p.name.startswith(".")] == sorted(
-        [config.ARTIFACT_FILE, *config.EXPORT_FILES])
+        config.SERVED_FILES)
     assert export_main(["--model-dir", str(tmp_path / "nowhere")]) == 2
     assert "no model artifact at" in capsys.readouterr().err
 
 
 def test_an_export_of_another_model_is_never_used(tiny_model_dir, real_model_dir, tmp_path):
     mixed = without_export(tiny_model_dir, tmp_path / "mixed")
-    for name in config.EXPORT_FILES:  # another model's graph beside this artifact
+    for name in (*config.EXPORT_FILES, *config.HEAD_FILES):  # another model's graphs beside this artifact
         shutil.copy(real_model_dir / name, mixed / name)
     predictor = Predictor.from_dir(mixed, warm_up=False)
     assert predictor.source == "converted"
+    assert not predictor.model.head.has_rt_info(RT_INFO_VERSION)  # this artifact's head, converted now
+
+
+def test_the_served_head_is_the_trained_head(tiny_model_dir):
+    """One head: the graph every path answers with is training's MLPHead converted (export.head_graph),
+    logits equal to the torch module's on random features, to float rounding."""
+    import torch
+
+    head = load_artifact(tiny_model_dir / config.ARTIFACT_FILE).head
+    predictor = Predictor.from_dir(tiny_model_dir)
+    features = np.random.default_rng(0).normal(size=(32, head.config["in_dim"])).astype(np.float32) * 3
+    with torch.no_grad():
+        expected = head(torch.from_numpy(features)).numpy()
+    assert np.abs(predictor.head.outputs(features)[0] - expected).max() < 1e-4
 
 
 def test_the_service_answers_where_torch_cannot_be_imported(tiny_model_dir, photos):

@@ -1,5 +1,5 @@
 """The frozen backbones (by name: registry.py): strict weight loading, timm's eval preprocessing,
-and [CLS] attention maps where the model has them.
+[CLS] attention maps where the model has them, and `OnCrops`: the backbone as every forward runs it.
 
 Weights come from, in order: a local file (train.py's `--weights`: the official DINO, DINOv2 or
 DINOv3 release format or a timm .safetensors/.pth), the local Hugging Face cache, then a hub
@@ -274,3 +274,24 @@ def cls_attention(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor,
     grid = model.patch_embed.grid_size
     patch_attention = weights[:, :, 0, prefix:].mean(dim=1).reshape(images.shape[0], *grid)
     return features, patch_attention.float()
+
+
+# --- the forward every path runs ------------------------------------------------------------
+class OnCrops(nn.Module):
+    """The backbone on centre crops as they come from decoding (images.load_crop): a uint8
+    batch (N, H, W, 3) in; its features out, and with `attention` the [CLS] attention map too
+    (cls_attention). The normalisation after the crop is defined here only: traced into the
+    exported graph (export.exported_graph) that the CPU runs for training, batch prediction and
+    the service alike, and run as it is by torch on CUDA. So every path sees the same pixels."""
+
+    def __init__(self, backbone: nn.Module, preprocessing: dict, attention: bool = False):
+        super().__init__()
+        self.backbone, self.attention = backbone, attention
+        # (x / 255 - mean) / std as one subtraction and one division, folded into the graph
+        for name in ("mean", "std"):
+            values = torch.tensor(preprocessing[name], dtype=torch.float32).view(1, 3, 1, 1) * 255
+            self.register_buffer(name, values, persistent=False)
+
+    def forward(self, crops: torch.Tensor):
+        images = (crops.permute(0, 3, 1, 2).float() - self.mean) / self.std
+        return cls_attention(self.backbone, images) if self.attention else self.backbone(images)

@@ -37,15 +37,19 @@ CONFUSION_PLOT = "confusion_matrix.png"
 RELIABILITY_PLOT = "reliability.png"
 # The backbone exported for OpenVINO (export.py): what the CPU service runs, without torch.
 EXPORT_FILES = ("backbone.xml", "backbone.bin")
-# The same graph quantized to int8 post-training (export.quantized_files, NNCF), calibrated on
+# The head (head.MLPHead) converted for OpenVINO: what every path answering from features runs.
+HEAD_FILES = ("head.xml", "head.bin")
+# The backbone's graph quantized to int8 post-training (export.quantize, NNCF), calibrated on
 # INT8_CALIBRATION_CROPS centre crops of the training photos; served as precision int8.
 INT8_FILES = ("backbone-int8.xml", "backbone-int8.bin")
 INT8_CALIBRATION_CROPS = 100
 # The fidelity gate: 'auto' serves int8 only when the head's top-1 answers through the int8
 # graph agree with fp32 on at least this share of the validation photos (metrics.json "int8").
 INT8_MIN_AGREEMENT = 0.995
+# What the CPU service reads from a model folder (and INT8_FILES where training wrote them).
+SERVED_FILES = (ARTIFACT_FILE, *EXPORT_FILES, *HEAD_FILES)
 # One training run's outputs: published together, as one set (fileio.publish).
-OUTPUT_FILES = (ARTIFACT_FILE, *EXPORT_FILES, *INT8_FILES, METRICS_FILE, SPLIT_FILE, HISTORY_PLOT, CONFUSION_PLOT, RELIABILITY_PLOT)
+OUTPUT_FILES = (ARTIFACT_FILE, *EXPORT_FILES, *HEAD_FILES, *INT8_FILES, METRICS_FILE, SPLIT_FILE, HISTORY_PLOT, CONFUSION_PLOT, RELIABILITY_PLOT)
 ARTIFACT_METADATA_KEY = "vehicle_classifier"  # the artifact header entry holding its JSON metadata
 
 # --- backbones (the registry itself: registry.py) -----------------------------------------

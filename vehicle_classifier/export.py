@@ -2,13 +2,13 @@
 
     python -m vehicle_classifier.export --model-dir models/    # for an artifact trained before
 
-Training writes it beside model.safetensors, in the same transaction (config.EXPORT_FILES). The
-graph takes the centre crops as they are (uint8, NHWC) and normalises them itself (OpenVINO's
-preprocessing, folded into the graph), and returns the [CLS] feature and, for a ViT, the last
-block's [CLS] attention map: one forward answers with or without ?attention=1. The head, the
-calibration and the "neither" check are a few small matmuls on the artifact's own tensors,
-done by the predictor in numpy. The graph records the artifact's model_version, so a service
-never pairs it with another model.
+Training writes it beside model.safetensors, in the same transaction (config.EXPORT_FILES,
+HEAD_FILES). The graph is backbone.OnCrops converted: it takes the centre crops as they are
+(uint8, NHWC), normalises them itself, and returns the [CLS] feature and, for a ViT, the last
+block's [CLS] attention map: one forward answers with or without ?attention=1. The head is its
+own small graph (head.MLPHead converted); the calibration and the "neither" check are done by
+the predictor in numpy. Each graph records the artifact's model_version, so a service never
+pairs it with another model.
 
 Weights stay float32 in the file (`compress_to_fp16=False`): the service compiles it in the
 precision it chooses (bf16 where the CPU has it), exactly as it would the torch model.
@@ -37,74 +37,56 @@ FEATURES, ATTENTION = "features", "attention"  # the graph's output names
 PROG = "python -m vehicle_classifier.export"
 
 
-def _with_attention(backbone: nn.Module) -> nn.Module:
-    """`backbone` returning its features and the [CLS] attention map from one forward
-    (backbone.cls_attention). torch and timm are imported here, not at the top, so that
-    `--help` answers at once (they take ~4 s to import)."""
-    from torch import nn
-
-    from .backbone import cls_attention
-
-    class WithAttention(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.backbone = backbone
-
-        def forward(self, images):
-            return cls_attention(self.backbone, images)
-
-    return WithAttention()
-
-
-def to_openvino(backbone: nn.Module, input_size: int, preprocessing: dict | None = None, attention: bool = False):
-    """The backbone converted to an `openvino.Model`: float NCHW input (as training feeds it), or
-    with `preprocessing` uint8 NHWC crops normalised in the graph; outputs FEATURES and, with
-    `attention`, ATTENTION. Traced here rather than by OpenVINO, to skip the trace check (a
-    second forward and comparison, ~1 s); tracing and converting start no OpenVINO threads."""
+def to_openvino(module: nn.Module, example):
+    """`module` converted to an `openvino.Model` for inputs like `example`, its outputs named
+    FEATURES and ATTENTION (in that order, as many as it has). Traced here rather than by
+    OpenVINO, to skip the trace check (a second forward and comparison, ~1 s); tracing and
+    converting start no OpenVINO threads. torch is imported here, not at the top, so that
+    `--help` answers at once (torch and timm take ~4 s to import)."""
     import torch
 
     ov = import_openvino()
-    module = _with_attention(backbone.eval()) if attention else backbone.eval()
-    example = torch.zeros(1, 3, input_size, input_size)
     with torch.no_grad(), warnings.catch_warnings():
         # Tracing warns about timm's shape asserts, which hold for the one input size we serve.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace is deprecated
-        traced = torch.jit.trace(module, example, check_trace=False)
+        traced = torch.jit.trace(module.eval(), example, check_trace=False)
         model = ov.convert_model(traced, example_input=example)
     for output, name in zip(model.outputs, (FEATURES, ATTENTION)):
         output.set_names({name})
-    return _with_preprocessing(model, preprocessing) if preprocessing else model
-
-
-def _with_preprocessing(model, preprocessing: dict):
-    """uint8 NHWC in; (x - 255 mean) / (255 std) in float32, as images.preprocess computes it."""
-    ov = import_openvino()
-    from openvino.preprocess import PrePostProcessor
-
-    steps = PrePostProcessor(model)
-    steps.input().tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC"))
-    steps.input().model().set_layout(ov.Layout("NCHW"))
-    steps.input().preprocess().convert_element_type(ov.Type.f32) \
-        .mean([255 * m for m in preprocessing["mean"]]).scale([255 * s for s in preprocessing["std"]])
-    return steps.build()
+    return model
 
 
 def exported_graph(backbone: nn.Module, preprocessing: dict):
-    """The graph the service runs: uint8 NHWC crops in, features (and a ViT's attention) out."""
-    from .backbone import has_cls_attention
+    """The one forward on the CPU (backbone.OnCrops, converted): uint8 NHWC centre crops in,
+    features (and a ViT's [CLS] attention map) out. Training extracts its features with it,
+    then publishes it; batch prediction and the service run it."""
+    import torch
 
-    return to_openvino(backbone, preprocessing["input_size"], preprocessing, attention=has_cls_attention(backbone))
+    from .backbone import OnCrops, has_cls_attention
+
+    size = preprocessing["input_size"]
+    module = OnCrops(backbone.eval(), preprocessing, attention=has_cls_attention(backbone))
+    return to_openvino(module, torch.zeros(1, size, size, 3, dtype=torch.uint8))
 
 
-def export_files(backbone: nn.Module, metadata: dict, graphs: tuple | None = None) -> dict[str, bytes]:
-    """The exported model's files (config.EXPORT_FILES) for the artifact with this `metadata`
-    (as stored: with its model_version), as bytes to publish with the artifact. `graphs`:
-    (float graph, its int8 copy or None) made already (training measures them before it
-    publishes); with an int8 copy, its files (config.INT8_FILES) too."""
+def head_graph(head: nn.Module):
+    """The head (head.MLPHead, in eval mode) converted: features in, logits out. Every path
+    that answers from features runs this conversion of training's own module."""
+    import torch
+
+    return to_openvino(head.eval(), torch.zeros(1, head.config["in_dim"]))
+
+
+def export_files(backbone: nn.Module, head: nn.Module, metadata: dict, graphs: tuple | None = None) -> dict[str, bytes]:
+    """The exported model's files (config.EXPORT_FILES and HEAD_FILES) for the artifact with
+    this `metadata` (as stored: with its model_version), as bytes to publish with the artifact.
+    `graphs`: (float graph, its int8 copy or None) made already (training extracts with the
+    float one and measures the int8 one before it publishes); with an int8 copy, its files
+    (config.INT8_FILES) too."""
     graph, quantized = graphs or (exported_graph(backbone, metadata["preprocessing"]), None)
     files = {}
-    for model, names in ((graph, config.EXPORT_FILES), (quantized, config.INT8_FILES)):
+    for model, names in ((graph, config.EXPORT_FILES), (quantized, config.INT8_FILES), (head_graph(head), config.HEAD_FILES)):
         if model is not None:
             model.set_rt_info(metadata["model_version"], RT_INFO_VERSION)
             files.update(_saved(model, names))
@@ -137,7 +119,7 @@ def export(model_dir: Path) -> Path:
     with exclusive(model_dir, "model folder", wait=False):
         recover(model_dir)
         model = load_artifact(model_dir / config.ARTIFACT_FILE)
-        publish(model_dir, export_files(model.backbone, model.metadata))
+        publish(model_dir, export_files(model.backbone, model.head, model.metadata))
     return model_dir / config.EXPORT_FILES[0]
 
 

@@ -5,7 +5,7 @@ Measured on this project's 2-core AMD EPYC (AVX512-BF16, no AMX), ViT-S/16 (benc
 torch eager fp32 62-82 ms per image, torch bf16 autocast 37-50 ms; OpenVINO bf16 ~33 ms at
 batch 1 on one stream over both cores, ~25 ms per image with a stream per core both busy, with
 [CLS] features as close to fp32 as torch's bf16 (cosine > 0.9999). int8 (the graph quantized by
-NNCF, export.quantized_files) is faster still (~25 ms) but its fidelity depends on the model, so
+NNCF, export.quantize) is faster still (~25 ms) but its fidelity depends on the model, so
 'auto' serves it only where training's fidelity gate held (metrics.json "int8").
 
 Converting takes ~0.7 s and is done once; compiling takes ~0.2 s and is done in the process
@@ -32,6 +32,7 @@ from .config import OPENVINO_MODES, PRECISIONS
 # int8: the quantized graph's int8 ops run as int8 whatever the hint; the ops left float run in
 # f32 (faster than bf16 around int8 ones in issue #26's trial: 24.7 against 28.6 ms).
 OPENVINO_PRECISION = {"bf16": "bf16", "fp32": "f32", "int8": "f32"}
+CPU_BATCH_SIZE = 16  # a stream per core: batches of 16 keep each stream busy (extraction, batch prediction)
 RT_INFO_VERSION = ["vehicle_classifier", "model_version"]  # where an exported graph records its artifact
 
 
@@ -58,13 +59,17 @@ def openvino_core():
 
 
 class OpenVINOModel:
-    """`model(batch) -> first output` (and `model.outputs(batch)`: every output) as float32
-    arrays, through OpenVINO, from an `openvino.Model` (export.to_openvino) or its saved files.
+    """An `openvino.Model` (export.exported_graph, or its saved files) run through OpenVINO, as
+    every forward is called: `model(crops, attention) -> (features, maps or None)` as float32
+    arrays, `model.map(batches)` to keep every stream busy, `model.outputs(batch)` for any
+    graph (the head's: export.head_graph).
 
     mode "latency": one stream using `threads` cores, for a service answering one batch at a
     time; "throughput": one stream per core, for feeding many batches (`map`); "adaptive": both
     compiled, a call made while no other runs takes the one stream over every core (a lone
     request answered sooner), calls that overlap take a stream each (more of them per second)."""
+
+    device = "cpu"
 
     def __init__(self, model, precision: str, mode: str = "latency"):
         if precision not in OPENVINO_PRECISION:
@@ -73,6 +78,7 @@ class OpenVINOModel:
             raise ValueError(f"mode must be one of {', '.join(OPENVINO_MODES)}, not {mode!r}")
         self.precision, self.mode = precision, mode
         self.graph = model  # the openvino.Model, compiled per process
+        self.attention = len(model.outputs) > 1  # export.exported_graph: features, then attention
         self._pid = -1
         self.streams = 0
         self._lock = threading.Lock()
@@ -80,9 +86,12 @@ class OpenVINOModel:
         self._running = 0  # calls under way (adaptive mode)
         self._solo = None  # the one-stream request (adaptive mode)
 
+    def preferred_batch(self) -> int:
+        return CPU_BATCH_SIZE
+
     def compile(self, threads: int | None = None) -> None:
         """Compile for this process with `threads` cores (default: every usable core).
-        Called again after a fork, or to change the thread count."""
+        Called again after a fork, or to change the thread count (`start`, as every forward)."""
         threads = threads or usable_cores()
 
         def compiled(hint: str):
@@ -101,15 +110,18 @@ class OpenVINOModel:
             self._solo = compiled("LATENCY").create_infer_request() if self.mode == "adaptive" else None
             self._pid = os.getpid()
 
+    start = compile
+
     def _ready(self) -> None:
         if self._pid != os.getpid():  # first use in this process: compile, once
             with self._first_use:
                 if self._pid != os.getpid():
                     self.compile()
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        """The first output (the features) of one batch."""
-        return self.outputs(batch)[0]
+    def __call__(self, crops: np.ndarray, attention: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """(features, the [CLS] attention maps when asked for, else None) of one batch."""
+        outputs = self.outputs(crops)
+        return outputs[0], outputs[1] if attention else None
 
     def outputs(self, batch: np.ndarray) -> list[np.ndarray]:
         """Every output of one batch, as float32. Up to `streams` calls run at once (in adaptive
@@ -121,7 +133,7 @@ class OpenVINOModel:
             self._running += 1
         request = self._solo if solo else self._idle.get()
         try:
-            results = request.infer({0: batch})
+            results = request.infer({0: np.asarray(batch)})  # a torch tensor too (a DataLoader's)
             return [np.array(results[output], dtype=np.float32) for output in request.model_outputs]
         finally:
             if not solo:
@@ -137,7 +149,7 @@ class OpenVINOModel:
         streams = self.streams
 
         def run(tag, batch):
-            return tag, self(batch)
+            return tag, self.outputs(batch)[0]
 
         with ThreadPoolExecutor(streams) as pool:
             running: deque[Future] = deque()

@@ -6,8 +6,9 @@ the backbone's [CLS] attention drawn over the crop on request (ViT backbones).
                                                                    \\-> distance to the training photos
 
 On the CPU (the default) the forward is the exported OpenVINO model that training wrote beside
-the artifact (export.py), run with openvino alone: no torch in this process. The head, the
-calibration and the "neither" check are small matmuls on the artifact's own tensors, in numpy.
+the artifact (export.py), run with openvino alone: no torch in this process; the head is its own
+small exported graph (training's head.MLPHead, converted); the calibration and the "neither"
+check are a division and a distance, in numpy.
 The other forwards (model/torch_forward.py, which imports torch) take the same crops and
 return the same outputs: RUNTIME=torch, DEVICE=cuda, or an artifact without an exported model.
 Requests that arrive together share one batched forward (Batcher, one batch per stream).
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import base64
 import logging
-import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,15 +29,13 @@ import numpy as np
 from PIL import Image
 
 from .. import UserError, config
-from ..artifact import HEAD, OOD_REFERENCES, Described, read_metadata, read_tensors
+from ..artifact import OOD_REFERENCES, Described, read_metadata, read_tensors
 from ..images import attention_overlay_png, center_crop, open_image
 from ..ood import ood_scores
 from ..runtime import OpenVINOModel, read_exported, resolve_precision, runtime_for, usable_cores
 from .batcher import Batcher
 
 log = logging.getLogger(__name__)
-
-_erf = np.vectorize(math.erf, otypes=[np.float32])
 
 
 @dataclass(frozen=True)
@@ -59,6 +57,10 @@ class Prediction:
         return fields
 
 
+class SettingUnavailable(UserError, ValueError):
+    """A runtime or precision was asked for that this model or device cannot run."""
+
+
 class AttentionUnavailable(UserError, ValueError):
     """Attention maps were asked of a backbone without [CLS] self-attention (a CNN)."""
 
@@ -69,48 +71,26 @@ class AttentionUnavailable(UserError, ValueError):
 
 @dataclass
 class ServedModel(Described):
-    """What an answer needs besides the backbone, read without torch: the metadata, the head's
-    weights, the training features the "neither" check measures against."""
+    """What an answer needs besides the forward, read without torch: the metadata, the head's
+    graph (export.head_graph: training's own head.MLPHead, converted), the training features
+    the "neither" check measures against."""
 
     metadata: dict
-    layers: list[tuple[np.ndarray, np.ndarray]]  # the head's Linear layers (weight, bias), in order
+    head: object  # an openvino.Model: features in, logits out
     ood_references: np.ndarray | None
 
     @classmethod
     def read(cls, path: Path) -> "ServedModel":
+        """The model in `path`'s folder; its head graph converted now (torch) when the folder
+        holds none of this artifact's (exported before the head was)."""
         metadata = read_metadata(path)
-        tensors = read_tensors(path, lambda name: name.startswith(HEAD) or name == OOD_REFERENCES)
-        weights = sorted((k for k in tensors if k.endswith(".weight")), key=lambda k: int(k.split(".")[-2]))
-        layers = [(tensors[k].astype(np.float32), tensors[k[:-6] + "bias"].astype(np.float32)) for k in weights]
-        return cls(metadata, layers, tensors.get(OOD_REFERENCES))
+        tensors = read_tensors(path, lambda name: name == OOD_REFERENCES)
+        head = read_exported(path.parent / config.HEAD_FILES[0], metadata["model_version"])
+        if head is None:
+            from .torch_forward import converted_head  # torch: only for such a folder
 
-    def logits(self, features: np.ndarray) -> np.ndarray:
-        """The head (head.MLPHead in eval mode: Linear, exact GELU, Linear) in float32."""
-        x = np.asarray(features, dtype=np.float32)
-        for i, (weight, bias) in enumerate(self.layers):
-            if i:
-                x = 0.5 * x * (1.0 + _erf(x / np.float32(math.sqrt(2.0))))
-            x = x @ weight.T + bias
-        return x
-
-
-class OpenVINOForward:
-    """The OpenVINO model (exported, or converted at start) as the predictor calls a forward."""
-
-    def __init__(self, model: OpenVINOModel):
-        self.model, self.precision = model, model.precision
-        self.attention = len(model.graph.outputs) > 1  # export.to_openvino: features, then attention
-
-    @property
-    def streams(self) -> int:
-        return self.model.streams
-
-    def start(self, threads: int) -> None:
-        self.model.compile(threads)
-
-    def __call__(self, pixels: np.ndarray, attention: bool) -> tuple[np.ndarray, np.ndarray | None]:
-        outputs = self.model.outputs(pixels)
-        return outputs[0], outputs[1] if attention else None
+            head = converted_head(path)
+        return cls(metadata, head, tensors.get(OOD_REFERENCES))
 
 
 class Predictor:
@@ -128,6 +108,7 @@ class Predictor:
         usable = ood_check and ood and model.ood_references is not None
         self.ood_threshold = ood["threshold"] if usable else None
         self.attention_available = bool(getattr(forward, "attention", False))
+        self.head = OpenVINOModel(model.head, "fp32")
         self._batcher = Batcher(self._predict_batch, max_batch)
         self._warm = False
         self._warming = threading.Lock()
@@ -159,7 +140,7 @@ class Predictor:
 
     @property
     def openvino_mode(self) -> str | None:
-        return self.forward.model.mode if isinstance(self.forward, OpenVINOForward) else None
+        return self.forward.mode if isinstance(self.forward, OpenVINOModel) else None
 
     def warm_up(self, threads: int = 0) -> None:
         """Compile (or place) the forward for this process with `threads` cores (0: every usable
@@ -169,6 +150,7 @@ class Predictor:
 
     def _warm_up(self, threads: int) -> None:
         self.forward.start(threads or usable_cores())
+        self.head.start(1)  # a few small matmuls: one thread, no team to wake
         self._batcher.concurrency = self.forward.streams
         size = self.model.preprocessing["input_size"]
         blank = [Image.new("RGB", (size, size))]
@@ -224,7 +206,7 @@ class Predictor:
 
     def predict_features(self, features: np.ndarray, overlays: list[bytes] | None = None) -> list[Prediction]:
         """Answers from the backbone's features (one row per image)."""
-        logits = self.model.logits(features) / self.temperature
+        logits = self.head.outputs(features)[0] / self.temperature
         exp = np.exp(logits - logits.max(axis=1, keepdims=True))
         probabilities = (exp / exp.sum(axis=1, keepdims=True)).tolist()
         scores = None if self.ood_threshold is None else ood_scores(features, self.model.ood_references).tolist()
@@ -258,22 +240,23 @@ def _make_forward(model: ServedModel, path: Path, device: str, runtime: str, pre
     """(forward, where it came from): the exported model on the CPU when it belongs to this
     artifact; torch's forwards otherwise (imported only then)."""
     if runtime not in config.RUNTIMES:
-        raise ValueError(f"runtime must be one of {', '.join(config.RUNTIMES)}, not {runtime!r}")
+        raise SettingUnavailable(f"runtime must be one of {', '.join(config.RUNTIMES)}, not {runtime!r}")
     runtime = runtime_for(device) if runtime == "auto" else runtime
     if runtime == "openvino" and runtime_for(device) != "openvino":
-        raise ValueError(f"the openvino runtime runs on the cpu only, not on {device}: use runtime auto or torch")
+        raise SettingUnavailable(f"the openvino runtime runs on the cpu only, not on {device}: use runtime auto or torch")
     if runtime == "openvino":
         precision = _cpu_precision(model, path, precision)
         name = config.INT8_FILES[0] if precision == "int8" else config.EXPORT_FILES[0]
         exported = read_exported(path.parent / name, model.metadata["model_version"])
         if exported is not None:
-            return OpenVINOForward(OpenVINOModel(exported, precision, mode)), "exported"
+            return OpenVINOModel(exported, precision, mode), "exported"
         if precision == "int8":
-            raise ValueError(f"precision int8 needs {name} of this model beside it: train it on the cpu")
+            raise SettingUnavailable(f"precision int8 needs {name} of this model beside it (training on the cpu "
+                                     "writes it): use precision auto, bf16 or fp32")
     elif precision == "int8":
-        raise ValueError(f"precision int8 runs on the cpu only (the OpenVINO graph), not on {device}")
+        raise SettingUnavailable(f"precision int8 runs on the cpu only (the OpenVINO graph), not on {device}")
     from .torch_forward import converted_forward, torch_forward  # torch: only on these paths
 
     if runtime == "openvino":
-        return OpenVINOForward(converted_forward(path, precision, mode)), "converted"
+        return converted_forward(path, precision, mode), "converted"
     return torch_forward(path, device, precision), "torch"

@@ -6,9 +6,10 @@
 As timm's inference.py: a results table, written as batches complete, in CSV or JSON lines
 (by the --output suffix). Columns: path, label, confidence, one probability per class (named by
 the class), whatever else the predictor reports, and error (why a file could not be read; its
-other columns are empty). Decoding and the backbone's runtime are training's
-(features.backbone_features): worker processes decode on every core, the backbone runs through
-OpenVINO on CPU or torch on CUDA; the head is the Predictor's.
+other columns are empty). Decoding is training's (extraction.backbone_features: worker
+processes decode and crop on every core); the forward and the head are the service's own (the
+Predictor's: the exported graph in the --precision asked for, int8 included, through OpenVINO on
+CPU, torch on CUDA), so a photo gets the same answer here as from /predict.
 
 Resumable: a rerun with the same --output skips the files already in it. Rows are appended and
 flushed batch by batch; a torn last row left by a killed run is cut off when the file is
@@ -220,25 +221,23 @@ def answer_row(path, prediction, features: np.ndarray | None = None) -> dict:
     return row
 
 
-def predict_into(results: ResultsFile, predictor, backbone, paths: list[Path], batch_size: int = 0,
+def predict_into(results: ResultsFile, predictor, paths: list[Path], batch_size: int = 0,
                  num_workers: int | None = None, features: bool = False) -> tuple[int, int]:
-    """Classify `paths` into `results` with the torch `backbone` and the predictor's head; how
-    many were classified and how many were unreadable."""
-    import torch
+    """Classify `paths` into `results` with the predictor's forward and head; how many were
+    classified and how many were unreadable."""
     from tqdm.auto import tqdm
 
     from ..extraction import backbone_features
 
     classified = unreadable = 0
-    batches = backbone_features(backbone, paths, predictor.model.preprocessing, torch.device(predictor.device),
-                                predictor.precision, batch_size, num_workers)
+    batches = backbone_features(predictor.forward, paths, predictor.model.preprocessing, batch_size, num_workers)
     with tqdm(total=len(paths), desc="predicting", unit="img") as bar:
         for indices, vectors, failed in batches:
             rows = [{"path": str(paths[i]), "error": reason} for i, reason in failed]
             if vectors is not None:
-                predictions = predictor.predict_features(vectors.numpy())
+                predictions = predictor.predict_features(vectors)
                 rows += [answer_row(paths[i], p, v if features else None)
-                         for i, p, v in zip(indices, predictions, vectors.numpy())]
+                         for i, p, v in zip(indices, predictions, vectors)]
             results.append(rows)
             classified, unreadable = classified + len(indices), unreadable + len(failed)
             bar.update(len(rows))
@@ -291,23 +290,20 @@ class Summary:
 
 def run(args: argparse.Namespace) -> Summary | None:
     """Classify every input not yet in --output: a Summary on rank 0, None on torchrun's other ranks."""
-    from ..artifact import load_artifact
     from ..distributed import part_suffix, process_group
     from ..extraction import decode_workers
     from ..devices import check_device
-    from ..runtime import resolve_precision
-    from ..model.predictor import Predictor, ServedModel
+    from ..model.predictor import Predictor
 
     found = find_images(args.inputs)
     if not found.images and not found.rejected:
         raise BatchError(f"no image files in {', '.join(map(str, args.inputs))}")
-    path = args.model_dir / config.ARTIFACT_FILE
-    backbone = load_artifact(path).backbone
     with process_group() as group:
         device = group.device(args.device)
         check_device(device)
-        # The predictor answers from features: backbone_features runs the backbone (extraction.py).
-        predictor = Predictor(ServedModel.read(path), device=str(device), precision=resolve_precision(args.precision, device))
+        # Compiled (or placed on the GPU) at first use: after the decoding workers fork.
+        predictor = Predictor.from_dir(args.model_dir, args.precision, str(device), openvino_mode="throughput",
+                                       warm_up=False)
         columns = result_columns(predictor, args.features)
         final = ResultsFile(args.output, columns, repair=group.is_main)
         todo = [p for p in found.images if str(p) not in final.done]
@@ -320,7 +316,7 @@ def run(args: argparse.Namespace) -> Summary | None:
         mine = [p for p in group.shard(todo) if str(p) not in target.done]
         workers = decode_workers(device, group.local_world_size) if args.workers is None else args.workers
         try:
-            counts = predict_into(target, predictor, backbone, mine, args.batch_size, workers, args.features)
+            counts = predict_into(target, predictor, mine, args.batch_size, workers, args.features)
         finally:
             target.close()
         gathered = group.gather(counts)
@@ -360,9 +356,6 @@ def main(argv=None) -> int:
     try:
         if args.ray is None and args.output.suffix.lower() not in FORMATS:
             raise BatchError(f"--output must end in {' or '.join(FORMATS)}: {args.output}")
-        if args.precision == "int8":  # batch runs training's float graph: int8 would be a label only
-            raise BatchError("--precision int8 is not available for batch prediction yet (it runs the float "
-                             "graph); use auto, bf16 or fp32")
         summary = run(args) if args.ray is None else ray_run(args)
     except (UserError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -4,8 +4,9 @@ from actors that each hold the model once.
     paths (expanded on the driver) -> ray.data.from_items -> map_batches(_Classifier) -> driver writes
 
 Every node must read the input paths and the model folder at the same names (a shared
-filesystem). Each actor builds what the local path builds (batch.py: the artifact's backbone
-through OpenVINO, the Predictor's head on its features) so answers agree with a local run.
+filesystem). Each actor builds what the local path builds (batch.py: the Predictor, its forward
+and head, in the --precision asked for; a GPU per actor with --device cuda) so answers agree
+with a local run.
 Results stream back to the driver, which writes them: .csv/.jsonl as locally, .parquet as one
 file, or a folder (no suffix) that gets one part file per run. Rows are kept in a JSON-lines
 journal beside a Parquet output until the run ends, so a rerun of the same command skips what
@@ -41,37 +42,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 class _Classifier:
     """One Ray actor's model: loaded once, then called on batches of paths."""
 
-    def __init__(self, model_dir: str, precision: str, threads: int, features: bool):
-        from ..artifact import load_artifact
-        from ..export import to_openvino
-        from ..model.predictor import Predictor, ServedModel
-        from ..runtime import OpenVINOModel, resolve_precision
+    def __init__(self, model_dir: str, precision: str, device: str, threads: int, features: bool):
+        from ..model.predictor import Predictor
 
-        path = Path(model_dir) / config.ARTIFACT_FILE
-        precision = resolve_precision(precision, "cpu")
-        self.predictor = Predictor(ServedModel.read(path), device="cpu", precision=precision)
+        # The local path's predictor (batch.run): the same forward and head, so the same answers.
+        self.predictor = Predictor.from_dir(Path(model_dir), precision, device, openvino_mode="throughput",
+                                            threads=max(1, threads))
         self.preprocessing = self.predictor.model.preprocessing
-        # The local path's forward (extraction.backbone_features), so the features are the same.
-        backbone = load_artifact(path).backbone
-        self.forward = OpenVINOModel(to_openvino(backbone, self.preprocessing["input_size"]), precision,
-                                     mode="throughput")
-        self.forward.compile(max(1, threads))
         self.columns, self.features = batch.result_columns(self.predictor, features), features
 
     def __call__(self, rows):
-        from ..images import ImageError, load_tensor
+        from ..images import ImageError, load_crop
 
-        tensors, out = [], []
+        crops, out = [], []
         for path in rows.column("path").to_pylist():
             try:
-                tensors.append((path, load_tensor(path, self.preprocessing).numpy()))
+                crops.append((path, load_crop(path, self.preprocessing)))
             except (ImageError, OSError) as exc:
                 out.append({"path": path, "error": str(exc)})
-        if tensors:
-            features = self.forward(np.stack([t for _, t in tensors]))
+        if crops:
+            features, _ = self.predictor.forward(np.stack([c for _, c in crops]))
             predictions = self.predictor.predict_features(features)
             out += [batch.answer_row(path, p, f if self.features else None)
-                    for (path, _), p, f in zip(tensors, predictions, features)]
+                    for (path, _), p, f in zip(crops, predictions, features)]
         import pyarrow as pa
 
         return pa.Table.from_pylist([{c: row.get(c) for c in self.columns} for row in out])
@@ -158,16 +151,20 @@ def _predictions(paths: list[str], args: argparse.Namespace):
     context = ray.data.DataContext.get_current()
     context.max_errored_blocks = 0  # a block that fails after Ray's retries fails the run: no row is silently lost
     cpus = args.ray_cpus_per_actor
-    actors = args.ray_actors or max(1, int(ray.cluster_resources().get("CPU", 1) // cpus) - 1)
+    # On a GPU cluster each actor holds one GPU, which Ray shows it as cuda:0.
+    gpus, device = (1, "cuda") if args.device.startswith("cuda") else (0, "cpu")
+    resources = ray.cluster_resources()
+    actors = args.ray_actors or (max(1, int(resources.get("GPU", 1))) if gpus else
+                                 max(1, int(resources.get("CPU", 1) // cpus) - 1))
     # ^ one CPU's worth left free for Ray Data's own tasks (ray#44687)
     size = args.batch_size or 64  # larger than locally (16): amortises Ray's cost per batch
     blocks = max(1, min(len(paths) // size, actors * 4))
     dataset = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=blocks)
     # An autoscaling pool (1..n), not a fixed one: a fixed pool whose actor dies can hang (ray#62746).
     return dataset.map_batches(
-        _Classifier, fn_constructor_args=(str(args.model_dir.resolve()), args.precision, max(1, int(cpus)),
+        _Classifier, fn_constructor_args=(str(args.model_dir.resolve()), args.precision, device, max(1, int(cpus)),
                                           args.features),
-        batch_size=size, concurrency=(1, actors), num_cpus=cpus, batch_format="pyarrow",
+        batch_size=size, concurrency=(1, actors), num_cpus=cpus, num_gpus=gpus, batch_format="pyarrow",
         max_restarts=-1, max_task_retries=-1)
 
 

@@ -1,8 +1,9 @@
 """[CLS] features of the frozen backbone: the fastest faithful precision, batched extraction, and
 an on-disk cache so that a rerun never runs the backbone for a file it has seen.
 
-On CPU the backbone runs through OpenVINO (runtime.py: ~1.4x torch's bf16 when batches are fed
-to both cores at once), on CUDA through torch. The cache is keyed by backbone architecture +
+The forward is the run's one forward (torch_forward.forward_for): on CPU the exported graph
+through OpenVINO (runtime.py: ~1.4x torch's bf16 when batches are fed to both cores at once),
+the very graph the run publishes and the service runs; on CUDA backbone.OnCrops through torch. The cache is keyed by backbone architecture +
 weights digest + preprocessing + precision + runtime (one folder per key) and, inside it, by each
 image file's content hash: renaming a file costs nothing, a changed or added file is the only
 one recomputed. Features are persisted batch by batch, so an interrupted run loses nothing.
@@ -21,7 +22,6 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save
-from torch import nn
 from tqdm.auto import tqdm
 
 from ..distributed import SINGLE, Group, part_suffix
@@ -110,13 +110,11 @@ class FeatureCache:
 
 
 def extract_features(
-    model: nn.Module,
+    forward,
     paths: list[Path],
     digests: list[str],
     preprocessing: dict,
     cache: FeatureCache,
-    device: torch.device,
-    precision: str,
     batch_size: int = 0,
     num_workers: int | None = None,
     group: Group = SINGLE,
@@ -124,15 +122,16 @@ def extract_features(
 ) -> tuple[dict[str, torch.Tensor], dict[Path, str]]:
     """Features for every readable file (by digest) and the reason each unreadable one failed.
     Only files whose digest is not in the cache (an open FeatureCache) are decoded and run
-    through the backbone; each batch's features are persisted as soon as they are computed.
+    through `forward` (the run's one forward: torch_forward.forward_for); each batch's features
+    are persisted as soon as they are computed.
 
     Under torchrun, rank 0 passes the cache and every other rank its own part cache
     (part_cache): the files rank 0's cache lacks are sharded by rank, each rank extracts its
     share into the cache it holds, and rank 0 then merges the parts into its cache."""
     todo = group.broadcast([i for i, d in enumerate(digests) if d not in cache.features])
-    num_workers = decode_workers(device, group.local_world_size) if num_workers is None else num_workers
+    num_workers = decode_workers(forward.device, group.local_world_size) if num_workers is None else num_workers
     mine = [(paths[i], digests[i]) for i in group.shard(todo) if digests[i] not in cache.features]
-    failures = _extract_into(cache, model, mine, preprocessing, device, precision, batch_size, num_workers, desc)
+    failures = _extract_into(cache, forward, mine, preprocessing, batch_size, num_workers, desc)
     if group.distributed:
         failures = _merge_parts(cache, failures, group)
     found = {d: cache.features[d] for d in digests if d in cache.features}
@@ -144,22 +143,20 @@ def part_cache(cache_dir: Path, key: str, group: Group) -> FeatureCache:
     return FeatureCache(cache_dir, key + part_suffix(group))
 
 
-def _extract_into(cache: FeatureCache, model: nn.Module, files: list[tuple[Path, str]], preprocessing: dict,
-                  device: torch.device, precision: str, batch_size: int, num_workers: int,
-                  desc: str = "extracting features") -> dict[Path, str]:
-    """Run the backbone over `files` (path, digest) into `cache`, under a progress bar named
+def _extract_into(cache: FeatureCache, forward, files: list[tuple[Path, str]], preprocessing: dict,
+                  batch_size: int, num_workers: int, desc: str = "extracting features") -> dict[Path, str]:
+    """Run `forward` over `files` (path, digest) into `cache`, under a progress bar named
     `desc`; the unreadable ones' reasons."""
     failures: dict[Path, str] = {}
     if not files:
         return failures
-    batches = backbone_features(model, [p for p, _ in files], preprocessing, device, precision, batch_size,
-                                num_workers)
+    batches = backbone_features(forward, [p for p, _ in files], preprocessing, batch_size, num_workers)
     with tqdm(total=len(files), desc=desc, unit="img") as bar:
         for indices, features, failed in batches:
             for i, reason in failed:
                 failures[files[i][0]] = reason
             if features is not None:
-                cache.add({files[i][1]: feature for i, feature in zip(indices, features)})
+                cache.add({files[i][1]: torch.from_numpy(feature) for i, feature in zip(indices, features)})
             bar.update(len(indices) + len(failed))
     return failures
 

@@ -68,7 +68,7 @@ def training_fingerprint(data_dir: Path, cfg: config.TrainConfig, weights: Path 
 def up_to_date(output_dir: Path, fingerprint: str | None) -> bool:
     """True when every output exists and the artifact was trained from exactly these inputs."""
     output_dir = Path(output_dir)
-    outputs = (config.ARTIFACT_FILE, *config.EXPORT_FILES, config.METRICS_FILE, config.SPLIT_FILE, config.HISTORY_PLOT)
+    outputs = (*config.SERVED_FILES, config.METRICS_FILE, config.SPLIT_FILE, config.HISTORY_PLOT)
     if fingerprint is None or in_transition(output_dir) or not all((output_dir / name).is_file() for name in outputs):
         return False
     try:

@@ -9,13 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from .. import config
-from ..backbone import has_cls_attention
-from ..export import exported_graph, quantize
+from ..export import quantize
 from ..head import MLPHead
-from ..images import center_crop, open_image, to_rgb
+from ..images import load_crop
 from ..runtime import OpenVINOModel
 from .head_training import predict_proba
 
@@ -23,8 +21,8 @@ log = logging.getLogger(__name__)
 
 
 def crops(paths: list[Path], preprocessing: dict) -> np.ndarray:
-    """uint8 NHWC centre crops, as the service feeds the graph."""
-    return np.stack([np.asarray(center_crop(to_rgb(open_image(p)), preprocessing)) for p in paths])
+    """uint8 NHWC centre crops, as every path feeds the graph (images.load_crop)."""
+    return np.stack([load_crop(p, preprocessing) for p in paths])
 
 
 def calibration_paths(paths: list[Path], count: int = config.INT8_CALIBRATION_CROPS) -> list[Path]:
@@ -33,11 +31,11 @@ def calibration_paths(paths: list[Path], count: int = config.INT8_CALIBRATION_CR
     return paths[::step][:count]
 
 
-def quantized_graphs(backbone: nn.Module, preprocessing: dict, train_paths: list[Path]):
-    """(float graph, int8 graph), the int8 one calibrated on crops of the training photos."""
-    graph = exported_graph(backbone, preprocessing)
+def quantized_graphs(graph, preprocessing: dict, train_paths: list[Path], transformer: bool):
+    """(`graph`, its int8 copy), calibrated on crops of the training photos; `graph` is the
+    exported graph (export.exported_graph) the run extracted its features with."""
     calibration = list(crops(calibration_paths(train_paths), preprocessing))
-    return graph, quantize(graph, calibration, has_cls_attention(backbone))
+    return graph, quantize(graph, calibration, transformer)
 
 
 def fidelity(graphs: tuple, head: MLPHead, temperature: float, val_paths: list[Path], labels: list[int],
@@ -46,7 +44,7 @@ def fidelity(graphs: tuple, head: MLPHead, temperature: float, val_paths: list[P
     agreement, max |Δp|, feature cosine, both accuracies; `passed` when the agreement reaches
     config.INT8_MIN_AGREEMENT."""
     batch = crops(val_paths, preprocessing)
-    exact, fast = (OpenVINOModel(g, p)(batch) for g, p in zip(graphs, ("fp32", "int8")))
+    exact, fast = (OpenVINOModel(g, p)(batch)[0] for g, p in zip(graphs, ("fp32", "int8")))
     cosine = (exact * fast).sum(1) / (np.linalg.norm(exact, axis=1) * np.linalg.norm(fast, axis=1))
     with torch.no_grad():
         p32, p8 = (predict_proba(head, torch.from_numpy(f), temperature).numpy() for f in (exact, fast))

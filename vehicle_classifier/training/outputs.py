@@ -1,4 +1,4 @@
-"""What a run publishes: the artifact, the backbone exported for OpenVINO, metrics.json,
+"""What a run publishes: the artifact, the backbone and head exported for OpenVINO, metrics.json,
 split.json and the plots, rendered in memory and then published into the output folder as one
 set (fileio.publish: all of them or none)."""
 
@@ -26,7 +26,7 @@ def publish_outputs(output_dir: Path, backbone: nn.Module, head: MLPHead, artifa
     version = stored["model_version"]
     files = {
         config.ARTIFACT_FILE: artifact,
-        **export_files(backbone, stored, graphs),  # what the CPU service runs, without torch
+        **export_files(backbone, head, stored, graphs),  # what the CPU service runs, without torch
         config.METRICS_FILE: json_bytes({"model_version": version, **metrics_doc}),
         config.SPLIT_FILE: json_bytes({"model_version": version, **split_doc}),
         config.HISTORY_PLOT: learning_curves_png(metrics_doc["history"], metrics_doc["summary"]["best_epoch"]),

@@ -20,10 +20,11 @@ from torch import nn
 
 from .. import UserError, config
 from ..artifact import OOD_REFERENCES, read_metadata
-from ..backbone import load_backbone, preprocessing_for
+from ..backbone import has_cls_attention, load_backbone, preprocessing_for
 from ..data import DataError, ImageFolder, Sample, file_digest, stratified_split
 from ..devices import torch_threads
 from ..fileio import clean_temporaries, exclusive, recover
+from ..model.torch_forward import forward_for
 from ..runtime import resolve_precision, runtime_for
 from .calibration import Calibration, calibrate
 from .exclude import apply_exclusions
@@ -85,6 +86,7 @@ class Extraction:
 
     photos: ImageFolder
     backbone: nn.Module
+    forward: object  # the run's one forward (torch_forward.forward_for); on CPU its graph is published
     weights_digest: str
     preprocessing: dict
     device: torch.device
@@ -108,6 +110,7 @@ def extract(job: Job) -> Extraction:
     if precision == "int8":  # the head learns from the float graph's features; the gate measures int8's
         precision = "fp32"
     key = cache_key(job.spec.architecture, job.spec.model_kwargs, weights_digest, preprocessing, precision, runtime)
+    forward = forward_for(backbone, preprocessing, device, precision)  # on CPU: converted here, once
     others = neither_paths(job.cfg.neither_dir)
     other_digests = [file_digest(p) for p in others]
     # The bar counts every file not yet cached: the photos and the 'neither' images (data/neither:
@@ -117,13 +120,13 @@ def extract(job: Job) -> Extraction:
     cache = FeatureCache(job.cache_dir, key) if job.group.is_main else part_cache(job.cache_dir, key, job.group)
     with cache:
         features, failures = extract_features(
-            backbone, [s.path for s in photos.samples] + others, photos.digests + other_digests, preprocessing,
-            cache, device, precision, batch_size=job.cfg.extract_batch_size, group=job.group, desc=desc,
+            forward, [s.path for s in photos.samples] + others, photos.digests + other_digests, preprocessing,
+            cache, batch_size=job.cfg.extract_batch_size, group=job.group, desc=desc,
         )
     if job.group.is_main:  # it has every rank's failures
         for path, reason in failures.items():
             log.warning("skipped %s: %s", path, reason)
-    return Extraction(photos, backbone, weights_digest, preprocessing, device, precision, runtime, features,
+    return Extraction(photos, backbone, forward, weights_digest, preprocessing, device, precision, runtime, features,
                       {p: r for p, r in failures.items() if p not in set(others)},
                       [features[d] for d in other_digests if d in features], time.perf_counter() - started)
 
@@ -216,13 +219,15 @@ def publish(job: Job, ex: Extraction, data: Readable, split: dict, fitted: Fitte
 
 
 def int8_gate(ex: Extraction, data: Readable, split: dict, fitted: Fitted) -> tuple[tuple | None, dict | None]:
-    """On the CPU (where the int8 graph runs): (float graph, int8 graph) to publish and the
-    fidelity gate's report on the validation photos; (None, None) elsewhere or without them."""
+    """On the CPU (where the int8 graph runs): (float graph, int8 graph) to publish (the float
+    one is the graph the features came from) and the fidelity gate's report on the validation
+    photos; (None, None) elsewhere or without them."""
     if ex.runtime != "openvino" or not len(split["val"]):
         return None, None
     from .int8 import fidelity, quantized_graphs  # nncf: only here
 
-    graphs = quantized_graphs(ex.backbone, ex.preprocessing, [data.samples[i].path for i in split["train"]])
+    graphs = quantized_graphs(ex.forward.graph, ex.preprocessing, [data.samples[i].path for i in split["train"]],
+                              has_cls_attention(ex.backbone))
     val = [data.samples[i] for i in split["val"]]
     report = fidelity(graphs, fitted.trained.head, fitted.calibration.temperature, [s.path for s in val],
                       [s.label for s in val], ex.preprocessing)
