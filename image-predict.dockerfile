@@ -48,11 +48,11 @@ RUN python -m compileall -q vehicle_classifier predict.py gunicorn.conf.py
 # The model comes from a volume mounted at $MODEL_DIR ...
 FROM base AS model-mounted
 
-# ... or from the build context: the artifact and the backbone training exported for OpenVINO
+# ... or from the build context: the artifact and the backbone and head training exported for OpenVINO
 # (the .dockerignore lets exactly these files through), readable by the service's user
 # whatever their mode on the host.
 FROM base AS model-baked
-COPY --chmod=444 models/model.safetensors models/backbone.xml models/backbone.bin /app/models/
+COPY --chmod=444 models/model.safetensors models/backbone.xml models/backbone.bin models/head.xml models/head.bin /app/models/
 
 # The stage is chosen by the build argument, not an image from a registry: no tag to pin.
 # hadolint ignore=DL3006

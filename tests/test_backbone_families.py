@@ -20,11 +20,10 @@ from conftest import make_dataset, synthetic_image
 from vehicle_classifier import config, registry
 from vehicle_classifier.serving.api import create_app
 from vehicle_classifier.backbone import (
-    WeightsError, cls_attention, create_backbone, has_cls_attention, load_backbone, preprocessing_for,
+    OnCrops, WeightsError, cls_attention, create_backbone, has_cls_attention, load_backbone, preprocessing_for,
 )
 from vehicle_classifier.config import ServiceConfig, TrainConfig
 from vehicle_classifier.artifact import load_artifact
-from vehicle_classifier.images import preprocess
 from vehicle_classifier.runtime import cpu_supports_bf16
 from vehicle_classifier.training.job import Job
 from vehicle_classifier.training.run import run_training
@@ -302,6 +301,6 @@ def test_each_trains_and_serves_from_its_official_file(tmp_path, monkeypatch, sm
     size = model.preprocessing["input_size"]
     pixels = np.random.default_rng(1).integers(0, 256, (3, size, size, 3), dtype=np.uint8)
     with torch.no_grad():
-        reference = model.backbone(torch.stack([preprocess(Image.fromarray(p), model.preprocessing) for p in pixels]))
+        reference = OnCrops(model.backbone, model.preprocessing)(torch.from_numpy(pixels))
     served, _ = predictor.forward(pixels, False)
     assert torch.nn.functional.cosine_similarity(torch.from_numpy(served), reference).min() > 0.999

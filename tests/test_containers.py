@@ -225,7 +225,7 @@ def test_copy_sources_exist_and_reach_the_build_context(image):
             if image is BAKED and source.startswith(f"{config.OUTPUT_DIR}/"):
                 # The user's trained model, not a repository file: the files train.py writes
                 # that the service reads, copied to where the service looks for them.
-                assert source in [f"{config.OUTPUT_DIR}/{name}" for name in (config.ARTIFACT_FILE, *config.EXPORT_FILES)]
+                assert source in [f"{config.OUTPUT_DIR}/{name}" for name in config.SERVED_FILES]
                 assert in_image(image, destination).rstrip("/") == image.env["MODEL_DIR"]
                 # Readable by the service's user (not root), whatever the file's mode on the host.
                 (copy,) = [v for k, v in image.instructions if k == "COPY" and source in v]
@@ -235,7 +235,7 @@ def test_copy_sources_exist_and_reach_the_build_context(image):
             assert not dockerignore_excludes(source), f"COPY {source}, but .dockerignore leaves it out"
     if image is BAKED:  # every file the service reads from the model folder, and nothing else of it
         baked = {s for sources, _ in image.copies for s in sources if s.startswith(f"{config.OUTPUT_DIR}/")}
-        assert baked == {f"{config.OUTPUT_DIR}/{name}" for name in (config.ARTIFACT_FILE, *config.EXPORT_FILES)}
+        assert baked == {f"{config.OUTPUT_DIR}/{name}" for name in config.SERVED_FILES}
 
 
 def test_trained_model_is_readable_by_the_containers_user(tiny_model_dir):

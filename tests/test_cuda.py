@@ -24,7 +24,7 @@ from vehicle_classifier.offline import batch
 from vehicle_classifier.training.job import Job
 from vehicle_classifier.training.run import run_training
 from vehicle_classifier.backbone import create_backbone, preprocessing_for
-from vehicle_classifier.extraction import fit_batch_size
+from vehicle_classifier.model.torch_forward import forward_for
 from vehicle_classifier.training.features import FeatureCache, extract_features
 from vehicle_classifier.model.predictor import Predictor
 
@@ -40,9 +40,9 @@ def vits16():
 
 def extract(model, paths, device, tmp_path):
     preprocessing = preprocessing_for(model)
+    forward = forward_for(model, preprocessing, device, "bf16")
     with FeatureCache(tmp_path / device.type, "k") as cache:
-        found, failures = extract_features(model, paths, [str(p) for p in paths], preprocessing, cache, device,
-                                           "bf16")
+        found, failures = extract_features(forward, paths, [str(p) for p in paths], preprocessing, cache)
     assert not failures
     return torch.stack([found[str(p)] for p in paths])
 
@@ -58,7 +58,7 @@ def test_cuda_features_agree_with_the_cpu_decode_and_runtime(vits16, tmp_path):
 
 
 def test_batch_size_is_fitted_to_the_gpu(vits16):
-    size = fit_batch_size(vits16.to(CUDA), 224, CUDA, "bf16")
+    size = forward_for(vits16, preprocessing_for(vits16), CUDA, "bf16").preferred_batch()
     assert size & (size - 1) == 0 and 1 <= size <= 256
 
 

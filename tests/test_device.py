@@ -37,7 +37,7 @@ def cuda_off_limits(monkeypatch):
 
 
 def backbone_device(predictor: Predictor) -> str:
-    """Where the torch forward's backbone is (the head and the references are numpy: the CPU's)."""
+    """Where the torch forward's backbone is (the head graph and the references stay on the CPU)."""
     return next(predictor.forward.backbone.parameters()).device.type
 
 
@@ -84,9 +84,10 @@ def test_the_torch_forward_moves_to_its_device_when_started(tiny_model_dir):
     # "meta" stands in for a GPU: a device this machine has whose tensors are visibly not on
     # the CPU. Like CUDA, the forward stays on the CPU until a worker starts it.
     forward = torch_forward(tiny_model_dir / config.ARTIFACT_FILE, "meta", "fp32")
-    assert next(forward.backbone.parameters()).device.type == "cpu"
+    assert next(forward.plain.parameters()).device.type == "cpu"
     forward.start(1)
-    assert next(forward.backbone.parameters()).device.type == "meta" and forward.mean.device.type == "meta"
+    assert next(forward.plain.parameters()).device.type == "meta" and forward.plain.mean.device.type == "meta"
+    assert next(forward.with_attention.parameters()).device.type == "meta"  # the same backbone, moved once
 
 
 def test_a_cpu_predictor_with_torch_runs_on_the_cpu(tiny_model_dir):

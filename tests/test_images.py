@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from conftest import lying_header_jpeg
-from vehicle_classifier.images import ImageError, center_crop, load_tensor, open_image, preprocess
+from vehicle_classifier.backbone import OnCrops
+from vehicle_classifier.images import ImageError, center_crop, load_crop, open_image
 
 pytestmark = pytest.mark.unit
 
@@ -37,9 +38,9 @@ def test_large_jpeg_is_decoded_at_reduced_size_but_never_below_the_resize():
     assert image.size == (500, 375)  # 1/8 scale: still >= 248 on the shorter side
     full = open_image(blob)
     assert full.size == (4000, 3000)
-    # Same picture either way, after the shared preprocessing.
-    assert torch.nn.functional.cosine_similarity(
-        preprocess(image, PREP).flatten(), preprocess(full, PREP).flatten(), dim=0) > 0.999
+    # Same picture either way, after the shared crop.
+    small, large = (np.asarray(center_crop(i, PREP), np.float32).ravel() for i in (image, full))
+    assert np.corrcoef(small, large)[0, 1] > 0.999
 
 
 def test_exif_orientation_is_applied_after_the_draft():
@@ -63,9 +64,9 @@ def test_exif_orientation_is_applied_after_the_draft():
     lambda: encode(gradient(1, 1), "PNG"),
     lambda: encode(gradient(3000, 2), "PNG"),
 ])
-def test_unusual_images_decode_to_rgb_tensors(make):
-    tensor = load_tensor(make(), PREP)
-    assert tensor.shape == (3, 224, 224) and torch.isfinite(tensor).all()
+def test_unusual_images_decode_to_rgb_crops(make):
+    crop = load_crop(make(), PREP)
+    assert crop.shape == (224, 224, 3) and crop.dtype == np.uint8
 
 
 def test_transparent_pixels_become_white_and_16bit_keeps_its_brightness():
@@ -120,12 +121,13 @@ def test_very_wide_images_are_cropped_before_resizing():
     assert 100 < np.asarray(crop)[:, :, 0].mean() < 155
 
 
-def test_preprocess_is_the_usual_normalisation_bit_for_bit():
-    # Feature caches and the artifact's reference features were computed with this formula:
-    # a faster implementation must give the very same floats.
+def test_the_forward_normalises_crops_with_the_usual_formula():
+    """The one normalisation (backbone.OnCrops, traced into the exported graph): a uint8 crop
+    batch becomes (x / 255 - mean) / std, channels first, to float rounding."""
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 260, 3), dtype=np.uint8))
-    crop = np.asarray(center_crop(image, PREP), dtype=np.float32) / 255.0
-    expected = (crop - np.asarray(PREP["mean"], dtype=np.float32)) / np.asarray(PREP["std"], dtype=np.float32)
-    tensor = preprocess(image, PREP)
-    assert tensor.dtype == torch.float32 and tensor.is_contiguous()
-    assert torch.equal(tensor, torch.from_numpy(expected.transpose(2, 0, 1).copy()))
+    crop = np.array(center_crop(image, PREP))
+    expected = (crop / np.float32(255) - np.asarray(PREP["mean"], np.float32)) / np.asarray(PREP["std"], np.float32)
+    with torch.no_grad():
+        images = OnCrops(torch.nn.Identity(), PREP)(torch.from_numpy(crop[None]))
+    assert images.dtype == torch.float32 and images.shape == (1, 3, *crop.shape[:2])
+    assert torch.allclose(images[0], torch.from_numpy(expected.transpose(2, 0, 1).copy()), atol=1e-5)

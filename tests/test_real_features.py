@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import LITE0_BACKBONE, NEITHER_DIR, REPO, SAMPLE_DIR, sample_photos
@@ -16,11 +17,10 @@ from PIL import Image
 
 from vehicle_classifier import config, registry
 from vehicle_classifier.serving.api import create_app
-from vehicle_classifier.backbone import WeightsError, create_backbone, load_backbone, preprocessing_for
+from vehicle_classifier.backbone import OnCrops, WeightsError, create_backbone, load_backbone, preprocessing_for
 from vehicle_classifier.artifact import load_artifact
 from vehicle_classifier.registry import get_spec
 from vehicle_classifier.config import ServiceConfig
-from vehicle_classifier.images import preprocess
 from vehicle_classifier.model.predictor import AttentionUnavailable, Predictor
 
 pytestmark = pytest.mark.integration
@@ -88,7 +88,7 @@ def test_predictor_answers_calibrated_probabilities_and_in_distribution(predicto
     image = predictor.load_image(photos[0])
     model = load_artifact(real_model_dir / config.ARTIFACT_FILE)
     with torch.no_grad():
-        logits = model.head(model.backbone(preprocess(image, model.preprocessing)[None]))[0]
+        logits = model.head(OnCrops(model.backbone, model.preprocessing)(torch.from_numpy(np.asarray(predictor.crop(image))[None])))[0]
     served = predictor.predict([image])[0].probabilities
     calibrated = (logits / predictor.temperature).softmax(0).tolist()
     assert predictor.temperature == metrics["calibration"]["temperature"]

@@ -18,7 +18,8 @@ from conftest import synthetic_image
 from vehicle_classifier import config
 from vehicle_classifier.artifact import load_artifact
 from vehicle_classifier.config import ServiceConfig
-from vehicle_classifier.images import center_crop, open_image, read_header
+from vehicle_classifier.images import load_crop, read_header
+from vehicle_classifier.model.torch_forward import forward_for
 from vehicle_classifier.serving.body import Deadlines
 from vehicle_classifier.serving.decoding import PixelBudget, decode_uploads
 from vehicle_classifier.serving.errors import BadRequest, printable
@@ -59,13 +60,13 @@ def test_training_and_serving_see_the_same_pixels_and_features(predictor, photos
     assert predictor.source == "exported"
     served, _ = predictor.forward(np.stack([np.asarray(crop) for crop in crops]), False)
 
-    for path, crop in zip(paths, crops):  # training's decoding (load_tensor: this crop, normalised)
-        assert np.array_equal(np.asarray(center_crop(open_image(path, prep["resize_size"]), prep)), np.asarray(crop))
+    for path, crop in zip(paths, crops):  # training's decoding (images.load_crop): this very crop
+        assert np.array_equal(load_crop(path, prep), np.asarray(crop))
     digests = [str(i) for i in range(len(paths))]
     backbone = load_artifact(tiny_model_dir / config.ARTIFACT_FILE).backbone
+    forward = forward_for(backbone, prep, "cpu", predictor.precision)  # training's forward, converted as it does
     with FeatureCache(tmp_path / "cache", "k") as cache:
-        trained, failures = extract_features(backbone, paths, digests, prep, cache, torch.device("cpu"),
-                                             predictor.precision)
+        trained, failures = extract_features(forward, paths, digests, prep, cache)
     assert not failures
     training = torch.stack([trained[d] for d in digests])
     cosine = torch.nn.functional.cosine_similarity(training, torch.from_numpy(served))

@@ -15,14 +15,15 @@ from vehicle_classifier import config, registry
 from vehicle_classifier.training import calibration
 from vehicle_classifier.training.head_training import train_head
 from vehicle_classifier.training.job import Job
+from vehicle_classifier.training import int8 as int8_module, run as run_module
 from vehicle_classifier.training.run import run_training
 from vehicle_classifier.artifact import ArtifactError, load_artifact, save_artifact
-from vehicle_classifier.backbone import create_backbone, preprocessing_for
+from vehicle_classifier.backbone import OnCrops, create_backbone, preprocessing_for
 from vehicle_classifier.data import DataError, stratified_folds, stratified_split
 from vehicle_classifier.devices import autocast
 from vehicle_classifier.runtime import resolve_precision
 from vehicle_classifier.fileio import atomic_path
-from vehicle_classifier.images import load_tensor
+from vehicle_classifier.images import load_crop
 from vehicle_classifier.model.predictor import Predictor
 from vehicle_classifier.runtime import OpenVINOModel
 
@@ -40,14 +41,16 @@ def run(data, out, weights, cache, **kw):
 
 @pytest.fixture
 def backbone_calls(monkeypatch):
-    """Counts images that go through the backbone (OpenVINO's, on CPU) and the backbones
-    converted for it, by wrapping the real ones."""
-    calls = {"images": 0, "converted": 0}
-    real_init, real_map = OpenVINOModel.__init__, OpenVINOModel.map
+    """Counts images that go through the backbone (OpenVINO's, on CPU), the backbones converted
+    for it and the graphs quantized, by wrapping the real functions."""
+    calls = {"images": 0, "converted": 0, "quantized": 0}
+    real_map = OpenVINOModel.map
 
-    def counting_init(self, *args, **kwargs):
-        calls["converted"] += 1
-        real_init(self, *args, **kwargs)
+    def counting(name, real):
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+        return counted
 
     def counting_map(self, batches):
         def counted():
@@ -56,7 +59,8 @@ def backbone_calls(monkeypatch):
                 yield tag, batch
         return real_map(self, counted())
 
-    monkeypatch.setattr(OpenVINOModel, "__init__", counting_init)
+    monkeypatch.setattr(run_module, "exported_graph", counting("converted", run_module.exported_graph))
+    monkeypatch.setattr(int8_module, "quantize", counting("quantized", int8_module.quantize))
     monkeypatch.setattr(OpenVINOModel, "map", counting_map)
     return calls
 
@@ -121,9 +125,8 @@ def test_rerun_hits_the_cache_and_recomputes_only_changed_files(tmp_path, tiny_w
     backbone_calls["images"] = 0
     first = run(data, tmp_path / "out2", tiny_weights, cache)
     assert backbone_calls["images"] == 0  # nothing new: the backbone never ran
-    # nor was it even converted: the first run's extraction is the one, beside each run's int8
-    # fidelity gate (two per run: the fp32 and int8 graphs it compares on the validation photos)
-    assert backbone_calls["converted"] == 1 + 2 * 2
+    # nor was it converted or quantized again: the first run's graphs, kept in the cache (graphs.py)
+    assert (backbone_calls["converted"], backbone_calls["quantized"]) == (1, 1)
 
     # One file changed, one added, one renamed (same content: still cached).
     with Image.open(data / "Car" / "Car_0.jpg") as im:
@@ -205,10 +208,10 @@ def test_artifact_round_trips_to_identical_predictions(tiny_model_dir, synthetic
     model = load_artifact(tiny_model_dir / config.ARTIFACT_FILE)
     again = load_artifact(tiny_model_dir / config.ARTIFACT_FILE)
     images = sorted(synthetic_dataset.rglob("*.*"))[:12]
-    batch = torch.stack([load_tensor(p, model.preprocessing) for p in images])
+    batch = torch.from_numpy(np.stack([load_crop(p, model.preprocessing) for p in images]))
     with torch.inference_mode():
-        out1 = model.head(model.backbone(batch))
-        out2 = again.head(again.backbone(batch))
+        out1 = model.head(OnCrops(model.backbone, model.preprocessing)(batch))
+        out2 = again.head(OnCrops(again.backbone, again.preprocessing)(batch))
     assert torch.equal(out1, out2)
 
     # Saved and reloaded: the same tensors, so the very same outputs.
@@ -216,7 +219,7 @@ def test_artifact_round_trips_to_identical_predictions(tiny_model_dir, synthetic
     save_artifact(resaved, model.backbone, model.head, {k: v for k, v in model.metadata.items()})
     third = load_artifact(resaved)
     with torch.inference_mode():
-        assert torch.equal(out1, third.head(third.backbone(batch)))
+        assert torch.equal(out1, third.head(OnCrops(third.backbone, third.preprocessing)(batch)))
 
     # The predictor (the exported model, bf16 where available) agrees with the training-time labels.
     predictor = Predictor.from_dir(tiny_model_dir)
@@ -322,7 +325,8 @@ def test_bf16_features_stay_close_to_fp32_on_real_photos():
     torch.manual_seed(0)
     model = create_backbone(registry.BACKBONES["dino-vits16"].architecture)
     prep = preprocessing_for(model)
-    batch = torch.stack([load_tensor(p, prep) for p in photos])
+    batch = torch.from_numpy(np.stack([load_crop(p, prep) for p in photos]))
+    model = OnCrops(model.eval(), prep)
     with torch.inference_mode():
         fp32 = model(batch)
         with autocast(torch.device("cpu"), "bf16"):

@@ -113,7 +113,7 @@ class TrainConfig:
     max_epochs: int = 200
     patience: int = 15
     # Feature extraction.
-    extract_batch_size: int = 0  # 0: fitted to the device (features.fit_batch_size)
+    extract_batch_size: int = 0  # 0: the forward's preferred batch, fitted to a GPU's memory (preferred_batch)
     precision: str = PRECISIONS[0]
     # "Neither": the share of validation photos the out-of-distribution threshold accepts, and
     # the images that are neither class whose flagged share metrics.json reports.

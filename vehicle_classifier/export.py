@@ -89,11 +89,11 @@ def export_files(backbone: nn.Module, head: nn.Module, metadata: dict, graphs: t
     for model, names in ((graph, config.EXPORT_FILES), (quantized, config.INT8_FILES), (head_graph(head), config.HEAD_FILES)):
         if model is not None:
             model.set_rt_info(metadata["model_version"], RT_INFO_VERSION)
-            files.update(_saved(model, names))
+            files.update(saved_files(model, names))
     return files
 
 
-def _saved(graph, names: tuple[str, str]) -> dict[str, bytes]:
+def saved_files(graph, names: tuple[str, str]) -> dict[str, bytes]:
     """An openvino.Model as the bytes of its (xml, bin) files."""
     ov = import_openvino()
     with tempfile.TemporaryDirectory() as folder:

@@ -52,6 +52,10 @@ class TorchForward:
         self._pid = -1
         self._lock = threading.Lock()
 
+    @property
+    def backbone(self) -> nn.Module:
+        return self.plain.backbone
+
     def place(self) -> None:
         """Move the backbone to its device and settle the precision ("auto": bf16 where the
         device runs it natively); on CUDA both start CUDA in the calling process."""
@@ -127,11 +131,14 @@ class TorchForward:
                 batch_size //= 2
 
 
-def forward_for(backbone: nn.Module, preprocessing: dict, device, precision: str, mode: str = "throughput"):
-    """The one forward for a torch backbone on `device`: on the CPU the exported graph
-    (export.exported_graph), converted now, through OpenVINO; elsewhere TorchForward."""
+def forward_for(backbone: nn.Module, preprocessing: dict, device, precision: str, graph=None,
+                mode: str = "throughput"):
+    """The one forward for a torch backbone on `device`: on the CPU the exported graph through
+    OpenVINO (`graph`, export.exported_graph's made already, or converted now); elsewhere
+    TorchForward."""
     if runtime_for(device) == "openvino":
-        return OpenVINOModel(exported_graph(backbone, preprocessing), resolve_precision(precision, "cpu"), mode)
+        graph = graph if graph is not None else exported_graph(backbone, preprocessing)
+        return OpenVINOModel(graph, resolve_precision(precision, "cpu"), mode)
     return TorchForward(backbone, preprocessing, str(device), precision)
 
 

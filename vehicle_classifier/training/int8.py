@@ -31,11 +31,10 @@ def calibration_paths(paths: list[Path], count: int = config.INT8_CALIBRATION_CR
     return paths[::step][:count]
 
 
-def quantized_graphs(graph, preprocessing: dict, train_paths: list[Path], transformer: bool):
-    """(`graph`, its int8 copy), calibrated on crops of the training photos; `graph` is the
-    exported graph (export.exported_graph) the run extracted its features with."""
-    calibration = list(crops(calibration_paths(train_paths), preprocessing))
-    return graph, quantize(graph, calibration, transformer)
+def quantized(graph, preprocessing: dict, train_paths: list[Path], transformer: bool):
+    """`graph`'s int8 copy, calibrated on crops of the training photos; `graph` is the exported
+    graph (export.exported_graph) the run extracted its features with."""
+    return quantize(graph, list(crops(calibration_paths(train_paths), preprocessing)), transformer)
 
 
 def fidelity(graphs: tuple, head: MLPHead, temperature: float, val_paths: list[Path], labels: list[int],

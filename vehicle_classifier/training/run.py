@@ -24,11 +24,13 @@ from ..backbone import has_cls_attention, load_backbone, preprocessing_for
 from ..data import DataError, ImageFolder, Sample, file_digest, stratified_split
 from ..devices import torch_threads
 from ..fileio import clean_temporaries, exclusive, recover
+from ..export import exported_graph
 from ..model.torch_forward import forward_for
 from ..runtime import resolve_precision, runtime_for
 from .calibration import Calibration, calibrate
 from .exclude import apply_exclusions
 from .features import FeatureCache, cache_key, extract_features, part_cache
+from .graphs import float_graph, int8_graph
 from .head_training import TrainedHead, predict_proba, train_head
 from .job import Job
 from .metrics import classification_metrics
@@ -87,6 +89,7 @@ class Extraction:
     photos: ImageFolder
     backbone: nn.Module
     forward: object  # the run's one forward (torch_forward.forward_for); on CPU its graph is published
+    graphs: Path  # where the run's graphs are kept for the next run (graphs.py)
     weights_digest: str
     preprocessing: dict
     device: torch.device
@@ -110,7 +113,9 @@ def extract(job: Job) -> Extraction:
     if precision == "int8":  # the head learns from the float graph's features; the gate measures int8's
         precision = "fp32"
     key = cache_key(job.spec.architecture, job.spec.model_kwargs, weights_digest, preprocessing, precision, runtime)
-    forward = forward_for(backbone, preprocessing, device, precision)  # on CPU: converted here, once
+    graphs = Path(job.cache_dir) / key  # the cache key's folder keeps the graphs too (graphs.py)
+    graph = float_graph(graphs, lambda: exported_graph(backbone, preprocessing)) if runtime == "openvino" else None
+    forward = forward_for(backbone, preprocessing, device, precision, graph)
     others = neither_paths(job.cfg.neither_dir)
     other_digests = [file_digest(p) for p in others]
     # The bar counts every file not yet cached: the photos and the 'neither' images (data/neither:
@@ -126,7 +131,7 @@ def extract(job: Job) -> Extraction:
     if job.group.is_main:  # it has every rank's failures
         for path, reason in failures.items():
             log.warning("skipped %s: %s", path, reason)
-    return Extraction(photos, backbone, forward, weights_digest, preprocessing, device, precision, runtime, features,
+    return Extraction(photos, backbone, forward, graphs, weights_digest, preprocessing, device, precision, runtime, features,
                       {p: r for p, r in failures.items() if p not in set(others)},
                       [features[d] for d in other_digests if d in features], time.perf_counter() - started)
 
@@ -224,10 +229,11 @@ def int8_gate(ex: Extraction, data: Readable, split: dict, fitted: Fitted) -> tu
     photos; (None, None) elsewhere or without them."""
     if ex.runtime != "openvino" or not len(split["val"]):
         return None, None
-    from .int8 import fidelity, quantized_graphs  # nncf: only here
+    from .int8 import fidelity, quantized  # nncf: only here
 
-    graphs = quantized_graphs(ex.forward.graph, ex.preprocessing, [data.samples[i].path for i in split["train"]],
-                              has_cls_attention(ex.backbone))
+    train = [data.samples[i].path for i in split["train"]]
+    graphs = ex.forward.graph, int8_graph(ex.graphs, lambda: quantized(ex.forward.graph, ex.preprocessing, train,
+                                                                      has_cls_attention(ex.backbone)))
     val = [data.samples[i] for i in split["val"]]
     report = fidelity(graphs, fitted.trained.head, fitted.calibration.temperature, [s.path for s in val],
                       [s.label for s in val], ex.preprocessing)
