@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO, lying_header_jpeg, make_dataset
-from vehicle_classifier import extraction as features
+from vehicle_classifier import config, extraction as features
 from vehicle_classifier.offline import batch
 from vehicle_classifier.model.predictor import Predictor
 
@@ -54,10 +55,34 @@ def test_csv_has_a_row_per_image_with_the_predictors_answer(tiny_model_dir, phot
     expected = predictor.predict([predictor.load_image(r["path"]) for r in good])
     for row, want in zip(good, expected):
         assert row["label"] == want.label
-        assert abs(float(row["confidence"]) - want.confidence) < 2e-3
+        assert abs(float(row["confidence"]) - want.confidence) < 1e-4  # the service's own forward and head
         assert sum(float(row[n]) for n in names) == pytest.approx(1.0, abs=1e-5)
         assert float(row["confidence"]) == max(float(row[n]) for n in names)
     assert "10 classified, 1 unreadable" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp32"])
+def test_each_precision_answers_as_the_service_does(tiny_model_dir, photos_dir, tmp_path, precision):
+    """--precision int8 runs the int8 graph training published (not the float one under an int8
+    label): the probabilities are the service's in the same precision, to 1e-4."""
+    out = tmp_path / "p.csv"
+    assert batch.main([str(photos_dir), "--model-dir", str(tiny_model_dir), "--output", str(out),
+                       "--precision", precision]) == 1  # broken.jpg
+    predictor = Predictor.from_dir(tiny_model_dir, precision=precision)
+    good = [r for r in read_csv(out) if not r["error"]]
+    for row, want in zip(good, predictor.predict([predictor.load_image(r["path"]) for r in good])):
+        assert max(abs(float(row[n]) - p) for n, p in want.probabilities.items()) < 1e-4
+
+
+def test_int8_without_the_int8_graph_is_refused_in_one_line(tiny_model_dir, photos_dir, tmp_path, capsys):
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in config.SERVED_FILES:  # no backbone-int8.xml
+        shutil.copy(tiny_model_dir / name, model / name)
+    code = batch.main([str(photos_dir), "--model-dir", str(model), "--output", str(tmp_path / "p.csv"),
+                       "--precision", "int8"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: precision int8 needs backbone-int8.xml") and err.count("\n") == 1
 
 
 def test_rerun_skips_written_rows_and_mends_a_torn_last_row(tiny_model_dir, photos_dir, tmp_path, capsys):
