@@ -366,13 +366,14 @@ def test_wrong_method_or_path(client, method, path, status, words):
 
 
 def test_a_bug_is_a_logged_json_500_and_the_service_goes_on(tiny_model_dir, caplog):
-    # A genuine bug inside the predictor (simulated by breaking its preprocessing) must not
-    # leak a traceback to the client, and must not take the app down.
+    # A genuine bug inside the predictor (simulated by breaking its forward, once it has
+    # answered: warmed up) must not leak a traceback to the client, and must not take the app down.
     app = create_app(ServiceConfig(model_dir=tiny_model_dir))
     predictor = app.extensions["vehicle_classifier"].predictor
     client = app.test_client()
-    original = predictor.crop
-    predictor.crop = lambda image: 1 / 0
+    assert predict_raw(client, good_jpeg()).status_code == 200
+    original = predictor.forward
+    predictor.forward = lambda pixels, attention: 1 / 0
     try:
         assert_error(predict_raw(client, good_jpeg()), 500, "internal error")
         assert "ZeroDivisionError" in caplog.text
@@ -380,7 +381,7 @@ def test_a_bug_is_a_logged_json_500_and_the_service_goes_on(tiny_model_dir, capl
         assert_error(predict_raw(client, good_jpeg()), 500, "internal error")
         assert caplog.text.count("Traceback") == 1 and "seen 2 times" in caplog.text
     finally:
-        predictor.crop = original
+        predictor.forward = original
     assert_still_serving(client)
 
 

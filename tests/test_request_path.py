@@ -56,7 +56,7 @@ def test_training_and_serving_see_the_same_pixels_and_features(predictor, photos
     prep = predictor.model.preprocessing
 
     crops, _ = decode_uploads([Upload(p.name, p.read_bytes()) for p in paths], ServiceConfig(), PixelBudget(10**9),
-                              predictor.draft_size, predictor.crop)
+                              prep, predictor.draft_size)
     assert predictor.source == "exported"
     served, _ = predictor.forward(np.stack([np.asarray(crop) for crop in crops]), False)
 
@@ -73,14 +73,38 @@ def test_training_and_serving_see_the_same_pixels_and_features(predictor, photos
     assert cosine.min() > 0.999, cosine  # batched kernels differ in the last bits only
 
 
+def test_the_service_and_the_predictor_crop_every_photo_alike(predictor, photos):
+    # The service crops in serving/decoding.py with the model's preprocessing; the predictor's
+    # own predict(images) crops with Predictor.crop. A photo must give the same pixels either way.
+    rng = np.random.default_rng(1)
+    large = synthetic_image("Bike", rng, (1920, 1080))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown portrait
+    uploads = [Upload(p.name, p.read_bytes()) for p in photos] + [
+        Upload("large.jpg", encoded(large, "JPEG")), Upload("tall.png", encoded(large.convert("LA"), "PNG")),
+        Upload("rotated.jpg", _with_exif(large.resize((300, 200)), exif))]
+    crops, _ = decode_uploads(uploads, ServiceConfig(), PixelBudget(10**9), predictor.model.preprocessing,
+                              predictor.draft_size)
+    for upload, crop in zip(uploads, crops):
+        own = predictor.crop(predictor.load_image(upload.data))
+        assert (crop.mode, crop.size) == (own.mode, own.size) and np.array_equal(np.asarray(crop), np.asarray(own))
+
+
+def _with_exif(image: Image.Image, exif: Image.Exif) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", exif=exif)
+    return buffer.getvalue()
+
+
 def test_a_request_over_its_decoded_pixel_budget_is_refused_before_decoding(predictor):
     png = encoded(Image.new("RGBA", (3000, 2000)), "PNG")  # 6 MP each
     settings = ServiceConfig(max_request_pixels=10_000_000)
     uploads = [Upload("a.png", png), Upload("b.png", png)]
     with pytest.raises(BadRequest, match="decode to 12,000,000 pixels, over the limit of 10,000,000") as caught:
-        decode_uploads(uploads, settings, PixelBudget(10**9), predictor.draft_size, predictor.crop)
+        decode_uploads(uploads, settings, PixelBudget(10**9), predictor.model.preprocessing, predictor.draft_size)
     assert caught.value.status == 413
-    crops, pixels = decode_uploads(uploads[:1], settings, PixelBudget(10**9), predictor.draft_size, predictor.crop)
+    crops, pixels = decode_uploads(uploads[:1], settings, PixelBudget(10**9), predictor.model.preprocessing,
+                                   predictor.draft_size)
     assert pixels == 6_000_000 and crops[0].size == (32, 32)
 
 

@@ -152,7 +152,7 @@ def _predict(svc: Service):
     uploads = read_uploads(body, settings.max_batch_files)
     del body  # the uploads hold what is needed of it
     timings = [("read", time.perf_counter())]
-    crops, pixels = decode_uploads(uploads, settings, svc.budget, predictor.draft_size, predictor.crop)
+    crops, pixels = decode_uploads(uploads, settings, svc.budget, predictor.model.preprocessing, predictor.draft_size)
     timings.append(("decode", time.perf_counter()))
     predictions = predictor.predict_crops(crops, attention=attention)
     timings.append(("model", time.perf_counter()))

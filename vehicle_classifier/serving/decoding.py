@@ -1,19 +1,23 @@
 """Decoding a request's images within the pixel budgets of the request and of the worker, each
 into the centre crop the backbone sees, one at a time: a full-size photo is dropped as soon as
-its crop exists. And handing the freed memory back afterwards."""
+its crop exists. And handing the freed memory back afterwards.
+
+The crop is images.center_crop with the model's preprocessing, as training's (images.py): the
+serving layer stands on the model layer's data and never hands the predictor's own methods
+back down to be called from here."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 from PIL import Image
 
 from ..config import ServiceConfig
-from ..images import ImageError, decode, read_header
+from ..images import ImageError, center_crop, decode, read_header
 from .errors import BadRequest
 from .uploads import Upload
 
@@ -42,11 +46,12 @@ class PixelBudget:
                 self._changed.notify_all()
 
 
-def decode_uploads(uploads: list[Upload], settings: ServiceConfig, budget: PixelBudget, draft_size: int,
-                   crop: Callable[[Image.Image], Image.Image]) -> tuple[list[Image.Image], int]:
-    """Each upload decoded (at `draft_size` or above) and cropped by `crop`, one at a time,
-    each full-size image dropped once its crop exists; and the decoded pixel count of the
-    request. Every header is read (and the request's total checked) before anything is decoded."""
+def decode_uploads(uploads: list[Upload], settings: ServiceConfig, budget: PixelBudget, preprocessing: dict,
+                   draft_size: int) -> tuple[list[Image.Image], int]:
+    """Each upload decoded (at `draft_size` or above: the predictor's) and centre-cropped with
+    the model's `preprocessing`, one at a time, each full-size image dropped once its crop
+    exists; and the decoded pixel count of the request. Every header is read (and the
+    request's total checked) before anything is decoded."""
     headers = []
     for upload in uploads:
         with _named(upload.name, len(uploads) > 1):
@@ -60,10 +65,16 @@ def decode_uploads(uploads: list[Upload], settings: ServiceConfig, budget: Pixel
         header = headers.pop(0)
         with _named(upload.name, len(uploads) > 1), budget.reserve(header.width * header.height):
             image = decode(header, draft_size)
-            crops.append(crop(image))
+            crops.append(crop(image, preprocessing))
             header.close()
             del image, header  # the full-size pixels go now, not when the request ends
     return crops, total
+
+
+def crop(image: Image.Image, preprocessing: dict) -> Image.Image:
+    """What the backbone sees of a decoded `image`: its centre crop at the input size, in RGB."""
+    cropped = center_crop(image, preprocessing)
+    return cropped if cropped.mode == "RGB" else cropped.convert("RGB")  # decoded photos are RGB already
 
 
 @contextmanager

@@ -144,10 +144,17 @@ def endpoints(document: dict) -> list[str]:
 
 
 def init_app(app, docs: SpecTree, max_files: int) -> dict:
-    """Serve `docs` (Swagger UI) on `app` and return its OpenAPI document, built once."""
+    """Serve `docs` (Swagger UI) on `app` and return its OpenAPI document, built once. Then
+    each view runs as written: spectree's wrapper validates nothing here (skip_validation) but
+    rebuilds every response it returns (17 us a request), and the document, once built, is
+    kept (SpecTree.spec), so it no longer needs the wrappers it read the routes from."""
     docs.register(app)
     with app.app_context():  # spectree reads the routes from the current app
-        return openapi_document(docs, max_files)
+        document = openapi_document(docs, max_files)
+    for endpoint, view in app.view_functions.items():
+        if docs.get_function_metadata(view) is not None:  # one that docs.validate wrapped
+            app.view_functions[endpoint] = view.__wrapped__
+    return document
 
 
 def make_docs(description: str) -> SpecTree:

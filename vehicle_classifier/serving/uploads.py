@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import itertools
 import json
 import logging
 from dataclasses import dataclass
@@ -62,11 +63,11 @@ def _multipart(body: bytes, max_files: int) -> list[Upload]:
     boundary = request.mimetype_params.get("boundary", "").encode("latin-1", "replace")
     if not boundary:
         raise BadRequest("multipart body without a boundary in its Content-Type; " + HOW_TO_SEND)
-    parts = body.count(b"--" + boundary) - 1
-    if parts > max_form_parts(max_files):
-        raise BadRequest(f"{parts} parts in the multipart body; the limit is {max_form_parts(max_files)} "
-                         f"(at most {max_files} files per request)", status=413)
-    file_parts, fields = form_parts(body, boundary)
+    try:
+        file_parts, fields = form_parts(body, boundary, max_form_parts(max_files))
+    except TooManyParts:  # only now is the whole body counted, for the message
+        raise BadRequest(f"{body.count(b'--' + boundary) - 1} parts in the multipart body; the limit is "
+                         f"{max_form_parts(max_files)} (at most {max_files} files per request)", status=413) from None
     files = [(filename, data) for field, filename, data in file_parts if field == "file"]
     if not files:
         if "file" in fields:  # no filename: a text field (or a filename that could not be parsed)
@@ -86,13 +87,23 @@ def _multipart(body: bytes, max_files: int) -> list[Upload]:
     return uploads
 
 
-def form_parts(body: bytes, boundary: bytes) -> tuple[list[tuple[str, str, bytes]], list[str]]:
+class TooManyParts(Exception):
+    """Raised by form_parts as soon as a body's parts pass the limit: the rest is not parsed."""
+
+
+def form_parts(body: bytes, boundary: bytes, max_parts: int | None = None) -> tuple[list[tuple[str, str, bytes]],
+                                                                                   list[str]]:
     """(field name, filename, bytes) of each file part, and the names of the text fields (parts
-    without a filename). python-multipart's streaming parser reads the body in place; its
-    FormParser would copy every file into a BytesIO first (1.5 ms more for 3 MB)."""
+    without a filename); TooManyParts once more than `max_parts` begin. python-multipart's
+    streaming parser reads the body in place; its FormParser would copy every file into a
+    BytesIO first (1.5 ms more for 3 MB). Counting the parts as they begin, rather than the
+    boundaries in the whole body first, saves a pass over the body (0.05 ms for 416 KB)."""
     files, fields, part = [], [], {}
+    begun = itertools.count(1)
 
     def on_part_begin():
+        if max_parts is not None and next(begun) > max_parts:
+            raise TooManyParts()
         part.update(headers={}, field=b"", value=b"", data=[])
 
     def on_header_end():
