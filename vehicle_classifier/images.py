@@ -146,7 +146,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def center_crop(image: Image.Image, preprocessing: dict) -> Image.Image:
-    """What the backbone sees: the shorter side resized to `resize_size`, then the centre
+    """What the backbone sees, in RGB: the shorter side resized to `resize_size`, then the centre
     `input_size` square (crop mode "squash": each side resized to `resize_size` on its own, then
     the centre square). Done as one resize of the crop box in original coordinates, which is
     the same geometry but never builds a huge intermediate for very wide or tall images."""
@@ -157,9 +157,10 @@ def center_crop(image: Image.Image, preprocessing: dict) -> Image.Image:
     else:
         box_width = box_height = min(width, height) * crop / resize
     left, top = (width - box_width) / 2, (height - box_height) / 2
-    return image.resize(
+    cropped = image.resize(
         (crop, crop), RESAMPLING[preprocessing["interpolation"]], box=(left, top, left + box_width, top + box_height)
     )
+    return cropped if cropped.mode == "RGB" else cropped.convert("RGB")  # decoded photos are RGB already
 
 
 def load_crop(source: bytes | str | Path, preprocessing: dict, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:

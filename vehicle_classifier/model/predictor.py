@@ -177,8 +177,7 @@ class Predictor:
 
     def crop(self, image: Image.Image) -> Image.Image:
         """What the backbone sees of `image`: its centre crop, at the input size."""
-        crop = center_crop(image, self.model.preprocessing)
-        return crop if crop.mode == "RGB" else crop.convert("RGB")  # decoded photos are RGB already
+        return center_crop(image, self.model.preprocessing)
 
     def predict(self, images: list[Image.Image], attention: bool = False) -> list[Prediction]:
         return self.predict_crops([self.crop(image) for image in images], attention)

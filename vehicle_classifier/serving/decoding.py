@@ -65,16 +65,10 @@ def decode_uploads(uploads: list[Upload], settings: ServiceConfig, budget: Pixel
         header = headers.pop(0)
         with _named(upload.name, len(uploads) > 1), budget.reserve(header.width * header.height):
             image = decode(header, draft_size)
-            crops.append(crop(image, preprocessing))
+            crops.append(center_crop(image, preprocessing))
             header.close()
             del image, header  # the full-size pixels go now, not when the request ends
     return crops, total
-
-
-def crop(image: Image.Image, preprocessing: dict) -> Image.Image:
-    """What the backbone sees of a decoded `image`: its centre crop at the input size, in RGB."""
-    cropped = center_crop(image, preprocessing)
-    return cropped if cropped.mode == "RGB" else cropped.convert("RGB")  # decoded photos are RGB already
 
 
 @contextmanager
