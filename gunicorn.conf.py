@@ -17,6 +17,7 @@ cores / workers); PROMETHEUS_MULTIPROC_DIR (prometheus_client's own; default: a 
 temporary directory).
 """
 
+import gc
 import glob
 import os
 import sys
@@ -70,6 +71,14 @@ for stale in glob.glob(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "*.d
 # OpenMP, should torch be loaded, starts single-threaded, and each worker compiles (or places)
 # its own forward with its share of the cores in post_worker_init.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def pre_fork(server, worker):
+    # What the master loaded (libraries, the model) lives as long as each worker: frozen out of
+    # the collector's reach (Python's gc docs, for fork without exec), a worker's full
+    # collections skip those ~82k objects (67-83 ms each on 2 cores: rare slow requests) and
+    # leave their pages shared with the master.
+    gc.freeze()
 
 
 def post_worker_init(worker):
