@@ -113,7 +113,7 @@ def _on_crops_fallback(backbone: nn.Module, preprocessing: dict, attention: bool
             self.register_buffer("std", torch.tensor(preprocessing["std"], dtype=torch.float32).view(1, 3, 1, 1))
 
         def forward(self, crops: torch.Tensor) -> torch.Tensor:
-            pixels = crops.permute(0, 3, 1, 2).float().div_(255).sub_(self.mean).div_(self.std)
+            pixels = crops.permute(0, 3, 1, 2).contiguous().float().div_(255).sub_(self.mean).div_(self.std)
             return self.backbone(pixels)
 
     return OnCrops()
