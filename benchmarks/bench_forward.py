@@ -57,13 +57,15 @@ class _Lines(logging.Handler):
 
 
 def served_default(model_dir: Path) -> tuple[Predictor, str]:
-    """Predictor.from_dir with precision auto, and the line it logs saying what it serves and why."""
+    """Predictor.from_dir with precision auto, and the line it logs saying what it serves and why;
+    not yet warmed up (nothing compiled), so that the torch options are timed before any OpenVINO
+    thread pool exists in this process."""
     logger, handler = logging.getLogger("vehicle_classifier"), _Lines()
     level = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:
-        predictor = Predictor.from_dir(model_dir)
+        predictor = Predictor.from_dir(model_dir, warm_up=False)
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
@@ -149,6 +151,7 @@ def run_forward(model_dir: Path, photos: list[Path], repeats: int, with_compile:
             measure("torch bf16 autocast", bf16(eager), tensors, served, reference, repeats)]
     if with_compile:
         rows.append(compiled_row(eager, tensors, served, reference, repeats))
+    served.warm_up()  # the torch options are timed: OpenVINO may start its threads now
     rows += option_rows(model_dir, crops, served, reference, repeats)
     served_row = measure(f"served default: {describe(served)}", served_features(served), crops, served,
                          reference, repeats, why)
