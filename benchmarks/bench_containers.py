@@ -98,7 +98,7 @@ def up_to_first_answer(stack: ds.Stack, proxy: str, photo: Path) -> tuple[float,
 
 
 def model(work: Path) -> Path:
-    from bench_service import build_artifact  # beside this script
+    from common import build_artifact  # beside this script
 
     return build_artifact(work, per_class=20)
 

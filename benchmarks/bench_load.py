@@ -31,9 +31,10 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import requests
 
-from bench_service import build_artifact, rss_mb, sample_photos, serve, worker_pids  # beside this script
+from common import build_artifact, eager_fp32, rss_mb, sample_photos, serve, worker_pids  # beside this script
 from harness.load import Recorder, run_clients
 
 
@@ -102,18 +103,20 @@ def slow_uploads(port: int, count: int, seconds: float, trickle: bool, stop: thr
 
 # --- the naive yardstick --------------------------------------------------------------------------
 def naive_fp32_throughput(model_dir: Path, photo_paths: list[Path], count: int) -> float:
-    """Images per second of a plain single-stream fp32 eager loop: decode, preprocess, batch 1."""
+    """Images per second of a plain single-stream fp32 eager loop: decode, centre crop, batch 1."""
     import torch
-    from bench_training import fp32_eager_pass
 
-    from vehicle_classifier.artifact import load_artifact
-    from vehicle_classifier.config import ARTIFACT_FILE
+    from vehicle_classifier.model.predictor import Predictor
 
-    model = load_artifact(model_dir / ARTIFACT_FILE).backbone
-    with torch.inference_mode():
-        model(torch.zeros(1, 3, 224, 224))  # warm-up, as the service also gets
+    decoder = Predictor.from_dir(model_dir, warm_up=False)  # its decode and crop only: nothing compiled
+    model = eager_fp32(model_dir)
     paths = [photo_paths[i % len(photo_paths)] for i in range(count)]
-    return count / fp32_eager_pass(model, paths, batch_size=1)
+    with torch.inference_mode():
+        model(torch.zeros(1, 224, 224, 3, dtype=torch.uint8))  # warm-up, as the service also gets
+        start = time.perf_counter()
+        for path in paths:
+            model(torch.from_numpy(np.array(decoder.crop(decoder.load_image(path)), dtype=np.uint8)[None]))
+    return count / (time.perf_counter() - start)
 
 
 # --- main ---------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ request each limit allows: one solid RGBA PNG of MAX_REQUEST_PIXELS (the per-req
 budget; PNGs decode at full size, and transparency costs the most to convert). It samples the
 worker's RSS every 20 ms and prints it idle, at its peak, and after the requests (is the memory
 handed back?); and what the issue's request (16 such PNGs at once) now gets. Without
---model-dir it builds a ViT-S/16 artifact like bench_service.py. Prints figures; asserts nothing.
+--model-dir it builds a ViT-S/16 artifact (common.build_artifact). Prints figures; asserts nothing.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         model_dir = args.model_dir
         if model_dir is None:
-            from bench_service import build_artifact
+            from common import build_artifact
 
             model_dir = build_artifact(Path(work), per_class=20)
         proc, url, _ = start_gunicorn(model_dir, Path(work) / "gunicorn.log", timeout=300)
