@@ -3,8 +3,7 @@ sample photos, the ViT-S/16 random-weights artifact, the request photos, the pla
 eager baseline, timing helpers, the HTTP client and the /proc readings. The servers themselves
 come from harness/ (start_gunicorn, stop, free_port).
 
-The benchmarks touch the package's preprocessing in one place only: `eager_fp32` (and its
-fallback `_on_crops_fallback`, to delete once vehicle_classifier.backbone.on_crops exists)."""
+The benchmarks touch the package's preprocessing in one place only: `eager_fp32`."""
 
 from __future__ import annotations
 
@@ -27,7 +26,7 @@ from urllib3 import encode_multipart_formdata
 from harness.live import start_gunicorn
 from vehicle_classifier import config
 from vehicle_classifier.artifact import load_artifact
-from vehicle_classifier.backbone import create_backbone
+from vehicle_classifier.backbone import OnCrops, create_backbone
 from vehicle_classifier.model.predictor import Predictor
 from vehicle_classifier.registry import get_spec
 from vehicle_classifier.training.job import Job
@@ -88,35 +87,10 @@ def cpu_flags_line() -> str:
 # --- the fp32 eager baseline: the one place that names the package's preprocessing -----------
 def eager_fp32(model_dir: Path) -> nn.Module:
     """Plain PyTorch, fp32 eager: the artifact's backbone behind the single preprocessing
-    definition, uint8 NHWC crops in (torch.uint8, N,H,W,3), features out. Call it under
-    torch.inference_mode()."""
-    try:
-        from vehicle_classifier.backbone import on_crops
-    except ImportError:  # until the forward-path refactor lands
-        on_crops = _on_crops_fallback
+    definition (backbone.OnCrops), uint8 NHWC crops in (torch.uint8, N,H,W,3), features out.
+    Call it under torch.inference_mode()."""
     model = load_artifact(model_dir / config.ARTIFACT_FILE)
-    return on_crops(model.backbone, model.preprocessing).eval()
-
-
-def _on_crops_fallback(backbone: nn.Module, preprocessing: dict, attention: bool = False) -> nn.Module:
-    """DELETE AT MERGE (vehicle_classifier.backbone.on_crops replaces it). images.preprocess's
-    normalisation, the same in-place torch steps, on a uint8 NHWC batch (preprocess itself also
-    centre-crops, so it cannot take crops), then the backbone."""
-    if attention:
-        raise NotImplementedError("the fallback gives features only")
-
-    class OnCrops(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.backbone = backbone
-            self.register_buffer("mean", torch.tensor(preprocessing["mean"], dtype=torch.float32).view(1, 3, 1, 1))
-            self.register_buffer("std", torch.tensor(preprocessing["std"], dtype=torch.float32).view(1, 3, 1, 1))
-
-        def forward(self, crops: torch.Tensor) -> torch.Tensor:
-            pixels = crops.permute(0, 3, 1, 2).contiguous().float().div_(255).sub_(self.mean).div_(self.std)
-            return self.backbone(pixels)
-
-    return OnCrops()
+    return OnCrops(model.backbone, model.preprocessing).eval()
 
 
 def fp32_eager_ms(model_dir: Path, photos: list[Path], repeats: int) -> float:
