@@ -6,7 +6,7 @@ what one Ray node costs, in one run.
 The photos (default: the sample, ../shared/data/car-bike-sample) are copied `--copies` times
 into a temporary folder, so that both runs last long enough to measure. Each run is the batch
 command as a subprocess, start-up included (for Ray: connecting, starting the actors, loading
-the model in each). The cluster is tests/ray_cluster_job.py's: a head and a worker node, 2
+the model in each). The cluster is harness/ray_cluster.py's: a head and a worker node, 2
 logical CPUs each, on loopback inside `unshare -n` (this script re-runs itself there). Prints
 img/s for each, their ratio, and per node its start time and resident memory at rest.
 """
