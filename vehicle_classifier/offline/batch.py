@@ -260,10 +260,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="decoding worker processes (default: from the cores this process may use)")
     parser.add_argument("--features", action="store_true",
                         help="also write the backbone's feature vector (column features; ood_score is a column already)")
-    from .ray_batch import add_arguments  # imports no Ray
-
-    add_arguments(parser)
+    add_ray_arguments(parser)
     return parser
+
+
+def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
+    """The Ray options (ray_batch.py; Ray itself is imported only when --ray is given)."""
+    parser.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                        help="run on a Ray cluster: ADDRESS as ray.init takes it (host:port, ray://..., auto); "
+                             "without a value RAY_ADDRESS, else a local Ray. Output may also be .parquet or a folder")
+    parser.add_argument("--ray-actors", type=int, default=0, metavar="N",
+                        help="most model actors (default 0: from the cluster's CPUs)")
+    parser.add_argument("--ray-cpus-per-actor", type=float, default=1.0, metavar="C",
+                        help="CPUs each actor reserves and computes with (default: %(default)s)")
 
 
 @dataclass

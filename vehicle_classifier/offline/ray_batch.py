@@ -28,17 +28,6 @@ from . import batch
 PARQUET = ".parquet"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The Ray options of the batch command (Ray itself is imported only when --ray is given)."""
-    parser.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
-                        help="run on a Ray cluster: ADDRESS as ray.init takes it (host:port, ray://..., auto); "
-                             "without a value RAY_ADDRESS, else a local Ray. Output may also be .parquet or a folder")
-    parser.add_argument("--ray-actors", type=int, default=0, metavar="N",
-                        help="most model actors (default 0: from the cluster's CPUs)")
-    parser.add_argument("--ray-cpus-per-actor", type=float, default=1.0, metavar="C",
-                        help="CPUs each actor reserves and computes with (default: %(default)s)")
-
-
 class _Classifier:
     """One Ray actor's model: loaded once, then called on batches of paths."""
 
