@@ -270,7 +270,7 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run on a Ray cluster: ADDRESS as ray.init takes it (host:port, ray://..., auto); "
                              "without a value RAY_ADDRESS, else a local Ray. Output may also be .parquet or a folder")
     parser.add_argument("--ray-actors", type=int, default=0, metavar="N",
-                        help="most model actors (default 0: from the cluster's CPUs)")
+                        help="most model actors (default 0: from the cluster's CPUs; with --device cuda, one per GPU)")
     parser.add_argument("--ray-cpus-per-actor", type=float, default=1.0, metavar="C",
                         help="CPUs each actor reserves and computes with (default: %(default)s)")
 
