@@ -88,7 +88,7 @@ def test_predictor_answers_calibrated_probabilities_and_in_distribution(predicto
     image = predictor.load_image(photos[0])
     model = load_artifact(real_model_dir / config.ARTIFACT_FILE)
     with torch.no_grad():
-        logits = model.head(OnCrops(model.backbone, model.preprocessing)(torch.from_numpy(np.asarray(predictor.crop(image))[None])))[0]
+        logits = model.head(OnCrops(model.backbone, model.preprocessing)(torch.from_numpy(np.array(predictor.crop(image))[None])))[0]
     served = predictor.predict([image])[0].probabilities
     calibrated = (logits / predictor.temperature).softmax(0).tolist()
     assert predictor.temperature == metrics["calibration"]["temperature"]
