@@ -4,12 +4,14 @@ cost), synthetic image folders with visually separable classes, and a trained ti
 from __future__ import annotations
 
 import io
+import random
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from vehicle_classifier import config, registry
 from vehicle_classifier.backbone import create_backbone
@@ -149,6 +151,65 @@ def real_model_dir(tmp_path_factory, lite0_weights, real_feature_cache) -> Path:
                        "--neither-dir", str(NEITHER_DIR)])
     assert code == 0
     return out
+
+
+# --- the data audit of real sample photos with faults planted -------------------------------
+MOVED, COPIES = 16, 12
+
+
+def altered_copy(source: Path, target: Path, rng: random.Random, mirror: bool) -> None:
+    """What the issue planted: a 4% crop (split at random between the edges), 0.7x the size,
+    JPEG quality 60, mirrored or not."""
+    with Image.open(source) as opened:
+        image = ImageOps.exif_transpose(opened).convert("RGB")
+    cut_x, cut_y = int(image.width * 0.04), int(image.height * 0.04)
+    left, top = rng.randint(0, cut_x), rng.randint(0, cut_y)
+    image = image.crop((left, top, image.width - cut_x + left, image.height - cut_y + top))
+    image = image.resize((int(image.width * 0.7), int(image.height * 0.7)), Image.Resampling.BICUBIC)
+    (ImageOps.mirror(image) if mirror else image).save(target, "JPEG", quality=60)
+
+
+def plant_faults(root: Path, seed: int, per_class: int = 150) -> dict:
+    """`per_class` sample photos of each class copied into `root`, MOVED of them into the other
+    class's folder and COPIES altered copies added beside their originals; what was planted."""
+    rng = random.Random(seed)
+    chosen = {label: rng.sample(sample_photos(label), per_class) for label in ("Car", "Bike")}
+    other = {"Car": "Bike", "Bike": "Car"}
+    planted = {"moved": [], "pairs": []}
+    for label, photos in chosen.items():
+        movers = set(rng.sample(range(per_class), MOVED // 2))
+        for i, photo in enumerate(photos):
+            folder = other[label] if i in movers else label
+            (root / folder).mkdir(parents=True, exist_ok=True)
+            shutil.copy(photo, root / folder / photo.name)
+            if i in movers:
+                planted["moved"].append(f"{folder}/{photo.name}")
+    originals = rng.sample(sorted(str(p.relative_to(root)) for p in root.rglob("*.*")), COPIES)
+    for k, original in enumerate(originals):
+        copy = Path(original).parent / f"copy_{k}_{Path(original).stem}.jpg"
+        altered_copy(root / original, root / copy, rng, mirror=k % 2 == 0)
+        planted["pairs"].append({original, str(copy)})
+    return planted
+
+
+@pytest.fixture(scope="session", params=[1, 2], ids=["plant1", "plant2"])
+def planted_audit(request, tmp_path_factory, lite0_weights, real_feature_cache):
+    """An audit, as a user runs it, of ~300 sample photos with faults planted (seeded: two
+    different draws): (data folder, output folder, what was planted, the terminal's lines). Read
+    by tests/test_audit.py and, training on what it flagged, tests/test_audit_runs.py."""
+    import contextlib
+
+    from vehicle_classifier.audit.__main__ import main as audit_main
+
+    root = tmp_path_factory.mktemp(f"planted{request.param}")
+    planted = plant_faults(root / "data", request.param)
+    out = root / "audit"
+    terminal = io.StringIO()
+    with contextlib.redirect_stdout(terminal):
+        code = audit_main(["--data-dir", str(root / "data"), "--output-dir", str(out), "--backbone", LITE0_BACKBONE,
+                           "--weights", str(lite0_weights), "--cache-dir", str(real_feature_cache)])
+    assert code == 0
+    return root / "data", out, planted, terminal.getvalue().splitlines()
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,9 @@
 """Training runs that survive interruption and each other: a kill at any point of extraction
 loses only the batches in flight, a kill at any point of the final writes leaves the previous
 set of outputs, two runs at once never mix their outputs or lose features, and a full or
-read-only disk gives one line and no leftovers."""
+read-only disk gives one line and no leftovers. Here in this process (runs, forked writers,
+injected faults); tests/test_interrupted_runs.py kills whole runs of train.py in processes of
+their own (the system tier)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -59,98 +60,7 @@ def run(data, out, weights, cache, **kw):
     return run_training(Job(data, out, cfg, weights, cache, spec=TINY_SPEC))
 
 
-# train.py in a subprocess, with the tiny backbone registered and a hook that signals the process
-# itself at a chosen point: the Nth call of `target` that meets `condition` (before or after the
-# real call). SIGINT stands for Ctrl-C at a terminal, where Python raises KeyboardInterrupt; a
-# suite started in the background by a non-interactive shell (`make test &`, nohup) inherits
-# SIGINT ignored, and Python then leaves it ignored (so does train.py, as nohup means): the driver
-# puts Python's Ctrl-C handler back, or the signal would be lost and the run would finish.
-DRIVER = textwrap.dedent("""
-    import functools, importlib, os, signal, sys
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    from vehicle_classifier import registry
-    registry.BACKBONES[{spec.name!r}] = registry.BackboneSpec({spec.name!r}, {spec.architecture!r},
-                                                            model_kwargs={spec.model_kwargs!r})
-    module_name, _, attr = {target!r}.rpartition(".")
-    owner = importlib.import_module(module_name.split(":")[0])
-    for part in module_name.split(":")[1:]:
-        owner = getattr(owner, part)
-    real, calls = getattr(owner, attr), [0]
-
-    @functools.wraps(real)
-    def hooked(*args, **kwargs):
-        match = {condition}
-        calls[0] += bool(match)
-        hit = match and calls[0] == {nth}
-        if hit and {when!r} == "before":
-            os.kill(os.getpid(), {signum})
-        result = real(*args, **kwargs)
-        if hit and {when!r} == "after":
-            os.kill(os.getpid(), {signum})
-        return result
-
-    setattr(owner, attr, hooked)
-    import train
-    sys.exit(train.main({args!r}))
-""")
-
-
-def run_train(args, timeout=300):
-    """train.py with the tiny backbone registered, nothing hooked."""
-    return run_hooked(args, "os.getpid", 0, "after", 0, condition="False", timeout=timeout)
-
-
-def run_hooked(args, target, nth, when, signum, condition="True", timeout=300):
-    code = DRIVER.format(repo=str(REPO), spec=TINY_SPEC, target=target, nth=nth, when=when, signum=int(signum),
-                         condition=condition, args=[str(a) for a in args])
-    return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=timeout)
-
-
 # --- extraction resumes ---------------------------------------------------------------------
-@pytest.mark.parametrize("signum, nth, when", [
-    (signal.SIGKILL, 1, "before"),  # before the first batch is stored: nothing to keep
-    (signal.SIGINT, 3, "after"),  # Ctrl-C after three batches (a kill mid-way: the next test)
-])
-def test_a_rerun_after_an_interrupted_extraction_extracts_only_the_missing_photos(
-        tmp_path, tiny_weights, backbone_calls, signum, nth, when):
-    data, out, cache = make_dataset(tmp_path / "data", PER_CLASS), tmp_path / "out", tmp_path / "cache"
-    done = run_hooked(train_args(data, out, cache, tiny_weights), "vehicle_classifier.training.features:FeatureCache.add",
-                      nth, when, signum)
-    if signum == signal.SIGKILL:
-        assert done.returncode == -signal.SIGKILL
-    else:
-        assert done.returncode == 130, done.stderr
-        last = done.stderr.strip().splitlines()[-1]
-        assert last.startswith("interrupted: ") and "unchanged" in last and "kept in the cache" in last, last
-        assert "Traceback" not in done.stderr
-    kept = cached_features(cache)
-    assert len(kept) == (nth if when == "after" else nth - 1) * BATCH  # every finished batch, as it finished
-    assert not out.joinpath(config.ARTIFACT_FILE).exists()
-
-    metrics = run(data, out, tiny_weights, cache)
-    assert backbone_calls["images"] == 2 * PER_CLASS - len(kept)  # only the missing photos
-    assert metrics["summary"]["images_found"] == 2 * PER_CLASS
-    assert len(cached_features(cache)) == 2 * PER_CLASS
-    assert len(list(cache.glob("*/*.safetensors"))) == 1  # merged once complete
-    assert not temporaries(cache) and not temporaries(out)
-
-
-def test_a_kill_in_the_middle_of_a_cache_write_leaves_no_damaged_shard(tmp_path, tiny_weights, backbone_calls):
-    """SIGKILL inside the second shard's write, after its bytes are written but before they are
-    renamed into place: the rerun removes the temporary (and older runs' leftovers in the output
-    folder) and extracts all but the first batch."""
-    data, out, cache = make_dataset(tmp_path / "data", PER_CLASS), tmp_path / "out", tmp_path / "cache"
-    shard = f"str(args[1]).startswith({str(cache)!r}) and str(args[1]).endswith('.safetensors')"
-    done = run_hooked(train_args(data, out, cache, tiny_weights), "vehicle_classifier.fileio:os.replace", 2,
-                      "before", signal.SIGKILL, condition=shard)
-    assert done.returncode == -signal.SIGKILL
-    assert len(temporaries(cache)) == 1 and len(cached_features(cache)) == BATCH
-    leftover = out / ".model.safetensors.k3x9q_1a.tmp.safetensors"  # as killed runs of 0.2.0 left them
-    leftover.write_bytes(b"\0" * 1000)
-
-    run(data, out, tiny_weights, cache)
-    assert backbone_calls["images"] == 2 * PER_CLASS - BATCH
-    assert not temporaries(cache) and not leftover.exists()
 
 
 def test_a_torn_or_misplaced_shard_is_ignored(tmp_path, tiny_weights, backbone_calls, caplog):
@@ -232,21 +142,6 @@ def test_outputs_carry_the_artifacts_model_version(tiny_model_dir):
         assert json.loads((tiny_model_dir / name).read_text())["model_version"] == version
 
 
-def test_sigterm_while_publishing_leaves_the_old_set_and_says_so(tmp_path, tiny_weights):
-    """`kill` (SIGTERM, as `docker stop` sends) winds down as Ctrl-C does: before the commit, the
-    old set, whole, and a message saying so."""
-    data, out, cache = make_dataset(tmp_path / "data", PER_CLASS), tmp_path / "out", tmp_path / "cache"
-    args = train_args(data, out, cache, tiny_weights)
-    run(data, out, tiny_weights, cache)
-    before = output_set(out)
-    # The third rename into the output folder: after the lock's owner file and the journal.
-    second = run_hooked([*args, "--seed", 5], "vehicle_classifier.fileio:os.replace", 3, "before", signal.SIGTERM,
-                        condition=f"str(args[1]).startswith({str(out)!r})")
-    assert second.returncode == 130, second.stderr
-    assert second.stderr.strip().splitlines()[-1].startswith(f"interrupted: {out} is unchanged and holds the previous")
-    assert output_set(out) == before and not fileio.in_transition(out) and not temporaries(out)
-
-
 # --- two runs at once -----------------------------------------------------------------------
 def lock_holder(folder: Path) -> subprocess.Popen:
     """Another process, holding `folder`'s lock (exclusive, wait=False) once this returns, until
@@ -310,21 +205,6 @@ def test_a_run_waiting_for_a_lock_whose_folder_is_removed_holds_the_lock_it_gets
     assert not out.exists() or list(out.iterdir()) == []
 
 
-def test_two_runs_sharing_a_cache_lose_no_features(tmp_path, tiny_weights, backbone_calls):
-    data, cache = make_dataset(tmp_path / "data", PER_CLASS), tmp_path / "cache"
-    with ThreadPoolExecutor(2) as pool:  # both start at once
-        results = list(pool.map(run_train, [train_args(data, tmp_path / f"out{i}", cache, tiny_weights) for i in (1, 2)]))
-    assert [r.returncode for r in results] == [0, 0], [r.stderr for r in results]
-    assert sum("extracting features" in r.stderr for r in results) >= 1
-    assert len(cached_features(cache)) == 2 * PER_CLASS
-    for i in (1, 2):
-        version = read_metadata(tmp_path / f"out{i}" / config.ARTIFACT_FILE)["model_version"]
-        assert json.loads((tmp_path / f"out{i}" / config.METRICS_FILE).read_text())["model_version"] == version
-
-    run(data, tmp_path / "out3", tiny_weights, cache)
-    assert backbone_calls["images"] == 0  # all of both runs' features are there
-
-
 # --- full and read-only disks ---------------------------------------------------------------
 @pytest.fixture
 def small_disk(tmp_path):
@@ -338,17 +218,6 @@ def small_disk(tmp_path):
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def test_a_full_disk_gives_one_line_and_leaves_nothing(tmp_path, small_disk, tiny_weights):
-    data, out = make_dataset(tmp_path / "data", PER_CLASS), small_disk / "out"
-    done = run_train(train_args(data, out, tmp_path / "cache", tiny_weights))
-    assert done.returncode == 2
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in done.stderr, done.stderr
-    assert errors[0].endswith(f"(nothing in {out} was changed)")
-    assert str(out) in errors[0] and "disk is full" in errors[0]
-    assert not out.exists()  # the run made it and left nothing in it: not even its lock
 
 
 def test_a_full_disk_during_extraction_keeps_the_finished_batches(tmp_path, small_disk, tiny_weights):
