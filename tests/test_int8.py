@@ -38,7 +38,10 @@ def test_vit_s16_int8_features_match_fp32():
     graphs = graph, quantized(graph, preprocessing, photos[0::2], transformer=True)  # calibrated on one half
     held_out = crops(photos[1::10], preprocessing)  # measured on the other
     exact, fast = (OpenVINOModel(g, p)(held_out)[0] for g, p in zip(graphs, ("fp32", "int8")))
-    assert np.median(cosine(exact, fast)) >= 0.999
+    similarity = cosine(exact, fast)
+    print(f"ViT-S/16 int8 feature cosine on {len(held_out)} held-out crops: median {np.median(similarity):.5f}, "
+          f"min {similarity.min():.5f}")  # shown with -s
+    assert np.median(similarity) >= 0.999
 
 
 def test_training_writes_the_int8_graph_and_its_gate(tiny_model_dir):
