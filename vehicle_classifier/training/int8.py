@@ -1,6 +1,7 @@
 """int8 at training time: the exported graph quantized (export.quantize) on centre crops of the
 training photos, and the fidelity gate: the head's answers on the validation photos through the
-int8 graph against the fp32 one. 'auto' serves int8 only where the gate held (runtime.py)."""
+int8 graph against the features it learned on (the float graph's). 'auto' serves int8 only where
+the gate held (runtime.py)."""
 
 from __future__ import annotations
 
@@ -37,22 +38,25 @@ def quantized(graph, preprocessing: dict, train_paths: list[Path], transformer: 
     return quantize(graph, list(crops(calibration_paths(train_paths), preprocessing)), transformer)
 
 
-def fidelity(graphs: tuple, head: MLPHead, temperature: float, val_paths: list[Path], labels: list[int],
-             preprocessing: dict) -> dict:
-    """The head's answers on the validation photos through the int8 graph against fp32: top-1
-    agreement, max |Δp|, feature cosine, both accuracies; `passed` when the agreement reaches
-    config.INT8_MIN_AGREEMENT."""
-    batch = crops(val_paths, preprocessing)
-    exact, fast = (OpenVINOModel(g, p)(batch)[0] for g, p in zip(graphs, ("fp32", "int8")))
+def fidelity(quantized_graph, reference: np.ndarray, reference_precision: str, head: MLPHead, temperature: float,
+             val_paths: list[Path], labels: list[int], preprocessing: dict) -> dict:
+    """The head's answers on the validation photos through the int8 graph against `reference`:
+    their features as the run extracted them (the float graph, in `reference_precision`), so
+    the gate measures what int8 changes from what the head learned on, without running the
+    float graph again (4-5 s of 9.5 for 90 ViT-S/16 photos here). Top-1 agreement, max |Δp|,
+    feature cosine, both accuracies; `passed` when the agreement reaches config.INT8_MIN_AGREEMENT."""
+    exact = np.asarray(reference, np.float32)
+    fast, _ = OpenVINOModel(quantized_graph, "int8")(crops(val_paths, preprocessing))
     cosine = (exact * fast).sum(1) / (np.linalg.norm(exact, axis=1) * np.linalg.norm(fast, axis=1))
     with torch.no_grad():
         p32, p8 = (predict_proba(head, torch.from_numpy(f), temperature).numpy() for f in (exact, fast))
     top32, top8, truth = p32.argmax(1), p8.argmax(1), np.asarray(labels)
     agreement = float((top32 == top8).mean())
     report = {
-        "photos": len(val_paths), "top1_agreement": agreement, "max_abs_dp": float(np.abs(p32 - p8).max()),
+        "photos": len(val_paths), "reference": f"the float graph's features ({reference_precision}) the head learned on",
+        "top1_agreement": agreement, "max_abs_dp": float(np.abs(p32 - p8).max()),
         "feature_cosine_median": float(np.median(cosine)), "feature_cosine_min": float(cosine.min()),
-        "accuracy_fp32": float((top32 == truth).mean()), "accuracy_int8": float((top8 == truth).mean()),
+        "accuracy_float": float((top32 == truth).mean()), "accuracy_int8": float((top8 == truth).mean()),
         "min_agreement": config.INT8_MIN_AGREEMENT, "passed": agreement >= config.INT8_MIN_AGREEMENT,
     }
     log.info("int8 fidelity gate %s: top-1 agreement %.2f%% on %d validation photos (needs %.1f%%)",

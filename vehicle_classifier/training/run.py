@@ -235,8 +235,8 @@ def int8_gate(ex: Extraction, data: Readable, split: dict, fitted: Fitted) -> tu
     graphs = ex.forward.graph, int8_graph(ex.graphs, lambda: quantized(ex.forward.graph, ex.preprocessing, train,
                                                                       has_cls_attention(ex.backbone)))
     val = [data.samples[i] for i in split["val"]]
-    report = fidelity(graphs, fitted.trained.head, fitted.calibration.temperature, [s.path for s in val],
-                      [s.label for s in val], ex.preprocessing)
+    report = fidelity(graphs[1], data.features[split["val"]].numpy(), ex.precision, fitted.trained.head,
+                      fitted.calibration.temperature, [s.path for s in val], [s.label for s in val], ex.preprocessing)
     return graphs, report
 
 
