@@ -97,7 +97,7 @@ class Predictor:
     def __init__(self, model: ServedModel, forward=None, ood_check: bool = True, max_batch: int = config.FORWARD_BATCH,
                  device: str = "cpu", precision: str | None = None, source: str = "exported"):
         """`forward(pixels, attention) -> (features, maps)`; None for a predictor that only
-        answers from features (batch prediction runs the backbone itself: predict_features).
+        answers from features (predict_features: batch prediction's result columns).
         `ood_check=False` leaves every answer's `in_distribution` and `ood_score` None."""
         self.model, self.forward = model, forward
         self.device, self.source = device, source
