@@ -4,6 +4,7 @@ architecture (random weights in the official DINO format) on real photos, and re
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ import torch
 import train
 from conftest import REPO, sample_photos
 from vehicle_classifier import config, registry
+from vehicle_classifier.training import cli
 from vehicle_classifier.backbone import create_backbone
 
 pytestmark = pytest.mark.integration
@@ -76,3 +78,20 @@ def test_bad_arguments_give_one_line(tmp_path, vits16_weights, make_args, words)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:")
     assert re.search(words, lines[0])
+
+
+def test_sigterm_winds_down_the_run_in_its_own_process_only():
+    """In train.py's process SIGTERM is Ctrl-C; in a forked decoding worker (which inherits the
+    handler, and which the DataLoader ends with SIGTERM) it ends the worker, as by default."""
+    handler = cli._interrupt_in(os.getpid())
+    with pytest.raises(KeyboardInterrupt):
+        handler(signal.SIGTERM, None)
+    pid = os.fork()
+    if pid == 0:  # the child: nothing of pytest's may run here
+        try:
+            signal.signal(signal.SIGTERM, handler)
+            os.kill(os.getpid(), signal.SIGTERM)
+        finally:
+            os._exit(3)  # reached only if SIGTERM did not end the child
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from dataclasses import fields
@@ -67,13 +68,30 @@ class _TqdmHandler(logging.Handler):
         tqdm.write(self.format(record), file=sys.stderr)
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt  # `docker stop`, `kill`: wind down as Ctrl-C does
+def _interrupt_in(pid: int):
+    """SIGTERM (`docker stop`, `kill`) winds the run down as Ctrl-C does, in the process `pid`
+    alone. Forked decoding workers inherit the handler, and the DataLoader ends a slow worker
+    with SIGTERM: there it must end the worker, as SIGTERM does by default, not raise into the
+    parent's stack that the fork copied (seen in the suite: a worker printing pytest's summary,
+    then hanging, with its parent waiting on it)."""
+    def handler(signum, frame):
+        if os.getpid() == pid:
+            raise KeyboardInterrupt
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+    return handler
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
+    before = signal.signal(signal.SIGTERM, _interrupt_in(os.getpid()))
+    try:
+        return _main(args)
+    finally:  # called in-process (make_figures, tests): the caller's handler comes back
+        signal.signal(signal.SIGTERM, before)
+
+
+def _main(args: argparse.Namespace) -> int:
     handler = _TqdmHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler])
