@@ -105,6 +105,8 @@ def on_reload(server):
         server.log.error("SIGHUP: refused the model in %s, still serving the loaded one: %s", settings.model_dir, exc)
         return
     server.app.callable = app  # what gunicorn's wsgi() hands each worker forked from now on
+    gc.unfreeze()  # the old model was frozen before the last forks (pre_fork): collectable again
+    gc.collect()
     server.log.info("SIGHUP: loaded model %s from %s; workers restart with it",
                     app.extensions[EXTENSION].predictor.metadata["model_version"], settings.model_dir)
 
