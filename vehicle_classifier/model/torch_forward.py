@@ -60,6 +60,9 @@ class TorchForward:
         """Move the backbone to its device and settle the precision ("auto": bf16 where the
         device runs it natively); on CUDA both start CUDA in the calling process."""
         self.precision = resolve_precision(self.precision, self.device)
+        # cuda:N (a torchrun rank's): pinned memory and kernels on that GPU, not on GPU 0
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)
         self.plain.to(self.device)  # the modules share the backbone: one copy moves
         if self.with_attention is not None:
             self.with_attention.to(self.device)
