@@ -41,9 +41,10 @@ def run(data, out, weights, cache, **kw):
 
 @pytest.fixture
 def backbone_calls(monkeypatch):
-    """Counts images that go through the backbone (OpenVINO's, on CPU), the backbones converted
-    for it and the graphs quantized, by wrapping the real functions."""
-    calls = {"images": 0, "converted": 0, "quantized": 0}
+    """Counts images that go through the backbone (OpenVINO's float graph, on CPU; its int8 copy's
+    apart, as "int8_images"), the backbones converted for it and the graphs quantized, by
+    wrapping the real functions."""
+    calls = {"images": 0, "int8_images": 0, "converted": 0, "quantized": 0}
     real_map = OpenVINOModel.map
 
     def counting(name, real):
@@ -55,7 +56,7 @@ def backbone_calls(monkeypatch):
     def counting_map(self, batches):
         def counted():
             for tag, batch in batches:
-                calls["images"] += len(batch)
+                calls["int8_images" if self.precision == "int8" else "images"] += len(batch)
                 yield tag, batch
         return real_map(self, counted())
 
@@ -139,6 +140,22 @@ def test_rerun_hits_the_cache_and_recomputes_only_changed_files(tmp_path, tiny_w
     assert backbone_calls["images"] == 2  # the changed file and the new one
     assert second["summary"]["duplicates_dropped"] == 1  # extra.png is Bike_1.png again
     assert first["summary"]["images_found"] + 2 == second["summary"]["images_found"]
+
+
+def test_the_int8_gate_runs_each_validation_photo_once_per_int8_graph(tmp_path, tiny_weights, backbone_calls):
+    """The gate's features through the int8 graph are kept beside it: a rerun (train.py --force)
+    runs the int8 graph on no photo; an int8 graph made again (here: its files deleted) is
+    measured afresh, never on the replaced graph's features."""
+    data, cache = make_dataset(tmp_path / "data", per_class=12), tmp_path / "cache"
+    first = run(data, tmp_path / "out", tiny_weights, cache)
+    assert backbone_calls["int8_images"] == first["int8"]["photos"] == first["val"]["count"] > 0
+    backbone_calls["int8_images"] = 0
+    again = run(data, tmp_path / "out", tiny_weights, cache)
+    assert backbone_calls["int8_images"] == 0 and again["int8"] == first["int8"]
+    for graph in cache.glob(f"*/graphs/{config.INT8_FILES[0]}"):
+        graph.unlink()
+    third = run(data, tmp_path / "out", tiny_weights, cache)
+    assert backbone_calls["quantized"] == 2 and backbone_calls["int8_images"] == third["int8"]["photos"]
 
 
 def test_train_py_reads_and_hashes_each_photo_once(tmp_path, tiny_weights, monkeypatch):

@@ -15,7 +15,6 @@ from .. import config
 from ..export import quantize
 from ..head import MLPHead
 from ..images import load_crop
-from ..runtime import OpenVINOModel
 from .head_training import predict_proba
 
 log = logging.getLogger(__name__)
@@ -38,28 +37,28 @@ def quantized(graph, preprocessing: dict, train_paths: list[Path], transformer: 
     return quantize(graph, list(crops(calibration_paths(train_paths), preprocessing)), transformer)
 
 
-def fidelity(quantized_graph, reference: np.ndarray, reference_precision: str, head: MLPHead, temperature: float,
-             val_paths: list[Path], labels: list[int], preprocessing: dict) -> dict:
-    """The head's answers on the validation photos through the int8 graph against `reference`:
-    their features as the run extracted them (the float graph, in `reference_precision`), so
-    the gate measures what int8 changes from what the head learned on, without running the
-    float graph again (4-5 s of 9.5 for 90 ViT-S/16 photos here). Top-1 agreement, max |Δp|,
-    feature cosine, both accuracies; `passed` when the agreement reaches config.INT8_MIN_AGREEMENT."""
-    exact = np.asarray(reference, np.float32)
-    fast, _ = OpenVINOModel(quantized_graph, "int8")(crops(val_paths, preprocessing))
+def fidelity(reference: np.ndarray, fast: np.ndarray, reference_precision: str, head: MLPHead,
+             temperature: float, labels: list[int]) -> dict:
+    """The head's answers on the validation photos through the int8 graph (`fast`: their
+    features through it) against `reference`: their features as the run extracted them (the
+    float graph, in `reference_precision`), so the gate measures what int8 changes from what the
+    head learned on, without running the float graph again (4-5 s of 9.5 for 90 ViT-S/16 photos
+    here). Top-1 agreement, max |Δp|, feature cosine, both accuracies; `passed` when the
+    agreement reaches config.INT8_MIN_AGREEMENT."""
+    exact, fast = np.asarray(reference, np.float32), np.asarray(fast, np.float32)
     cosine = (exact * fast).sum(1) / (np.linalg.norm(exact, axis=1) * np.linalg.norm(fast, axis=1))
     with torch.no_grad():
         p32, p8 = (predict_proba(head, torch.from_numpy(f), temperature).numpy() for f in (exact, fast))
     top32, top8, truth = p32.argmax(1), p8.argmax(1), np.asarray(labels)
     agreement = float((top32 == top8).mean())
     report = {
-        "photos": len(val_paths), "reference": f"the float graph's features ({reference_precision}) the head learned on",
+        "photos": len(labels), "reference": f"the float graph's features ({reference_precision}) the head learned on",
         "top1_agreement": agreement, "max_abs_dp": float(np.abs(p32 - p8).max()),
         "feature_cosine_median": float(np.median(cosine)), "feature_cosine_min": float(cosine.min()),
         "accuracy_float": float((top32 == truth).mean()), "accuracy_int8": float((top8 == truth).mean()),
         "min_agreement": config.INT8_MIN_AGREEMENT, "passed": agreement >= config.INT8_MIN_AGREEMENT,
     }
     log.info("int8 fidelity gate %s: top-1 agreement %.2f%% on %d validation photos (needs %.1f%%)",
-             "held" if report["passed"] else "failed", 100 * agreement, len(val_paths),
+             "held" if report["passed"] else "failed", 100 * agreement, len(labels),
              100 * config.INT8_MIN_AGREEMENT)
     return report

@@ -30,7 +30,7 @@ from ..runtime import resolve_precision, runtime_for
 from .calibration import Calibration, calibrate
 from .exclude import apply_exclusions
 from .features import FeatureCache, cache_key, extract_features, part_cache
-from .graphs import float_graph, int8_graph
+from .graphs import float_graph, int8_features, int8_graph
 from .head_training import TrainedHead, predict_proba, train_head
 from .job import Job
 from .metrics import classification_metrics
@@ -141,6 +141,7 @@ class Readable:
     """What the head learns from: the readable photos, each content once, but those the audit flags."""
 
     samples: list[Sample]
+    digests: list[str]  # each sample's file digest (the feature caches' key)
     features: torch.Tensor
     labels: torch.Tensor
     duplicates: int  # identical files (by content) beyond the first, left out
@@ -156,8 +157,8 @@ def readable(ex: Extraction, cfg: config.TrainConfig) -> Readable:
     counts = {name: labels.count(i) for i, name in enumerate(ex.photos.class_names)}
     if any(n < 2 for n in counts.values()):
         raise DataError(f"every class needs at least two readable images; found {counts}")
-    return Readable([s for s, _ in kept], torch.stack([ex.features[d] for _, d in kept]), torch.tensor(labels),
-                    duplicates, excluded, counts)
+    return Readable([s for s, _ in kept], [d for _, d in kept], torch.stack([ex.features[d] for _, d in kept]),
+                    torch.tensor(labels), duplicates, excluded, counts)
 
 
 def unique_readable(samples: list[Sample], digests: list[str], features: dict) -> tuple[list[tuple[Sample, str]], int]:
@@ -234,10 +235,25 @@ def int8_gate(ex: Extraction, data: Readable, split: dict, fitted: Fitted) -> tu
     train = [data.samples[i].path for i in split["train"]]
     graphs = ex.forward.graph, int8_graph(ex.graphs, lambda: quantized(ex.forward.graph, ex.preprocessing, train,
                                                                       has_cls_attention(ex.backbone)))
-    val = [data.samples[i] for i in split["val"]]
-    report = fidelity(graphs[1], data.features[split["val"]].numpy(), ex.precision, fitted.trained.head,
-                      fitted.calibration.temperature, [s.path for s in val], [s.label for s in val], ex.preprocessing)
+    val = split["val"]
+    fast = int8_features_of(ex, graphs[1], [data.samples[i].path for i in val], [data.digests[i] for i in val])
+    kept = [i for i in val if data.digests[i] in fast]  # all of them, unless a file changed meanwhile
+    if not kept:
+        return graphs, None
+    report = fidelity(data.features[kept].numpy(), torch.stack([fast[data.digests[i]] for i in kept]).numpy(),
+                      ex.precision, fitted.trained.head, fitted.calibration.temperature,
+                      [data.samples[i].label for i in kept])
     return graphs, report
+
+
+def int8_features_of(ex: Extraction, graph, paths: list[Path], digests: list[str]) -> dict[str, torch.Tensor]:
+    """The photos' features through the int8 `graph` (by digest), as the run extracts (decode
+    workers, batches), kept beside the graph (graphs.int8_features): --force reruns none of them."""
+    forward = forward_for(ex.backbone, ex.preprocessing, ex.device, "int8", graph)
+    with int8_features(ex.graphs) as cache:
+        features, _ = extract_features(forward, paths, digests, ex.preprocessing, cache,
+                                       desc="int8 fidelity gate (validation photos)")
+    return features
 
 
 def artifact_metadata(job: Job, ex: Extraction, fitted: Fitted, summary: dict) -> dict:
