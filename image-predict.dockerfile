@@ -50,9 +50,12 @@ FROM base AS model-mounted
 
 # ... or from the build context: the artifact and the backbone and head training exported for OpenVINO
 # (the .dockerignore lets exactly these files through), readable by the service's user
-# whatever their mode on the host.
+# whatever their mode on the host. The int8 graph, where training on a CPU wrote it, comes too
+# (a wildcard, so that a model trained on a GPU, which has none, still builds): without it
+# `auto` would serve bf16 where the mounted folder serves int8.
 FROM base AS model-baked
-COPY --chmod=444 models/model.safetensors models/backbone.xml models/backbone.bin models/head.xml models/head.bin /app/models/
+COPY --chmod=444 models/model.safetensors models/backbone.xml models/backbone.bin models/head.xml models/head.bin \
+    models/backbone-int8.xm[l] models/backbone-int8.bi[n] /app/models/
 
 # The stage is chosen by the build argument, not an image from a registry: no tag to pin.
 # hadolint ignore=DL3006

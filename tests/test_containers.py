@@ -7,6 +7,8 @@ them for real on a Docker engine.
 
 from __future__ import annotations
 
+import fnmatch
+import glob
 import json
 import os
 import re
@@ -217,25 +219,39 @@ def test_hadolint_passes(dockerfile):
                 f"{dockerfile.name}:{i + 1}: no reason given above `{line}`"
 
 
+def baked_names(source: str) -> list[str]:
+    """The model folder's files (those the service reads) that a COPY source names; a wildcard
+    names those it matches."""
+    return [name for name in (*config.SERVED_FILES, *config.INT8_FILES)
+            if fnmatch.fnmatchcase(f"{config.OUTPUT_DIR}/{name}", source)]
+
+
 @pytest.mark.parametrize("image", [PREDICT, BAKED, PAGE], ids=["predict", "predict-baked", "page"])
 def test_copy_sources_exist_and_reach_the_build_context(image):
     assert image.copies
+    baked = set()
     for sources, destination in image.copies:
         for source in sources:
+            paths = [source]
             if image is BAKED and source.startswith(f"{config.OUTPUT_DIR}/"):
                 # The user's trained model, not a repository file: the files train.py writes
                 # that the service reads, copied to where the service looks for them.
-                assert source in [f"{config.OUTPUT_DIR}/{name}" for name in config.SERVED_FILES]
+                names = baked_names(source)
+                assert names, f"COPY {source}: not a file the service reads"
+                # The int8 graph by a wildcard: a model trained on a GPU has none, and still builds.
+                assert glob.has_magic(source) == bool(set(names) & set(config.INT8_FILES)), source
                 assert in_image(image, destination).rstrip("/") == image.env["MODEL_DIR"]
                 # Readable by the service's user (not root), whatever the file's mode on the host.
                 (copy,) = [v for k, v in image.instructions if k == "COPY" and source in v]
                 assert int(re.search(r"--chmod=(\d+)", copy).group(1), 8) & 0o004
+                baked.update(names)
+                paths = [f"{config.OUTPUT_DIR}/{name}" for name in names]
             else:
                 assert (REPO / source).exists(), f"COPY {source}: no such file in the repository"
-            assert not dockerignore_excludes(source), f"COPY {source}, but .dockerignore leaves it out"
+            for path in paths:
+                assert not dockerignore_excludes(path), f"COPY {path}, but .dockerignore leaves it out"
     if image is BAKED:  # every file the service reads from the model folder, and nothing else of it
-        baked = {s for sources, _ in image.copies for s in sources if s.startswith(f"{config.OUTPUT_DIR}/")}
-        assert baked == {f"{config.OUTPUT_DIR}/{name}" for name in config.SERVED_FILES}
+        assert baked == {*config.SERVED_FILES, *config.INT8_FILES}
 
 
 def test_trained_model_is_readable_by_the_containers_user(tiny_model_dir):

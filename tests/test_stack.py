@@ -26,6 +26,7 @@ import requests
 from harness import docker_stack as ds
 from conftest import REPO, sample_photos
 from vehicle_classifier import config
+from vehicle_classifier.model.predictor import Predictor
 from harness.live import free_port, wait_for
 
 UNAVAILABLE = ds.unavailable()
@@ -121,6 +122,9 @@ def test_a_baked_model_serves_without_a_volume(stack, tmp_path, tiny_model_dir):
         wait_for(f"{url}/ready", timeout=120)
         (answer,) = photo_answers(url, sample_photos("Car")[:1])
         assert answer.status_code == 200 and sorted(answer.json()["probabilities"]) == ["Bike", "Car"]
+        # The int8 graph is baked too: the image serves the precision the mounted folder would.
+        served = requests.get(f"{url}/metadata", timeout=10).json()["serving"]["precision"]
+        assert served == Predictor.from_dir(tiny_model_dir).precision
     finally:
         ds.docker("rm", "--force", container, check=False)
         ds.docker("rmi", "vehicle-classifier-predict:baked-test", check=False)
