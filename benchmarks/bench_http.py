@@ -1,15 +1,18 @@
 """/predict over HTTP against the bare served forward in the same process, and under 16 clients:
 
     .venv/bin/python benchmarks/bench_http.py [--requests 60] [--per-client 8] [--repeats 30] [--train-per-class 40]
+                                              [--model-dir DIR]
 
-Builds the ViT-S/16 random-weights artifact (common.build_artifact) and starts `gunicorn
-predict:app` (gunicorn.conf.py defaults) on a free port, then:
+Builds the ViT-S/16 random-weights artifact (common.build_artifact; --model-dir reuses one made
+so) and starts `gunicorn predict:app` (gunicorn.conf.py defaults) on a free port, then:
   - /predict p50/p95 with a 1920x1080 JPEG (a sample photo cropped and resized to it when none
     is that size) and with it at 224x224, --requests each, every request paired with one bare
     served forward of the same photo's crop in this process (Predictor.forward + predict_features,
     precision auto), back to back, so that other load hits both alike: overhead = HTTP p50 - bare p50;
   - the floor under that overhead: the photo's decode and centre crop in this process plus an
-    empty round trip (GET /health on a new connection): no serial request path goes below it;
+    empty round trip (GET /health on a new connection), each timed after one bare forward as
+    each request is: no serial request path goes below it (and, beside it, the same timed back
+    to back, which runs faster than any request that follows a forward can: see floor_ms);
   - 1 client (--requests / 2 requests) and 16 concurrent clients (--per-client requests each),
     1920x1080: req/s, p50, p99;
     the 16-client rate against the naive fp32 eager rate, 1000 / fp32 eager batch-1 ms (measured
@@ -58,9 +61,14 @@ def paired(url: str, photo: bytes, bare, pixels: np.ndarray, count: int, name: s
             "http_p95": percentile(http_ms, 0.95), "steps": {k: statistics.median(v) for k, v in steps.items()}}
 
 
-def floor_ms(url: str, photo: bytes, predictor: Predictor, repeats: int) -> float:
-    """The photo's decode and centre crop to uint8 pixels in this process, plus an empty HTTP
-    round trip (GET /health on a new connection, gunicorn idle)."""
+def floor_ms(url: str, photo: bytes, predictor: Predictor, after, repeats: int) -> dict:
+    """The floor under a request's overhead: the photo's decode and centre crop to uint8 pixels in
+    this process plus an empty HTTP round trip (GET /health on a new connection). "floor": each
+    part timed after one untimed `after()` (the bare forward), as each paired /predict is;
+    "hot": each timed back to back. They differ: on the 2-core EPYC VM every step of a round
+    trip runs 2-3x slower after a forward or 25 ms idle (cold caches, halted vCPUs waking) than
+    right after another round trip, so only the first is a floor that a request meeting the
+    service after a forward, or idle, can reach (figures in docs/benchmarks.md)."""
     address = urlsplit(url)
 
     def round_trip(_):
@@ -72,7 +80,11 @@ def floor_ms(url: str, photo: bytes, predictor: Predictor, repeats: int) -> floa
     def decode_and_crop(data):
         return np.asarray(predictor.crop(predictor.load_image(data)))
 
-    return timed(decode_and_crop, [photo], repeats, "floor: decode") + timed(round_trip, [None], repeats, "floor: GET")
+    parts = {}
+    for state, before in (("floor", after), ("hot", None)):
+        parts[state] = (timed(decode_and_crop, [photo], repeats, f"floor: decode, {state}", before),
+                        timed(round_trip, [None], repeats, f"floor: GET, {state}", before))
+    return {state: sum(ms) for state, ms in parts.items()} | {"floor_parts": parts}
 
 
 def concurrent(url: str, photo: bytes, clients: int, per_client: int) -> dict:
@@ -129,7 +141,8 @@ def run_http(model_dir: Path, work: Path, fp32_ms: float, args) -> dict:
         runs = {name: paired(url, data, bare, crops_of(predictor, [data])[0], args.requests, name)
                 for name, data in photos.items()}
         for name, data in photos.items():
-            runs[name]["floor"] = floor_ms(url, data, predictor, args.repeats)
+            pixels = crops_of(predictor, [data])[0]
+            runs[name] |= floor_ms(url, data, predictor, lambda: bare(pixels), args.repeats)
         one = concurrent(url, photo, 1, max(2, args.requests // 2))
         sixteen = concurrent(url, photo, 16, args.per_client)
     finally:
@@ -144,8 +157,11 @@ def print_http(f: dict, requests_: int) -> None:
           f"forward of the same crop in this process ({f['served']}):")
     for name, r in f["paired"].items():
         inside = ", ".join(f"{k} {v:.1f}" for k, v in r["steps"].items())
+        overhead, (decode, trip), (hot_decode, hot_trip) = r["http_p50"] - r["bare_p50"], *r["floor_parts"].values()
         print(f"  {name} JPEG: HTTP p50 {r['http_p50']:.1f} ms (p95 {r['http_p95']:.1f}), bare p50 "
-              f"{r['bare_p50']:.1f} ms, overhead {r['http_p50'] - r['bare_p50']:+.1f} ms, floor {r['floor']:.1f} ms; "
+              f"{r['bare_p50']:.1f} ms, overhead {overhead:+.1f} ms = floor {overhead - r['floor']:+.1f} ms; floor "
+              f"{r['floor']:.1f} ms (decode {decode:.1f} + round trip {trip:.1f}, each after a bare forward; back to "
+              f"back {r['hot']:.1f} = {hot_decode:.1f} + {hot_trip:.1f}: overhead = that {overhead - r['hot']:+.1f}); "
               f"inside the service, median ms: {inside or 'no Server-Timing'}")
     naive = 1000 / f["fp32_ms"]
     for label, c in (("1 client", f["one"]), ("16 clients", f["sixteen"])):
@@ -163,11 +179,13 @@ def main() -> None:
     add_arguments(parser)
     parser.add_argument("--repeats", type=int, default=30, help="timed calls for fp32 eager and the floors")
     parser.add_argument("--train-per-class", type=int, default=40, help="photos per class to train the head on")
+    parser.add_argument("--model-dir", type=Path, help="an artifact build_artifact made (with --train-per-class), "
+                        "reused instead of training one (a few minutes) on each run")
     args = parser.parse_args()
     print(cpu_flags_line())
     with tempfile.TemporaryDirectory(prefix="bench-http-") as tmp:
         work = Path(tmp)
-        model_dir = build_artifact(work, args.train_per_class)
+        model_dir = args.model_dir or build_artifact(work, args.train_per_class)
         fp32_ms = fp32_eager_ms(model_dir, held_out(args.train_per_class, 16), args.repeats)
         print(f"fp32 eager batch-1 forward: {fp32_ms:.1f} ms")
         run_http(model_dir, work, fp32_ms, args)

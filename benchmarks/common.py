@@ -130,13 +130,16 @@ def describe(predictor: Predictor) -> str:
 
 
 # --- timing ----------------------------------------------------------------------------------------
-def timed(fn, inputs: list, repeats: int, desc: str = "") -> float:
-    """Median ms of `fn` over `repeats` inputs (cycling), after two warm-up calls."""
+def timed(fn, inputs: list, repeats: int, desc: str = "", before=None) -> float:
+    """Median ms of `fn` over `repeats` inputs (cycling), after two warm-up calls; `before()`, if
+    given, runs untimed before each call (to time `fn` in the state a request meets it in)."""
     fn(inputs[0])
     fn(inputs[1 % len(inputs)])
     times = []
     for i in tqdm(range(repeats), desc=desc or "timing", unit="call", leave=False, mininterval=2):
         x = inputs[i % len(inputs)]
+        if before is not None:
+            before()
         start = time.perf_counter()
         fn(x)
         times.append((time.perf_counter() - start) * 1000)
