@@ -99,6 +99,11 @@ class OpenVINOModel:
                 "INFERENCE_PRECISION_HINT": OPENVINO_PRECISION[self.precision],
                 "PERFORMANCE_HINT": hint,
                 "INFERENCE_NUM_THREADS": threads,
+                # Pinning only when this process takes every core it may use: processes that share
+                # the cores (Ray actors, gunicorn workers) each pin their threads to the first
+                # cores, so three one-thread actors ran on one core of two (measured: 3 processes
+                # 26.6 img/s pinned, 55.3 unpinned, ViT-S/16 int8, 2-core EPYC).
+                "ENABLE_CPU_PINNING": threads >= usable_cores(),
             })
 
         with self._lock:
