@@ -12,7 +12,7 @@ import torch
 from conftest import TINY_SPEC
 from vehicle_classifier.backbone import create_backbone
 from vehicle_classifier.export import to_openvino
-from vehicle_classifier.runtime import OpenVINOModel
+from vehicle_classifier.runtime import OpenVINOModel, usable_cores
 from vehicle_classifier.model.batcher import Batcher
 
 pytestmark = pytest.mark.integration
@@ -65,6 +65,19 @@ def test_adaptive_mode_answers_lone_and_overlapping_calls_alike(tiny_backbone):
     for a, b in zip(alone, together):
         assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
     assert fast._running == 0
+
+
+@pytest.mark.skipif(usable_cores() < 2, reason="needs two usable cores to share")
+def test_threads_are_pinned_only_by_a_process_that_takes_every_core(tiny_backbone):
+    """A process compiled for fewer threads than its cores (a Ray actor, one of several gunicorn
+    workers) leaves them unpinned: pinned, each such process put its threads on the first cores
+    (three one-thread actors on one core of two, 0.53x the local rate; docs/batch-prediction.md)."""
+    model = openvino(tiny_backbone, "fp32", mode="throughput")
+    for threads, pinned in ((1, False), (usable_cores(), True)):
+        model.compile(threads=threads)
+        compiled = model._idle.queue[0].get_compiled_model()
+        assert compiled.get_property("ENABLE_CPU_PINNING") is pinned
+        assert model.torch(torch.randn(2, 3, 32, 32)).shape[0] == 2
 
 
 def test_openvino_sends_no_telemetry(tiny_backbone):
